@@ -1,0 +1,179 @@
+"""A fixed-capacity KV cache with per-sequence lengths and in-place compaction.
+
+Each layer holds keys/values of shape [batch, kv_heads, capacity, head_dim]. Sequence b occupies slots
+[0, lengths[b]) of its row; new tokens are written at its own length, so sequences of one batch can be at
+different lengths and compress at different steps. Scores that policies keep per cached token live beside
+the keys ("slot buffers") and move with them when a row is compacted.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+
+class BudgetedLayer(CacheLayerMixin):
+    """One decoder layer's keys and values plus the per-slot and per-row buffers policies attach to it."""
+
+    is_compileable = False
+    is_sliding = False
+
+    def __init__(self, owner: "BudgetedCache", layer_idx: int):
+        super().__init__()
+        self.owner = owner
+        self.layer_idx = layer_idx
+        self.slot: dict[str, torch.Tensor] = {}  # [batch, kv_heads, capacity] each
+        self.rows: dict[str, torch.Tensor] = {}  # [batch, ...] each
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        owner = self.owner
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.num_heads, self.head_dim = key_states.shape[1], key_states.shape[-1]
+        shape = (owner.rows_allocated, self.num_heads, owner.capacity)
+        self.keys = key_states.new_zeros(*shape, key_states.shape[-1])
+        self.values = value_states.new_zeros(*shape, value_states.shape[-1])
+        for name, (dtype, fill) in owner.layer_slot_specs.items():
+            self.slot[name] = torch.full(shape, fill, dtype=dtype, device=self.device)
+        for name, (tail, dtype) in owner.layer_row_specs.items():
+            self.rows[name] = torch.zeros(owner.rows_allocated, *tail(self), dtype=dtype, device=self.device)
+        self.is_initialized = True
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        plan = self.owner.plan
+        if plan.prefill_row is not None:
+            b, n = plan.prefill_row, key_states.shape[2]
+            self.keys[b, :, :n] = key_states[0]
+            self.values[b, :, :n] = value_states[0]
+            return self.keys[b : b + 1, :, :n], self.values[b : b + 1, :, :n]
+        rows, slots = plan.row_index, plan.write_slots
+        self.keys[rows, :, slots] = key_states[:, :, 0]
+        self.values[rows, :, slots] = value_states[:, :, 0]
+        return self.keys[:, :, : plan.kv_len], self.values[:, :, : plan.kv_len]
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.owner.plan.kv_len if self.owner.plan else query_length, 0
+
+    def get_seq_length(self) -> int:
+        return max(self.owner.lengths) if self.owner.lengths else 0
+
+    def get_max_length(self) -> int:
+        return self.owner.capacity
+
+    # --- bookkeeping used by the engine -------------------------------------------------------
+    def select_rows(self, index: torch.Tensor) -> None:
+        if not self.is_initialized:
+            return
+        self.keys, self.values = self.keys[index], self.values[index]
+        self.slot = {k: v[index] for k, v in self.slot.items()}
+        self.rows = {k: v[index] for k, v in self.rows.items()}
+
+    def compact_row(self, row: int, keep: torch.Tensor) -> None:
+        """Move the kept slots of one row to its front, in order. keep: [n] (all heads) or [kv_heads, n]."""
+        n = keep.shape[-1]
+        if keep.dim() == 1:
+            self.keys[row, :, :n] = self.keys[row][:, keep]
+            self.values[row, :, :n] = self.values[row][:, keep]
+            for buf in self.slot.values():
+                buf[row, :, :n] = buf[row][:, keep]
+        else:
+            idx = keep.unsqueeze(-1).expand(-1, -1, self.keys.shape[-1])
+            self.keys[row, :, :n] = torch.gather(self.keys[row], 1, idx)
+            self.values[row, :, :n] = torch.gather(self.values[row], 1, idx)
+            for buf in self.slot.values():
+                buf[row, :, :n] = torch.gather(buf[row], 1, keep)
+
+
+class StepPlan:
+    """Where the current forward writes: one whole prompt into one row, or one token into every row."""
+
+    def __init__(self, prefill_row=None, row_index=None, write_slots=None, kv_len=0):
+        self.prefill_row = prefill_row
+        self.row_index = row_index
+        self.write_slots = write_slots
+        self.kv_len = kv_len
+
+
+class BudgetedCache(Cache):
+    """Per-layer fixed-capacity K/V with per-sequence lengths (kept as a Python list: no host syncs)."""
+
+    def __init__(self, num_layers: int, batch_size: int, capacity: int, device: torch.device | str = "cpu"):
+        self.rows_allocated = batch_size
+        self.capacity = capacity
+        self.device = torch.device(device)
+        self.lengths: list[int] = [0] * batch_size
+        self.next_position: list[int] = [0] * batch_size  # original position of each row's next token
+        self.plan: StepPlan | None = None
+        self.layer_slot_specs: dict[str, tuple[torch.dtype, float]] = {}
+        self.layer_row_specs: dict[str, tuple] = {}
+        self.slot: dict[str, torch.Tensor] = {}  # shared by all layers and heads: [batch, capacity]
+        super().__init__(layers=[BudgetedLayer(self, i) for i in range(num_layers)])
+
+    # --- buffers policies attach --------------------------------------------------------------
+    def add_slot_buffer(self, name: str, *, per_head: bool, dtype=torch.float32, fill: float = 0.0) -> None:
+        """A value per cached token that moves with it on compaction; per_head puts one in every layer and KV head."""
+        if per_head:
+            self.layer_slot_specs[name] = (dtype, fill)
+        else:
+            self.slot[name] = torch.full((self.rows_allocated, self.capacity), fill, dtype=dtype, device=self.device)
+
+    def add_row_buffer(self, name: str, tail, dtype=torch.float32) -> None:
+        """Per-layer state of one sequence (e.g. its recent queries); tail(layer) gives the shape after batch."""
+        self.layer_row_specs[name] = (tail, dtype)
+
+    # --- planning the next forward ------------------------------------------------------------
+    def plan_prefill(self, row: int, length: int) -> None:
+        self.plan = StepPlan(prefill_row=row, kv_len=length)
+
+    def plan_decode(self) -> torch.Tensor | None:
+        """Plan one token per row; returns the [batch, 1, 1, kv_len] validity mask (None when no row is shorter)."""
+        n = len(self.lengths)
+        kv_len = max(self.lengths) + 1
+        slots = torch.tensor(self.lengths, device=self.device)
+        self.plan = StepPlan(row_index=torch.arange(n, device=self.device), write_slots=slots, kv_len=kv_len)
+        if min(self.lengths) + 1 == kv_len:
+            return None
+        return (torch.arange(kv_len, device=self.device)[None, :] <= slots[:, None])[:, None, None, :]
+
+    def finish_step(self, new_tokens: int = 1) -> None:
+        if self.plan.prefill_row is not None:
+            self.lengths[self.plan.prefill_row] = self.plan.kv_len
+            self.next_position[self.plan.prefill_row] = self.plan.kv_len
+        else:
+            self.lengths = [n + new_tokens for n in self.lengths]
+            self.next_position = [p + new_tokens for p in self.next_position]
+        self.plan = None
+
+    # --- eviction and batch shrinking ---------------------------------------------------------
+    def compact_row(self, row: int, keep: torch.Tensor) -> None:
+        """keep: sorted slot indices, [n] shared by all layers and heads or [layers, kv_heads, n]."""
+        n = keep.shape[-1]
+        for i, layer in enumerate(self.layers):
+            layer.compact_row(row, keep if keep.dim() == 1 else keep[i])
+        shared = keep if keep.dim() == 1 else keep[0, 0]
+        for buf in self.slot.values():
+            buf[row, :n] = buf[row, shared]
+        self.lengths[row] = n
+
+    def select_rows(self, rows: list[int]) -> None:
+        """Drop finished sequences so they cost no more work."""
+        index = torch.tensor(rows, device=self.device, dtype=torch.long)
+        for layer in self.layers:
+            layer.select_rows(index)
+        self.slot = {k: v[index] for k, v in self.slot.items()}
+        self.lengths = [self.lengths[r] for r in rows]
+        self.next_position = [self.next_position[r] for r in rows]
+        self.rows_allocated = len(rows)
+
+    # --- introspection ------------------------------------------------------------------------
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return max(self.lengths) if self.lengths else 0
+
+    def bytes_per_token(self) -> int:
+        """K and V bytes one token costs across all layers."""
+        total = 0
+        for layer in self.layers:
+            if layer.is_initialized:
+                total += layer.num_heads * (layer.keys.shape[-1] + layer.values.shape[-1]) * layer.keys.element_size()
+        return total

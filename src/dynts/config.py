@@ -1,0 +1,100 @@
+"""Small self-validating configs shared by the engine, the policies and the CLI."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+from .errors import DynTSError
+
+
+@dataclass(frozen=True)
+class BudgetConfig:
+    """The B / W / r frame of DESIGN §1.
+
+    budget: a sequence compresses when its cache holds this many tokens (None: never).
+    window: the most recent tokens that are always kept.
+    ratio: share of the older (L - W) tokens a compression keeps.
+    """
+
+    budget: int | None = None
+    window: int = 0
+    ratio: float = 1.0
+    allow_zero_window: bool = False
+
+    def __post_init__(self):
+        if self.budget is None:
+            return
+        if not isinstance(self.budget, int) or self.budget <= 0:
+            raise DynTSError(f"--budget must be a positive number of tokens, got {self.budget}")
+        if not isinstance(self.window, int) or self.window < 0:
+            raise DynTSError(f"--window must be a non-negative number of tokens, got {self.window}")
+        if self.window == 0 and not self.allow_zero_window:
+            raise DynTSError("--window 0 is only allowed for the no-local-window ablation (policy dynts with window=0 is "
+                             "accepted when the policy allows it); use a window of at least 1 token")
+        if self.window >= self.budget:
+            raise DynTSError(f"--window ({self.window}) must be smaller than --budget ({self.budget})")
+        if not (isinstance(self.ratio, (int, float)) and 0.0 < self.ratio <= 1.0) or math.isnan(self.ratio):
+            raise DynTSError(f"--ratio must be in (0, 1], got {self.ratio}")
+        if self.kept_after_compression(self.budget) >= self.budget:
+            raise DynTSError(
+                f"--ratio {self.ratio} with --budget {self.budget} and --window {self.window} keeps every token: "
+                "a compression would free nothing; lower the ratio"
+            )
+
+    @property
+    def compresses(self) -> bool:
+        return self.budget is not None
+
+    def selected_count(self, length: int) -> int:
+        """k = floor(r * (L - W)): how many of the older tokens a compression keeps."""
+        return int(math.floor(self.ratio * (length - self.window) + 1e-9))
+
+    def kept_after_compression(self, length: int) -> int:
+        return self.window + self.selected_count(length)
+
+    def check_prompt(self, prompt_len: int, protects_prompt: bool) -> None:
+        """Raise a clear error when a prompt cannot live inside this budget."""
+        if self.budget is None:
+            return
+        if prompt_len < 0:
+            raise DynTSError(f"prompt length must be non-negative, got {prompt_len}")
+        if prompt_len + self.window >= self.budget:
+            raise DynTSError(
+                f"prompt of {prompt_len} tokens plus --window {self.window} does not fit under --budget "
+                f"{self.budget}: raise the budget above {prompt_len + self.window} or shorten the prompt"
+            )
+        if protects_prompt:
+            keep = self.selected_count(self.budget)
+            if prompt_len > keep:
+                raise DynTSError(
+                    f"this policy never evicts the prompt, but a compression keeps only floor(r*(B-W)) = "
+                    f"floor({self.ratio}*({self.budget}-{self.window})) = {keep} older tokens, fewer than the "
+                    f"{prompt_len}-token prompt: raise --budget or --ratio, or lower --window"
+                )
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """Protocol defaults of DESIGN §5; greedy ignores temperature/top-p/top-k."""
+
+    greedy: bool = False
+    temperature: float = 0.6
+    top_p: float = 0.95
+    top_k: int = 20
+    seed: int = 42
+    max_new_tokens: int = 1024
+
+    def __post_init__(self):
+        if self.max_new_tokens <= 0:
+            raise DynTSError(f"--max-new-tokens must be positive, got {self.max_new_tokens}")
+        if not self.greedy:
+            if not self.temperature > 0:
+                raise DynTSError(f"--temperature must be positive (use --greedy for argmax), got {self.temperature}")
+            if not 0 < self.top_p <= 1:
+                raise DynTSError(f"--top-p must be in (0, 1], got {self.top_p}")
+            if self.top_k < 0:
+                raise DynTSError(f"--top-k must be >= 0 (0 disables it), got {self.top_k}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)

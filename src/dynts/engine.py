@@ -1,0 +1,307 @@
+"""The budgeted decode engine: prefill, decode, sample, stop, compress, count.
+
+One prompt at a time is prefilled into its cache row (no padding); decoding then advances every unfinished
+sequence by one token per step. A sequence compresses when its own cache length reaches the budget, and
+leaves the batch (its row is dropped) as soon as it stops, so finished sequences cost nothing.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Sequence
+
+import torch
+
+from .attention import StepContext
+from .cache import BudgetedCache
+from .config import BudgetConfig, SamplingConfig
+from .errors import DynTSError
+from .models import LoadedModel
+from .policies import Policy, TokenBatch, make_policy, policy_class
+from .sampling import make_generators, next_tokens
+
+
+@dataclass
+class SequenceStats:
+    """Per-sequence figures. time_share_s splits each decode step's wall time evenly over the sequences it
+    advanced, so summing shares over any set of sequences gives their true share of the wall clock."""
+
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    compressions: int = 0
+    peak_kv_tokens: int = 0
+    peak_kv_bytes: int = 0
+    prefill_time_s: float = 0.0
+    decode_time_s: float = 0.0
+    forward_time_s: float = 0.0
+    time_share_s: float = 0.0
+    forward_share_s: float = 0.0
+    latency_s: float = 0.0
+    tps: float = 0.0
+    tps_forward: float = 0.0
+    finish_reason: str = ""
+
+    def finalize(self) -> None:
+        self.tps = self.generated_tokens / self.decode_time_s if self.decode_time_s > 0 else 0.0
+        self.tps_forward = self.generated_tokens / self.forward_time_s if self.forward_time_s > 0 else 0.0
+        self.latency_s = self.prefill_time_s + self.decode_time_s
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class RunStats:
+    """Whole-run figures: tps = generated tokens / decode wall time including scoring and eviction;
+    tps_forward = the same over model-forward time only (the paper's timing)."""
+
+    sequences: int = 0
+    generated_tokens: int = 0
+    prefill_time_s: float = 0.0
+    decode_time_s: float = 0.0
+    forward_time_s: float = 0.0
+    tps: float = 0.0
+    tps_forward: float = 0.0
+    peak_kv_tokens: int = 0  # largest total cache length over the batch at any step
+    peak_kv_bytes: int = 0
+    compressions: int = 0
+    protected_overflow: int = 0
+    steps: list = field(default_factory=list)  # per-step trace when asked for
+
+    def finalize(self) -> None:
+        self.tps = self.generated_tokens / self.decode_time_s if self.decode_time_s > 0 else 0.0
+        self.tps_forward = self.generated_tokens / self.forward_time_s if self.forward_time_s > 0 else 0.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    token_ids: list[int]
+    prompt_tokens: int
+    stats: SequenceStats
+
+    def to_dict(self) -> dict:
+        return {"text": self.text, "token_ids": self.token_ids, "prompt_tokens": self.prompt_tokens,
+                "stats": self.stats.to_dict()}
+
+
+@dataclass
+class GenerationOutput:
+    results: list[GenerationResult]
+    stats: RunStats
+
+
+class Engine:
+    """Decode batches of prompts on one model with one policy under one budget."""
+
+    def __init__(self, loaded: LoadedModel, policy: str | Policy = "full", budget: BudgetConfig | None = None,
+                 sampling: SamplingConfig | None = None, batch_size: int = 8, head=None, head_path=None,
+                 trace_steps: bool = False):
+        if batch_size < 1:
+            raise DynTSError(f"--batch-size must be at least 1, got {batch_size}")
+        self.loaded = loaded
+        self.sampling = sampling or SamplingConfig()
+        self.batch_size = batch_size
+        self.trace_steps = trace_steps
+        if isinstance(policy, Policy):
+            self.policy = policy
+        else:
+            cls = policy_class(policy)
+            if budget is None or not cls.compresses:
+                budget = BudgetConfig(None)
+            self.policy = make_policy(policy, budget, head=head, head_path=head_path, seed=self.sampling.seed)
+        self.budget = self.policy.budget
+        if self.budget.compresses and self.budget.window == 0 and not self.policy.allows_zero_window:
+            raise DynTSError(f"--window 0 is only meaningful for the dynts ablation, not for policy {self.policy.name}")
+        self.policy.bind(loaded)
+        model = loaded.model
+        self.decoder = model.get_decoder()
+        self.lm_head = model.get_output_embeddings()
+        self.device = loaded.device
+        self.num_layers = model.config.num_hidden_layers
+
+    # --- public ---------------------------------------------------------------------------------
+    def encode(self, prompt: str, chat: bool = True) -> list[int]:
+        tokenizer = self.loaded.tokenizer
+        if chat and getattr(tokenizer, "chat_template", None):
+            return list(tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
+                                                      add_generation_prompt=True, tokenize=True, return_dict=False))
+        return tokenizer.encode(prompt)
+
+    def generate(self, prompts: Sequence[str | Sequence[int]], seeds: Sequence[int] | None = None, chat: bool = True,
+                 on_result: Callable[[int, GenerationResult], None] | None = None) -> GenerationOutput:
+        """Generate for every prompt (text, or token ids used as they are); results keep the prompts' order.
+
+        seeds[i] seeds prompt i's sampler (default: sampling seed + i). on_result(i, result) is called as each
+        batch finishes, so callers can store results before the whole run ends.
+        """
+        ids = [list(p) if not isinstance(p, str) else self.encode(p, chat) for p in prompts]
+        for i, p in enumerate(ids):
+            if not p:
+                raise DynTSError(f"prompt {i} is empty")
+            self.budget.check_prompt(len(p), self.policy.protects_prompt)
+        seeds = list(seeds) if seeds is not None else [self.sampling.seed + i for i in range(len(ids))]
+        run = RunStats()
+        results: list[GenerationResult] = []
+        for start in range(0, len(ids), self.batch_size):
+            chunk = range(start, min(start + self.batch_size, len(ids)))
+            batch = self._generate_batch([ids[i] for i in chunk], [seeds[i] for i in chunk], run)
+            for i, result in zip(chunk, batch):
+                results.append(result)
+                if on_result is not None:
+                    on_result(i, result)
+        run.sequences = len(results)
+        run.protected_overflow = self.policy.protected_overflow
+        run.finalize()
+        return GenerationOutput(results, run)
+
+    # --- one batch ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def _generate_batch(self, prompts: list[list[int]], seeds: list[int], run: RunStats) -> list[GenerationResult]:
+        n = len(prompts)
+        policy, budget, sampling = self.policy, self.budget, self.sampling
+        capacity = budget.budget if budget.compresses else max(map(len, prompts)) + sampling.max_new_tokens
+        cache = BudgetedCache(self.num_layers, n, capacity, self.device)
+        policy.setup(cache)
+        observer = policy if policy.observes_attention else None
+        generators = make_generators(seeds, self.device)
+        stats = [SequenceStats(prompt_tokens=len(p)) for p in prompts]
+        generated: list[list[int]] = [[] for _ in range(n)]
+        in_answer = [False] * n
+        think_end = list(self.loaded.think_end_ids)
+        eos = set(self.loaded.eos_token_ids)
+        sync = self._synchronize
+
+        last_logits = []
+        for row, prompt in enumerate(prompts):
+            t0 = time.perf_counter()
+            length = len(prompt)
+            tokens = torch.tensor([prompt], device=self.device)
+            positions = torch.arange(length, device=self.device)[None]
+            cache.plan_prefill(row, length)
+            ctx = StepContext(prefill_row=row, observer=observer, cache=cache)
+            hidden = self.decoder(input_ids=tokens, position_ids=positions, past_key_values=cache, use_cache=True,
+                                  dynts_ctx=ctx).last_hidden_state
+            cache.finish_step()
+            policy.on_tokens(cache, TokenBatch(
+                rows=torch.tensor([row], device=self.device), slots=positions, positions=positions,
+                token_ids=tokens, hidden=hidden, is_prompt=True,
+                in_answer=torch.zeros(1, dtype=torch.bool, device=self.device)))
+            last_logits.append(self.lm_head(hidden[:, -1]))
+            sync()
+            stats[row].prefill_time_s = time.perf_counter() - t0
+            stats[row].peak_kv_tokens = length
+        run.prefill_time_s += sum(s.prefill_time_s for s in stats)
+        bytes_per_token = cache.bytes_per_token()
+        pending = next_tokens(torch.cat(last_logits), sampling, generators)
+
+        active = list(range(n))  # sequence index held by each cache row
+        step = 0
+        while True:
+            # Record the tokens just chosen; retire sequences that stop here.
+            chosen = pending.tolist()
+            keep_rows = []
+            for row, seq in enumerate(active):
+                token = chosen[row]
+                generated[seq].append(token)
+                if think_end and generated[seq][-len(think_end):] == think_end:
+                    in_answer[seq] = True
+                if token in eos:
+                    stats[seq].finish_reason = "eos"
+                elif len(generated[seq]) >= sampling.max_new_tokens:
+                    stats[seq].finish_reason = "length"
+                else:
+                    keep_rows.append(row)
+            if not keep_rows:
+                break
+            if len(keep_rows) < len(active):
+                cache.select_rows(keep_rows)
+                pending = pending[torch.tensor(keep_rows, device=self.device)]
+                active = [active[r] for r in keep_rows]
+
+            # One decode step for every active sequence.
+            m = len(active)
+            t0 = time.perf_counter()
+            slots = torch.tensor(cache.lengths, device=self.device)
+            positions = torch.tensor(cache.next_position, device=self.device)
+            mask = cache.plan_decode()
+            ctx = StepContext(mask=mask, observer=observer, cache=cache, positions=positions)
+            tokens = pending[:, None]
+            hidden = self.decoder(input_ids=tokens, position_ids=positions[:, None], past_key_values=cache,
+                                  use_cache=True, dynts_ctx=ctx).last_hidden_state
+            logits = self.lm_head(hidden[:, -1])
+            sync()
+            t1 = time.perf_counter()
+            cache.finish_step()
+            policy.on_tokens(cache, TokenBatch(
+                rows=torch.arange(m, device=self.device), slots=slots[:, None], positions=positions[:, None],
+                token_ids=tokens, hidden=hidden, is_prompt=False,
+                in_answer=torch.tensor([in_answer[s] for s in active], device=self.device)))
+            pending = next_tokens(logits, sampling, [generators[s] for s in active])
+            total_kv = sum(cache.lengths)
+            compressed = []
+            if budget.compresses:
+                for row, length in enumerate(cache.lengths):
+                    if length >= budget.budget:
+                        cache.compact_row(row, policy.select(cache, row))
+                        compressed.append(row)
+            sync()
+            t2 = time.perf_counter()
+
+            step_time, forward_time = t2 - t0, t1 - t0
+            for row, seq in enumerate(active):
+                s = stats[seq]
+                s.decode_time_s += step_time
+                s.forward_time_s += forward_time
+                s.time_share_s += step_time / m
+                s.forward_share_s += forward_time / m
+                s.peak_kv_tokens = max(s.peak_kv_tokens, cache.lengths[row] if row not in compressed else budget.budget)
+            for row in compressed:
+                stats[active[row]].compressions += 1
+            run.decode_time_s += step_time
+            run.forward_time_s += forward_time
+            run.peak_kv_tokens = max(run.peak_kv_tokens, total_kv)
+            if self.trace_steps:
+                run.steps.append({"step": step, "active": m, "step_time_s": step_time, "forward_time_s": forward_time,
+                                  "kv_tokens": total_kv, "kv_bytes": total_kv * bytes_per_token,
+                                  "compressions": len(compressed)})
+            step += 1
+
+        results = []
+        for seq in range(n):
+            s = stats[seq]
+            s.generated_tokens = len(generated[seq])
+            s.peak_kv_bytes = s.peak_kv_tokens * bytes_per_token
+            s.finalize()
+            run.generated_tokens += s.generated_tokens
+            run.compressions += s.compressions
+            text = self.loaded.tokenizer.decode(generated[seq], skip_special_tokens=True)
+            results.append(GenerationResult(text=text, token_ids=generated[seq], prompt_tokens=len(prompts[seq]),
+                                            stats=s))
+        run.peak_kv_bytes = max(run.peak_kv_bytes, run.peak_kv_tokens * bytes_per_token)
+        return results
+
+    def _synchronize(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+
+def generate(model: str | LoadedModel, prompts: Sequence[str | Sequence[int]], policy: str = "full",
+             budget: int | None = None, window: int = 0, ratio: float = 1.0, sampling: SamplingConfig | None = None,
+             batch_size: int = 8, head=None, device: str | None = None, dtype: str | None = None,
+             seeds: Sequence[int] | None = None, chat: bool = True) -> GenerationOutput:
+    """One call from a model name (or a loaded model) and prompts to texts, token ids and statistics."""
+    from .models import load_model
+
+    loaded = model if isinstance(model, LoadedModel) else load_model(model, device=device, dtype=dtype)
+    cls = policy_class(policy)
+    budget_config = BudgetConfig(budget, window, ratio, allow_zero_window=cls.allows_zero_window) \
+        if cls.compresses else BudgetConfig(None)
+    head_obj, head_path = (None, head) if head is None or isinstance(head, (str,)) or hasattr(head, "__fspath__") \
+        else (head, None)
+    engine = Engine(loaded, policy, budget_config, sampling, batch_size, head=head_obj, head_path=head_path)
+    return engine.generate(prompts, seeds=seeds, chat=chat)

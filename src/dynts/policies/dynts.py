@@ -1,0 +1,78 @@
+"""DynTS: keep the thinking tokens a learned importance head predicts the final answer will attend to.
+
+Every token is scored by the head when it enters the cache (prompt tokens at prefill, generated tokens at
+their decode step); prompt tokens and tokens after the end-of-thinking marker score +inf and are never
+evicted. One index set is shared by all layers and heads. Ablations: `random` / `bottom` selection,
+`protect_prompt=False` (dynts-noquestion), and window 0 (no local window).
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import DynTSError
+from .base import Policy
+
+SELECTIONS = ("top", "random", "bottom")
+
+
+@dataclass(frozen=True)
+class DynTSConfig:
+    head: str | None = None  # checkpoint path; None: the head shipped for the model, if any
+    selection: str = "top"
+    protect_prompt: bool = True
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.selection not in SELECTIONS:
+            raise DynTSError(f"dynts: selection must be one of {SELECTIONS}, got {self.selection!r}")
+
+
+class DynTSPolicy(Policy):
+    name = "dynts"
+    allows_zero_window = True
+
+    def __init__(self, budget, config: DynTSConfig = DynTSConfig(), head=None):
+        super().__init__(budget)
+        self.config = config
+        self.head = head
+        self.protects_prompt = config.protect_prompt
+        self._generator = torch.Generator().manual_seed(config.seed)
+
+    @classmethod
+    def create(cls, budget, head=None, head_path=None, seed=0, selection="top", protect_prompt=True, **_):
+        return cls(budget, DynTSConfig(head=head_path, selection=selection, protect_prompt=protect_prompt, seed=seed),
+                   head=head)
+
+    def bind(self, loaded):
+        from ..head import resolve_head
+
+        if self.head is None:
+            self.head = resolve_head(self.config.head, loaded)
+        if self.head.config.hidden_size != loaded.hidden_size:
+            raise DynTSError(f"importance head expects hidden size {self.head.config.hidden_size}, "
+                             f"model {loaded.name} has {loaded.hidden_size}")
+        self.head = self.head.to(loaded.device)
+
+    def setup(self, cache):
+        cache.add_slot_buffer("importance", per_head=False, dtype=torch.float32, fill=0.0)
+
+    @torch.no_grad()
+    def on_tokens(self, cache, batch):
+        scores = self.head(batch.hidden).float()  # [n, q]
+        protected = batch.in_answer[:, None].expand_as(scores)
+        if batch.is_prompt and self.protects_prompt:
+            protected = torch.ones_like(protected)
+        scores = scores.masked_fill(protected, float("inf"))
+        cache.slot["importance"][batch.rows[:, None], batch.slots] = scores
+
+    def score_older(self, cache, row, older):
+        scores = cache.slot["importance"][row, :older].clone()
+        if self.config.selection == "top":
+            return scores
+        protected = torch.isposinf(scores)
+        if self.config.selection == "random":
+            scores = torch.rand(older, generator=self._generator).to(scores.device)
+        else:
+            scores = -scores
+        return scores.masked_fill(protected, float("inf"))

@@ -1,0 +1,8 @@
+"""FullKV: no eviction; the cache grows with the sequence (the paper's "Transformers" baseline)."""
+
+from .base import Policy
+
+
+class FullPolicy(Policy):
+    name = "full"
+    compresses = False

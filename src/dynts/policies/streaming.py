@@ -1,0 +1,32 @@
+"""StreamingLLM: the first tokens (attention sinks) plus the most recent ones, same total as Window."""
+
+from dataclasses import dataclass
+
+from ..errors import DynTSError
+from .base import Policy, slot_index_scores
+
+
+@dataclass(frozen=True)
+class StreamingConfig:
+    sinks: int = 10
+
+    def __post_init__(self):
+        if self.sinks < 0:
+            raise DynTSError(f"streaming: sinks must be >= 0, got {self.sinks}")
+
+
+class StreamingPolicy(Policy):
+    name = "streaming"
+
+    def __init__(self, budget, config: StreamingConfig = StreamingConfig()):
+        super().__init__(budget)
+        self.config = config
+        if budget.compresses and config.sinks > budget.selected_count(budget.budget):
+            raise DynTSError(f"streaming: {config.sinks} sink tokens do not fit in the "
+                             f"{budget.selected_count(budget.budget)} older tokens a compression keeps")
+
+    def score_older(self, cache, row, older):
+        # Sinks never move: they are kept at every compaction and slots keep original order.
+        scores = slot_index_scores(older, cache.device)
+        scores[: self.config.sinks] = float("inf")
+        return scores

@@ -1,0 +1,10 @@
+"""Window: keep only the most recent W + floor(r (B - W)) tokens."""
+
+from .base import Policy, slot_index_scores
+
+
+class WindowPolicy(Policy):
+    name = "window"
+
+    def score_older(self, cache, row, older):
+        return slot_index_scores(older, cache.device)
