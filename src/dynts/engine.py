@@ -100,13 +100,15 @@ class Engine:
 
     def __init__(self, loaded: LoadedModel, policy: str | Policy = "full", budget: BudgetConfig | None = None,
                  sampling: SamplingConfig | None = None, batch_size: int = 8, head=None, head_path=None,
-                 trace_steps: bool = False):
+                 trace_steps: bool = False, on_step: Callable[[int], None] | None = None):
         if batch_size < 1:
             raise DynTSError(f"--batch-size must be at least 1, got {batch_size}")
         self.loaded = loaded
         self.sampling = sampling or SamplingConfig()
         self.batch_size = batch_size
         self.trace_steps = trace_steps
+        self.on_step = on_step  # called after every decode step with the number of tokens it produced
+        self.last_cache: BudgetedCache | None = None
         if isinstance(policy, Policy):
             self.policy = policy
         else:
@@ -166,7 +168,9 @@ class Engine:
         policy, budget, sampling = self.policy, self.budget, self.sampling
         capacity = budget.budget if budget.compresses else max(map(len, prompts)) + sampling.max_new_tokens
         cache = BudgetedCache(self.num_layers, n, capacity, self.device)
+        cache.add_slot_buffer("position", per_head=False, dtype=torch.long, fill=-1)
         policy.setup(cache)
+        self.last_cache = cache  # kept for inspection (tests, debugging)
         observer = policy if policy.observes_attention else None
         generators = make_generators(seeds, self.device)
         stats = [SequenceStats(prompt_tokens=len(p)) for p in prompts]
@@ -187,6 +191,7 @@ class Engine:
             hidden = self.decoder(input_ids=tokens, position_ids=positions, past_key_values=cache, use_cache=True,
                                   dynts_ctx=ctx).last_hidden_state
             cache.finish_step()
+            cache.slot["position"][row, :length] = positions[0]
             policy.on_tokens(cache, TokenBatch(
                 rows=torch.tensor([row], device=self.device), slots=positions, positions=positions,
                 token_ids=tokens, hidden=hidden, is_prompt=True,
@@ -237,6 +242,7 @@ class Engine:
             sync()
             t1 = time.perf_counter()
             cache.finish_step()
+            cache.slot["position"][torch.arange(m, device=self.device), slots] = positions
             policy.on_tokens(cache, TokenBatch(
                 rows=torch.arange(m, device=self.device), slots=slots[:, None], positions=positions[:, None],
                 token_ids=tokens, hidden=hidden, is_prompt=False,
@@ -268,8 +274,10 @@ class Engine:
             if self.trace_steps:
                 run.steps.append({"step": step, "active": m, "step_time_s": step_time, "forward_time_s": forward_time,
                                   "kv_tokens": total_kv, "kv_bytes": total_kv * bytes_per_token,
-                                  "compressions": len(compressed)})
+                                  "compressed": [active[r] for r in compressed]})
             step += 1
+            if self.on_step is not None:
+                self.on_step(m)
 
         results = []
         for seq in range(n):

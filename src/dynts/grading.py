@@ -24,6 +24,7 @@ from __future__ import annotations
 import atexit
 import itertools
 import json
+import os
 import queue
 import re
 import subprocess
@@ -37,7 +38,6 @@ from .errors import DynTSError
 KINDS = ("math", "choice")
 THINK_END = "</think>"
 DEFAULT_TIMEOUT_S = 5.0
-CHOICE_LETTERS = "ABCD"
 
 # Startup (importing sympy) is not counted against a comparison's time limit.
 _WORKER_START_TIMEOUT_S = 120.0
@@ -120,6 +120,7 @@ _ANSWER_IS = re.compile(
     r"(?i:final\s+answer|answer)\s*(?:is|:|=)\s*:?\s*(?P<tail>[^\n]+)"
 )
 _NUMBER = re.compile(r"-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:/\d+)?")
+_MAX_TEXT_ANSWER = 30
 _INLINE_MATH = re.compile(r"\$+([^$]+)\$+|\\\((.+?)\\\)")
 
 
@@ -151,7 +152,8 @@ def _box_content(text: str, pos: int) -> str | None:
 
 
 def _extract_math(segment: str) -> str | None:
-    """Last box; else the last "answer is X"; else the last number in the segment."""
+    """Last box; else the last "answer is X" (inline math, a number or a short phrase);
+    else the last number in the segment (a heuristic for models that never box)."""
     boxed = last_boxed(segment)
     if boxed is not None:
         return boxed
@@ -174,8 +176,9 @@ def _answer_from_statement(tail: str) -> str | None:
     number = _NUMBER.search(tail)
     if number:
         return number.group(0).replace(",", "")
+    # A short bare phrase ("Monday") is an answer; a long one is prose, not an answer.
     cleaned = tail.strip().strip("*").strip().rstrip(".").strip()
-    return cleaned or None
+    return cleaned if 0 < len(cleaned) <= _MAX_TEXT_ANSWER else None
 
 
 # --------------------------------------------------------------------------- #
@@ -442,8 +445,16 @@ class _Verifier:
                 self._worker = None
 
 
+    def forget_after_fork(self) -> None:
+        """In a forked child the parent's worker and lock are not ours: start afresh."""
+        self._lock = threading.RLock()
+        self._worker = None
+
+
 _VERIFIER = _Verifier()
 atexit.register(_VERIFIER.stop)
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_VERIFIER.forget_after_fork)
 
 
 def _check_kind(kind: str) -> None:

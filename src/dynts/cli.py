@@ -1,0 +1,187 @@
+"""The `dynts` command line. Every subcommand is a thin layer over the Python API.
+
+User mistakes (DynTSError) print one line `dynts: error: ...` and exit with code 2, before anything is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .errors import DynTSError
+
+PAPER_BUDGET, PAPER_WINDOW, PAPER_RATIO = 5000, 2000, 0.4
+
+
+# --- shared flags ---------------------------------------------------------------------------------
+def add_model_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default="smollm2-135m",
+                   help="Hugging Face id, local directory, .gguf file, or the embedded 'smollm2-135m' (default)")
+    g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available, else cpu)")
+    g.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"],
+                   help="weights and cache dtype (default: bf16 on CUDA, fp32 on CPU)")
+
+
+def add_policy_flags(p: argparse.ArgumentParser) -> None:
+    from .policies import POLICIES
+
+    g = p.add_argument_group("KV budget")
+    g.add_argument("--policy", default="dynts", choices=list(POLICIES), metavar="POLICY",
+                   help=f"eviction policy: {', '.join(POLICIES)} (default: dynts)")
+    g.add_argument("--budget", type=int, default=PAPER_BUDGET,
+                   help=f"B: a sequence compresses when its cache holds B tokens (default {PAPER_BUDGET})")
+    g.add_argument("--window", type=int, default=PAPER_WINDOW,
+                   help=f"W: most recent tokens always kept; 0 only for the dynts ablation (default {PAPER_WINDOW})")
+    g.add_argument("--ratio", type=float, default=PAPER_RATIO,
+                   help=f"r: share of the older L-W tokens a compression keeps, in (0, 1] (default {PAPER_RATIO})")
+    g.add_argument("--head", default=None,
+                   help="importance head checkpoint for dynts policies (default: the head shipped for the model)")
+
+
+def add_sampling_flags(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
+    g = p.add_argument_group("sampling")
+    g.add_argument("--greedy", action="store_true", help="argmax decoding (ignores temperature/top-p/top-k)")
+    g.add_argument("--temperature", type=float, default=0.6, help="default 0.6")
+    g.add_argument("--top-p", type=float, default=0.95, help="default 0.95")
+    g.add_argument("--top-k", type=int, default=20, help="default 20 (0 disables)")
+    g.add_argument("--seed", type=int, default=42, help="default 42")
+    g.add_argument("--max-new-tokens", type=int, default=max_new_tokens, help=f"default {max_new_tokens}")
+    g.add_argument("--batch-size", type=int, default=8, help="sequences decoded together (default 8)")
+
+
+def sampling_from_args(args):
+    from .config import SamplingConfig
+
+    return SamplingConfig(greedy=args.greedy, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                          seed=args.seed, max_new_tokens=args.max_new_tokens)
+
+
+def budget_from_args(args):
+    from .config import BudgetConfig
+    from .policies import policy_class
+
+    cls = policy_class(args.policy)
+    if not cls.compresses:
+        return BudgetConfig(None)
+    return BudgetConfig(args.budget, args.window, args.ratio, allow_zero_window=cls.allows_zero_window)
+
+
+def build_engine(args, trace_steps: bool = False, on_step=None):
+    """Validate every flag before the (slow) model load, then load and build the engine."""
+    from .engine import Engine
+    from .models import load_model
+
+    budget = budget_from_args(args)
+    sampling = sampling_from_args(args)
+    if args.batch_size < 1:
+        raise DynTSError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.head is not None and not Path(args.head).exists():
+        raise DynTSError(f"--head {args.head} does not exist")
+    loaded = load_model(args.model, device=args.device, dtype=args.dtype)
+    return Engine(loaded, args.policy, budget, sampling, args.batch_size, head_path=args.head,
+                  trace_steps=trace_steps, on_step=on_step)
+
+
+# --- generate -------------------------------------------------------------------------------------
+def read_prompts(args) -> list[str]:
+    if args.prompt is not None:
+        return [args.prompt]
+    path = Path(args.prompts_file)
+    if not path.is_file():
+        raise DynTSError(f"--prompts-file {path} does not exist")
+    prompts = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        if path.suffix == ".jsonl":
+            try:
+                prompts.append(json.loads(line)["prompt"])
+            except (ValueError, KeyError, TypeError):
+                raise DynTSError(f"{path}:{number}: expected a JSON object with a 'prompt' field") from None
+        else:
+            prompts.append(line)
+    if not prompts:
+        raise DynTSError(f"--prompts-file {path} holds no prompts")
+    return prompts
+
+
+def cmd_generate(args) -> int:
+    from tqdm import tqdm
+
+    prompts = read_prompts(args)
+    bar = tqdm(desc="decoding", unit="tok", disable=None, file=sys.stderr, leave=False)
+    engine = build_engine(args, on_step=bar.update)
+    output = engine.generate(prompts, chat=not args.raw)
+    bar.close()
+    if args.json:
+        for prompt, result in zip(prompts, output.results):
+            print(json.dumps({"prompt": prompt, **result.to_dict()}), flush=True)
+        return 0
+    for i, (prompt, result) in enumerate(zip(prompts, output.results)):
+        print(f"=== prompt {i}: {prompt[:70]!r}")
+        print(result.text)
+        print()
+    print(format_stats(output, engine))
+    return 0
+
+
+def format_stats(output, engine) -> str:
+    run = output.stats
+    budget = engine.budget
+    frame = f"B={budget.budget} W={budget.window} r={budget.ratio}" if budget.compresses else "no budget"
+    rows = [
+        ("policy", f"{engine.policy.name} ({frame})"),
+        ("sequences", run.sequences),
+        ("generated tokens", run.generated_tokens),
+        ("TPS (end to end)", f"{run.tps:.1f}"),
+        ("TPS (forward only)", f"{run.tps_forward:.1f}"),
+        ("decode time", f"{run.decode_time_s:.2f} s"),
+        ("peak KV tokens (batch)", run.peak_kv_tokens),
+        ("peak KV memory (batch)", f"{run.peak_kv_bytes / 2**20:.1f} MiB"),
+        ("compressions", run.compressions),
+    ]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+# --- parser ---------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(prog="dynts", description="Memory-bounded reasoning inference: budgeted KV "
+                                     "cache decoding with DynTS and baseline eviction policies.")
+    parser.add_argument("--version", action="version", version=f"dynts {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    gen = sub.add_parser("generate", help="decode prompts under a KV budget and print texts and statistics")
+    src = gen.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="one prompt (the model's chat template is applied)")
+    src.add_argument("--prompts-file", help="one prompt per line, or a .jsonl file with a 'prompt' field per line")
+    gen.add_argument("--raw", action="store_true", help="feed prompts as they are, without the chat template")
+    gen.add_argument("--json", action="store_true",
+                     help="print one JSON object per prompt: text, token_ids, prompt_tokens, stats")
+    add_model_flags(gen)
+    add_policy_flags(gen)
+    add_sampling_flags(gen, max_new_tokens=1024)
+    gen.set_defaults(func=cmd_generate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except DynTSError as exc:
+        print(f"dynts: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("dynts: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,163 @@
+"""Result store: resume, torn-line repair, no duplicates, manifest checks, report and regrade."""
+
+import json
+
+import pytest
+
+from dynts.datasets import Problem
+from dynts.errors import DynTSError
+from dynts.report import format_table, regrade, write_report
+from dynts.store import ResultStore, build_record, read_records
+
+MANIFEST = {
+    "model": "tiny-model",
+    "policy": {"name": "dynts", "budget": 512, "window": 128, "ratio": 0.4},
+    "sampling": {"temperature": 0.6, "top_p": 0.95, "top_k": 20, "max_new_tokens": 256},
+    "seed": 42,
+    "datasets": ["demo"],
+    "samples": 2,
+    "limit": 3,
+    "batch_size": 4,
+}
+
+
+def make_record(pid, sample, correct=True, dataset="demo"):
+    return {
+        "dataset": dataset, "id": pid, "sample": sample, "kind": "math",
+        "response": r"\boxed{7}" if correct else r"\boxed{8}",
+        "extracted": "7" if correct else "8", "correct": correct, "gold": "7",
+        "prompt_tokens": 12, "generated_tokens": 5,
+        "stats": {"generated_tokens": 5, "time_share_s": 0.5, "forward_share_s": 0.25,
+                  "latency_s": 1.0, "peak_kv_tokens": 17, "peak_kv_bytes": 1024},
+    }
+
+
+def test_append_and_resume(tmp_path):
+    with ResultStore(tmp_path, MANIFEST) as store:
+        assert store.done_keys() == set()
+        assert store.append(make_record("demo-01", 0))
+        assert store.append(make_record("demo-01", 1))
+    assert json.loads((tmp_path / "run.json").read_text())["model"] == "tiny-model"
+
+    with ResultStore(tmp_path, MANIFEST) as store:
+        assert store.done_keys() == {("demo", "demo-01", 0), ("demo", "demo-01", 1)}
+        assert store.append(make_record("demo-02", 0))
+        assert len(store.records()) == 3
+        assert store.manifest["resumes"] == 1
+
+
+def test_duplicates_are_ignored(tmp_path):
+    with ResultStore(tmp_path, MANIFEST) as store:
+        assert store.append(make_record("demo-01", 0))
+        assert not store.append(make_record("demo-01", 0, correct=False))
+    with ResultStore(tmp_path, MANIFEST) as store:
+        assert not store.append(make_record("demo-01", 0))
+    records = read_records(tmp_path)
+    assert len(records) == 1 and records[0]["correct"] is True
+
+
+def test_torn_last_line_is_tolerated_and_repaired(tmp_path):
+    with ResultStore(tmp_path, MANIFEST) as store:
+        store.append(make_record("demo-01", 0))
+        store.append(make_record("demo-01", 1))
+    samples = tmp_path / "samples.jsonl"
+    whole = json.dumps(make_record("demo-02", 0))
+    with samples.open("ab") as handle:
+        handle.write(whole[: len(whole) // 2].encode())  # a crash mid-write
+    assert len(read_records(tmp_path)) == 2  # readers skip the torn tail
+
+    with ResultStore(tmp_path, MANIFEST) as store:
+        assert store.done_keys() == {("demo", "demo-01", 0), ("demo", "demo-01", 1)}
+        assert store.append(make_record("demo-02", 0))
+    lines = samples.read_text().splitlines()
+    assert len(lines) == 3 and all(json.loads(line) for line in lines)
+
+
+def test_complete_but_unterminated_last_line_is_kept(tmp_path):
+    with ResultStore(tmp_path, MANIFEST) as store:
+        store.append(make_record("demo-01", 0))
+    with (tmp_path / "samples.jsonl").open("ab") as handle:
+        handle.write(json.dumps(make_record("demo-01", 1)).encode())  # newline lost
+    with ResultStore(tmp_path, MANIFEST) as store:
+        assert ("demo", "demo-01", 1) in store.done_keys()
+        store.append(make_record("demo-02", 0))
+    assert len(read_records(tmp_path)) == 3
+
+
+def test_corrupt_middle_line_is_an_error(tmp_path):
+    with ResultStore(tmp_path, MANIFEST) as store:
+        store.append(make_record("demo-01", 0))
+    with (tmp_path / "samples.jsonl").open("ab") as handle:
+        handle.write(b"{garbage\n")
+        handle.write(json.dumps(make_record("demo-02", 0)).encode() + b"\n")
+    with pytest.raises(DynTSError, match="line 2"):
+        read_records(tmp_path)
+
+
+def test_mismatched_manifest_is_refused(tmp_path):
+    ResultStore(tmp_path, MANIFEST).close()
+    changed = {**MANIFEST, "model": "other", "policy": {**MANIFEST["policy"], "budget": 1024}}
+    with pytest.raises(DynTSError) as info:
+        ResultStore(tmp_path, changed)
+    message = str(info.value)
+    assert "model" in message and "policy.budget" in message and "--out" in message
+    assert "policy.ratio" not in message and "seed" not in message
+
+
+def test_resumable_fields_may_differ(tmp_path):
+    ResultStore(tmp_path, MANIFEST).close()
+    extended = {**MANIFEST, "limit": 10, "batch_size": 16, "samples": 5, "datasets": ["gsm8k"]}
+    with ResultStore(tmp_path, extended) as store:
+        assert store.manifest["limit"] == 10 and store.manifest["samples"] == 5
+        assert store.manifest["datasets"] == ["demo", "gsm8k"]
+    assert json.loads((tmp_path / "run.json").read_text())["batch_size"] == 16
+
+
+def test_second_writer_is_refused(tmp_path):
+    with ResultStore(tmp_path, MANIFEST):
+        with pytest.raises(DynTSError, match="another DynTS process"):
+            ResultStore(tmp_path, MANIFEST)
+
+
+def test_bad_records_are_refused(tmp_path):
+    with ResultStore(tmp_path, MANIFEST) as store:
+        with pytest.raises(DynTSError, match="missing"):
+            store.append({"dataset": "demo", "id": "x", "sample": 0})
+        bad = make_record("demo-01", 0)
+        bad["stats"] = {"when": object()}
+        with pytest.raises(DynTSError, match="JSON"):
+            store.append(bad)
+    assert read_records(tmp_path) == []
+
+
+def test_build_record_report_and_regrade(tmp_path):
+    problem = Problem("demo", "demo-01", "What is 3 + 4?", "7")
+    stats = {"prompt_tokens": 9, "generated_tokens": 4, "time_share_s": 0.1, "forward_share_s": 0.05,
+             "latency_s": 0.2, "peak_kv_tokens": 13, "peak_kv_bytes": 2048, "finish_reason": "eos"}
+    with ResultStore(tmp_path, MANIFEST) as store:
+        store.append(build_record(problem, 0, "3 + 4 = 7, so \\boxed{7}", stats))
+        store.append(build_record(problem, 1, "I think 8", stats))
+    metrics = write_report(tmp_path)
+    demo = metrics["datasets"]["demo"]
+    assert demo["pass@1"] == 0.5 and demo["pass@k"] == 1.0 and demo["peak_kv_tokens"] == 13
+    assert (tmp_path / "metrics.json").exists()
+    report = (tmp_path / "report.md").read_text()
+    assert "| demo |" in report and "tiny-model" in report
+    assert "pass@2" in format_table(metrics)
+
+    # Simulate an old grader that stored a wrong verdict; regrade fixes it.
+    records = read_records(tmp_path)
+    records[0]["correct"] = False
+    (tmp_path / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert write_report(tmp_path)["datasets"]["demo"]["pass@1"] == 0.0
+    regraded = regrade(tmp_path)
+    assert regraded["datasets"]["demo"]["pass@1"] == 0.5
+    assert [r["correct"] for r in read_records(tmp_path)] == [True, False]
+
+
+def test_report_on_empty_run_is_an_error(tmp_path):
+    ResultStore(tmp_path, MANIFEST).close()
+    with pytest.raises(DynTSError, match="no samples"):
+        write_report(tmp_path)
+    with pytest.raises(DynTSError, match="run directory"):
+        write_report(tmp_path / "missing")
