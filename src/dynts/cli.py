@@ -147,6 +147,45 @@ def format_stats(output, engine) -> str:
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 
 
+# --- eval / report / regrade ---------------------------------------------------------------------
+def cmd_eval(args) -> int:
+    from .evaluate import EvalPlan, run_eval
+    from .report import format_table
+
+    datasets = [d.strip() for d in args.datasets.split(",") if d.strip()]
+    plan = EvalPlan(datasets=datasets, samples=args.samples, limit=args.limit, data_dir=args.data_dir)
+    from .datasets import load_dataset
+
+    for name in datasets:  # unknown names and missing files fail before the model loads
+        load_dataset(name, data_dir=args.data_dir, limit=1)
+    engine = build_engine(args)
+    metrics = run_eval(engine, plan, args.out)
+    print(format_table(metrics))
+    print(f"\nresults: {Path(args.out) / 'samples.jsonl'}  report: {Path(args.out) / 'report.md'}")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from .report import format_table, write_report
+
+    print(format_table(write_report(_existing_run(args.out))))
+    return 0
+
+
+def cmd_regrade(args) -> int:
+    from .report import format_table, regrade
+
+    print(format_table(regrade(_existing_run(args.out))))
+    return 0
+
+
+def _existing_run(out: str) -> Path:
+    path = Path(out)
+    if not (path / "run.json").is_file():
+        raise DynTSError(f"{path} is not a dynts run directory (no run.json)")
+    return path
+
+
 # --- parser ---------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
@@ -167,6 +206,28 @@ def build_parser() -> argparse.ArgumentParser:
     add_policy_flags(gen)
     add_sampling_flags(gen, max_new_tokens=1024)
     gen.set_defaults(func=cmd_generate)
+
+    ev = sub.add_parser("eval", help="run benchmarks and report Pass@1 (avg@k), pass@k, maj@k, TPS and KV memory")
+    ev.add_argument("--datasets", default="demo",
+                    help="comma-separated: aime24, aime25, amc23, gpqa_d, math500, gaokao2023en, gsm8k, demo "
+                         "(default: demo, a built-in arithmetic set)")
+    ev.add_argument("--samples", type=int, default=5, help="samples per problem; Pass@1 = avg@k (default 5)")
+    ev.add_argument("--limit", type=int, default=None, help="first N problems of each dataset")
+    ev.add_argument("--data-dir", default=None,
+                    help="directory of benchmark JSONL files (default: $DYNTS_DATA_DIR, else the Hugging Face hub)")
+    ev.add_argument("--out", required=True, help="run directory: run.json, samples.jsonl, metrics.json, report.md; "
+                    "rerunning the same command resumes")
+    add_model_flags(ev)
+    add_policy_flags(ev)
+    add_sampling_flags(ev, max_new_tokens=16384)
+    ev.set_defaults(func=cmd_eval)
+
+    rep = sub.add_parser("report", help="recompute and print the metrics of a run directory")
+    rep.add_argument("out", help="run directory written by dynts eval")
+    rep.set_defaults(func=cmd_report)
+    reg = sub.add_parser("regrade", help="re-grade the stored responses of a run with the current grader")
+    reg.add_argument("out", help="run directory written by dynts eval")
+    reg.set_defaults(func=cmd_regrade)
     return parser
 
 

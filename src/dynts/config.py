@@ -84,6 +84,7 @@ class SamplingConfig:
     top_k: int = 20
     seed: int = 42
     max_new_tokens: int = 1024
+    ignore_eos: bool = False  # force max_new_tokens (benchmarks)
 
     def __post_init__(self):
         if self.max_new_tokens <= 0:

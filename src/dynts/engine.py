@@ -109,6 +109,7 @@ class Engine:
         self.trace_steps = trace_steps
         self.on_step = on_step  # called after every decode step with the number of tokens it produced
         self.last_cache: BudgetedCache | None = None
+        self.policy_name = policy.name if isinstance(policy, Policy) else policy
         if isinstance(policy, Policy):
             self.policy = policy
         else:
@@ -142,10 +143,7 @@ class Engine:
         batch finishes, so callers can store results before the whole run ends.
         """
         ids = [list(p) if not isinstance(p, str) else self.encode(p, chat) for p in prompts]
-        for i, p in enumerate(ids):
-            if not p:
-                raise DynTSError(f"prompt {i} is empty")
-            self.budget.check_prompt(len(p), self.policy.protects_prompt)
+        self.check_prompts(ids)
         seeds = list(seeds) if seeds is not None else [self.sampling.seed + i for i in range(len(ids))]
         run = RunStats()
         results: list[GenerationResult] = []
@@ -160,6 +158,13 @@ class Engine:
         run.protected_overflow = self.policy.protected_overflow
         run.finalize()
         return GenerationOutput(results, run)
+
+    def check_prompts(self, prompts: Sequence[Sequence[int]]) -> None:
+        """Raise before any work when a prompt can't be decoded under this budget."""
+        for i, p in enumerate(prompts):
+            if not p:
+                raise DynTSError(f"prompt {i} is empty")
+            self.budget.check_prompt(len(p), self.policy.protects_prompt)
 
     # --- one batch ------------------------------------------------------------------------------
     @torch.no_grad()
@@ -177,7 +182,7 @@ class Engine:
         generated: list[list[int]] = [[] for _ in range(n)]
         in_answer = [False] * n
         think_end = list(self.loaded.think_end_ids)
-        eos = set(self.loaded.eos_token_ids)
+        eos = set() if sampling.ignore_eos else set(self.loaded.eos_token_ids)
         sync = self._synchronize
 
         last_logits = []

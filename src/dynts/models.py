@@ -123,13 +123,35 @@ def _load_pretrained(name: str, dtype: torch.dtype):
             f"unknown model {name!r}: not a local directory, not a .gguf file and not a Hugging Face id "
             f"(owner/name); the embedded model is {EMBEDDED_MODEL!r}"
         )
+    source = str(local) if local.exists() else name
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(local) if local.exists() else name)
-        model = AutoModelForCausalLM.from_pretrained(str(local) if local.exists() else name, dtype=dtype)
+        try:  # a hub id already in the local cache loads without the network
+            tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
+        except OSError:
+            _require_hub(name)
+            tokenizer = AutoTokenizer.from_pretrained(source)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
     except (OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise DynTSError(f"could not load model {name!r} (local path or Hugging Face hub): {first}") from None
     return model, tokenizer
+
+
+def _require_hub(name: str) -> None:
+    """Fail in seconds, not after a minute of retries, when the hub can't be reached."""
+    import socket
+    from urllib.parse import urlparse
+
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        raise DynTSError(f"model {name!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set")
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=5).close()
+    except OSError:
+        raise DynTSError(
+            f"model {name!r} is not in the local Hugging Face cache and the hub ({host}) can't be reached: "
+            "download it on a machine with network access, or pass a local directory or .gguf file"
+        ) from None
 
 
 def load_model(name: str = EMBEDDED_MODEL, device: str | None = None, dtype: str | torch.dtype | None = None) -> LoadedModel:

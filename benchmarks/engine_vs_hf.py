@@ -1,0 +1,80 @@
+"""Throughput of the DynTS engine vs transformers `generate` (default dynamic cache), side by side in one run.
+
+Both decode the same batch of prompts greedily for a forced number of tokens on the embedded model:
+  (a) policy `full`, 1k new tokens;
+  (b) policy `dynts`, B=256 W=64 r=0.5, 2k new tokens (transformers keeps the whole cache).
+Prints TPS for each and ends with `ratio full=X budget=Y` (our TPS / theirs).
+
+    python benchmarks/engine_vs_hf.py [--batch 8] [--full-tokens 1024] [--budget-tokens 2048]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from dynts.config import BudgetConfig, SamplingConfig
+from dynts.datasets import load_dataset
+from dynts.engine import Engine
+from dynts.head import random_head, shipped_head_path
+from dynts.models import load_model
+
+
+def hf_tps(loaded, prompts: list[list[int]], new_tokens: int) -> float:
+    tokenizer = loaded.tokenizer
+    tokenizer.padding_side = "left"
+    batch = tokenizer.pad({"input_ids": prompts}, return_tensors="pt")
+    model = loaded.model
+    model.generate(**batch, max_new_tokens=2, do_sample=False, pad_token_id=tokenizer.pad_token_id)  # warm-up
+    start = time.perf_counter()
+    out = model.generate(**batch, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                         pad_token_id=tokenizer.pad_token_id)
+    elapsed = time.perf_counter() - start
+    generated = (out.shape[1] - batch["input_ids"].shape[1]) * len(prompts)
+    return generated / elapsed
+
+
+def our_tps(loaded, prompts, new_tokens: int, policy: str, budget: BudgetConfig, head=None) -> float:
+    sampling = SamplingConfig(greedy=True, max_new_tokens=new_tokens, ignore_eos=True)
+    Engine(loaded, policy, BudgetConfig(None) if policy == "full" else budget,
+           SamplingConfig(greedy=True, max_new_tokens=2), head=head).generate(prompts[:2])  # warm-up
+    engine = Engine(loaded, policy, budget, sampling, batch_size=len(prompts), head=head)
+    start = time.perf_counter()
+    out = engine.generate(prompts)
+    elapsed = time.perf_counter() - start  # prefill included, as in generate's wall time
+    return out.stats.generated_tokens / elapsed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--full-tokens", type=int, default=1024)
+    parser.add_argument("--budget-tokens", type=int, default=2048)
+    args = parser.parse_args()
+
+    torch.manual_seed(0)
+    loaded = load_model("smollm2-135m", device="cpu", dtype="fp32")
+    problems = load_dataset("demo")[: args.batch]
+    engine = Engine(loaded, "full", None, SamplingConfig(greedy=True))
+    prompts = [engine.encode(p.question) for p in problems]
+    head_path = shipped_head_path(loaded.name)
+    head = None if head_path else random_head(loaded.hidden_size)
+    print(f"batch {len(prompts)}, prompt lengths {[len(p) for p in prompts]}, torch threads {torch.get_num_threads()}")
+    print(f"dynts head: {'shipped ' + str(head_path) if head_path else 'fixed random weights (no shipped head)'}")
+
+    ours_full = our_tps(loaded, prompts, args.full_tokens, "full", BudgetConfig(None))
+    theirs_full = hf_tps(loaded, prompts, args.full_tokens)
+    print(f"(a) full, {args.full_tokens} tokens: dynts {ours_full:.1f} TPS, transformers {theirs_full:.1f} TPS")
+
+    budget = BudgetConfig(256, 64, 0.5)
+    ours_budget = our_tps(loaded, prompts, args.budget_tokens, "dynts", budget, head=head)
+    theirs_budget = hf_tps(loaded, prompts, args.budget_tokens)
+    print(f"(b) dynts B=256 W=64 r=0.5, {args.budget_tokens} tokens: dynts {ours_budget:.1f} TPS, "
+          f"transformers {theirs_budget:.1f} TPS")
+    print(f"ratio full={ours_full / theirs_full:.2f} budget={ours_budget / theirs_budget:.2f}")
+
+
+if __name__ == "__main__":
+    main()
