@@ -179,6 +179,55 @@ def cmd_regrade(args) -> int:
     return 0
 
 
+# --- predictor pipeline ---------------------------------------------------------------------------
+def cmd_collect(args) -> int:
+    from .evaluate import EvalPlan, run_eval
+    from .datasets import load_dataset
+    from .report import format_table
+
+    split = args.split or ("train" if args.dataset in ("gsm8k",) else None)
+    plan = EvalPlan(datasets=[args.dataset], samples=args.samples, limit=args.limit, data_dir=args.data_dir,
+                    split=split)
+    load_dataset(args.dataset, data_dir=args.data_dir, limit=1, split=split)
+    args.policy, args.head = "full", None  # traces are generated with the whole cache
+    engine = build_engine(args)
+    metrics = run_eval(engine, plan, args.out, extra_manifest={"purpose": "traces", "correct_only": args.correct_only})
+    print(format_table(metrics))
+    print(f"\ntraces: {Path(args.out) / 'samples.jsonl'}; next: dynts label {args.out}")
+    return 0
+
+
+def cmd_label(args) -> int:
+    from .labels import label_store
+    from .models import load_model
+    from .store import read_manifest
+
+    run = _existing_run(args.dir)
+    model = args.model or read_manifest(run).get("model")
+    loaded = load_model(model, device=args.device, dtype=args.dtype or "fp32")
+    index = label_store(loaded, run, shard_size=args.shard_size)
+    print(f"labelled {index['traces']} traces ({index['tokens']} tokens, {index['skipped']} skipped) "
+          f"into {run / 'labels'}; next: dynts train {args.dir} --out HEAD")
+    return 0
+
+
+def cmd_head_show(args) -> int:
+    from .head import CONFIG_FILE, shipped_head_path
+    from .models import EMBEDDED_MODEL
+
+    path = Path(args.path) if args.path else shipped_head_path(EMBEDDED_MODEL)
+    if path is None:
+        raise DynTSError(f"no head ships for {EMBEDDED_MODEL}; pass a checkpoint path")
+    config = path / CONFIG_FILE if path.is_dir() else path.parent / CONFIG_FILE
+    if not config.is_file():
+        raise DynTSError(f"no importance head at {path} (expected {CONFIG_FILE})")
+    try:
+        print(json.dumps(json.loads(config.read_text()), indent=2))
+    except ValueError as exc:
+        raise DynTSError(f"{config} is not valid JSON: {exc}") from None
+    return 0
+
+
 def _existing_run(out: str) -> Path:
     path = Path(out)
     if not (path / "run.json").is_file():
@@ -221,6 +270,34 @@ def build_parser() -> argparse.ArgumentParser:
     add_policy_flags(ev)
     add_sampling_flags(ev, max_new_tokens=16384)
     ev.set_defaults(func=cmd_eval)
+
+    col = sub.add_parser("collect", help="generate reasoning traces with the full cache, graded and stored "
+                         "resumably, for training an importance head")
+    col.add_argument("--dataset", required=True, help="e.g. gsm8k (train split by default), math_train")
+    col.add_argument("--split", default=None, help="dataset split (default: train for gsm8k)")
+    col.add_argument("--samples", type=int, default=1, help="traces per problem (default 1)")
+    col.add_argument("--limit", type=int, default=None, help="first N problems")
+    col.add_argument("--correct-only", action="store_true",
+                     help="label only the first correct trace of each problem (paper); off for tiny models")
+    col.add_argument("--data-dir", default=None, help="directory of dataset JSONL files (default: $DYNTS_DATA_DIR)")
+    col.add_argument("--out", required=True, help="trace directory (rerunning resumes)")
+    add_model_flags(col)
+    add_sampling_flags(col, max_new_tokens=16384)
+    col.set_defaults(func=cmd_collect)
+
+    lab = sub.add_parser("label", help="label the thinking tokens of collected traces by answer attention")
+    lab.add_argument("dir", help="trace directory written by dynts collect; labels go to DIR/labels/")
+    lab.add_argument("--model", default=None, help="must be the model that wrote the traces (default: that model)")
+    lab.add_argument("--device", default=None)
+    lab.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"], help="default fp32")
+    lab.add_argument("--shard-size", type=int, default=64, help="traces per safetensors shard (default 64)")
+    lab.set_defaults(func=cmd_label)
+
+    head = sub.add_parser("head", help="inspect importance heads")
+    head_sub = head.add_subparsers(dest="head_command", required=True, metavar="ACTION")
+    show = head_sub.add_parser("show", help="print a head's JSON config and metrics (default: the shipped head)")
+    show.add_argument("path", nargs="?", default=None, help="head directory or file")
+    show.set_defaults(func=cmd_head_show)
 
     rep = sub.add_parser("report", help="recompute and print the metrics of a run directory")
     rep.add_argument("out", help="run directory written by dynts eval")

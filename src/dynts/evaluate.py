@@ -39,6 +39,7 @@ class EvalPlan:
     samples: int = 5
     limit: int | None = None
     data_dir: str | None = None
+    split: str | None = None
     shuffle_seed: int = DEFAULT_SHUFFLE_SEED
 
     def __post_init__(self):
@@ -52,7 +53,7 @@ class EvalPlan:
     def load(self) -> list[Problem]:
         problems: list[Problem] = []
         for name in self.datasets:
-            problems += load_dataset(name, data_dir=self.data_dir, limit=self.limit)
+            problems += load_dataset(name, data_dir=self.data_dir, limit=self.limit, split=self.split)
         return problems
 
 
@@ -77,6 +78,7 @@ def manifest_for(engine: Engine, plan: EvalPlan) -> dict:
         "shuffle_seed": plan.shuffle_seed,
         "dtype": str(engine.loaded.dtype).replace("torch.", ""),
         "datasets": plan.datasets,
+        "split": plan.split,
         "samples": plan.samples,
         "limit": plan.limit,
         "data_dir": str(Path(plan.data_dir).resolve()) if plan.data_dir else None,
@@ -87,14 +89,15 @@ def manifest_for(engine: Engine, plan: EvalPlan) -> dict:
     }
 
 
-def run_eval(engine: Engine, plan: EvalPlan, out_dir: str | Path, progress: bool = True) -> dict:
+def run_eval(engine: Engine, plan: EvalPlan, out_dir: str | Path, progress: bool = True,
+             extra_manifest: dict | None = None) -> dict:
     """Run (or resume) an evaluation into out_dir and return the metrics."""
     from tqdm import tqdm
 
     problems = plan.load()
     prompt_ids = {(p.dataset, p.id): engine.encode(question_text(p, plan.shuffle_seed)) for p in problems}
     engine.check_prompts(list(prompt_ids.values()))  # bad budgets fail before anything is written
-    store = ResultStore(out_dir, manifest_for(engine, plan))
+    store = ResultStore(out_dir, {**manifest_for(engine, plan), **(extra_manifest or {})})
     try:
         done = store.done_keys()
         todo = [(p, s) for p in problems for s in range(plan.samples) if (p.dataset, p.id, s) not in done]
@@ -110,6 +113,7 @@ def run_eval(engine: Engine, plan: EvalPlan, out_dir: str | Path, progress: bool
             problem, sample = todo[i]
             record = build_record(problem, sample, result.text, result.stats.to_dict(), shuffle_seed=plan.shuffle_seed)
             record["token_ids"] = result.token_ids
+            record["prompt_ids"] = prompt_ids[problem.dataset, problem.id]
             store.append(record)
             correct += bool(record["correct"])
             live["tokens"] += result.stats.generated_tokens
