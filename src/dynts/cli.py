@@ -211,6 +211,25 @@ def cmd_label(args) -> int:
     return 0
 
 
+def cmd_train(args) -> int:
+    from .train import TrainConfig, train_head
+
+    try:
+        hidden = tuple(int(x) for x in args.hidden.split(",") if x.strip())
+    except ValueError:
+        raise DynTSError(f"--hidden takes comma-separated layer widths like 8192,2048, got {args.hidden!r}") from None
+    config = TrainConfig(hidden=hidden, epochs=args.epochs, lr=args.lr, transform=args.transform,
+                         retention=args.retention, seed=args.seed, device=args.device)
+    metrics = train_head(_existing_run(args.dir), args.out, config)
+    base = metrics.get("baseline_recency", {})
+    print(f"head written to {args.out}")
+    print(f"{'held-out':<18}{'head':>9}{'recency':>9}")
+    for key in ("spearman", "kendall", "topk_recall"):
+        mine, theirs = metrics.get(key), base.get(key)
+        print(f"{key:<18}{mine if mine is None else f'{mine:.3f}':>9}{theirs if theirs is None else f'{theirs:.3f}':>9}")
+    return 0
+
+
 def cmd_head_show(args) -> int:
     from .head import CONFIG_FILE, shipped_head_path
     from .models import EMBEDDED_MODEL
@@ -292,6 +311,19 @@ def build_parser() -> argparse.ArgumentParser:
     lab.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"], help="default fp32")
     lab.add_argument("--shard-size", type=int, default=64, help="traces per safetensors shard (default 64)")
     lab.set_defaults(func=cmd_label)
+
+    tr = sub.add_parser("train", help="fit an importance head on labelled traces (the LLM stays frozen)")
+    tr.add_argument("dir", help="trace directory labelled by dynts label")
+    tr.add_argument("--out", required=True, help="head directory: head.safetensors + head.json")
+    tr.add_argument("--hidden", default="8192,2048", help="hidden layer widths (default 8192,2048, the paper's)")
+    tr.add_argument("--epochs", type=int, default=15, help="default 15")
+    tr.add_argument("--lr", type=float, default=5e-4, help="AdamW learning rate (default 5e-4)")
+    tr.add_argument("--transform", default="scale:10000",
+                    help="label transform: scale:S (y = S x) or pow:P (y = 10 x^P / P) (default scale:10000)")
+    tr.add_argument("--retention", type=float, default=0.4, help="r for the reported top-k recall (default 0.4)")
+    tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--device", default=None)
+    tr.set_defaults(func=cmd_train)
 
     head = sub.add_parser("head", help="inspect importance heads")
     head_sub = head.add_subparsers(dest="head_command", required=True, metavar="ACTION")
