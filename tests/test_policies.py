@@ -410,14 +410,16 @@ def test_dynts_scores_on_entry_and_protection():
     assert torch.all(torch.isposinf(drv.cache.slot["importance"][0, :3]))
     h = torch.randn(1, 1, HIDDEN)
     drv.step(hidden=h)
-    expected = pol.head(h)[0, 0]
+    with torch.no_grad():
+        expected = pol.head(h)[0, 0]
     assert drv.cache.slot["importance"][0, 3] == pytest.approx(float(expected))
     drv.step(in_answer=torch.tensor([True]))  # after </think>: protected
     assert torch.isposinf(drv.cache.slot["importance"][0, 4])
 
     ablation = Driver(policy("dynts-noquestion", 20, 4, 0.5), layers=1)
     ablation.prefill(0, 3, hidden=hidden)
-    torch.testing.assert_close(ablation.cache.slot["importance"][0, :3], pol.head(hidden)[0])
+    with torch.no_grad():
+        torch.testing.assert_close(ablation.cache.slot["importance"][0, :3], pol.head(hidden)[0])
 
 
 def test_dynts_top_k_with_protected():

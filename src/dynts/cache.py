@@ -70,7 +70,9 @@ class BudgetedLayer(CacheLayerMixin):
         self.rows = {k: v[index] for k, v in self.rows.items()}
 
     def compact_row(self, row: int, keep: torch.Tensor) -> None:
-        """Move the kept slots of one row to its front, in order. keep: [n] (all heads) or [kv_heads, n]."""
+        """Move the kept slots of one row to its front, in order. keep: [n] (all heads) or [kv_heads, n].
+        Slot buffers beyond the kept tokens go back to their fill value, so a token written there later does not
+        inherit the score (e.g. accumulated attention) of the token that used to occupy the slot."""
         n = keep.shape[-1]
         if keep.dim() == 1:
             self.keys[row, :, :n] = self.keys[row][:, keep]
@@ -83,6 +85,8 @@ class BudgetedLayer(CacheLayerMixin):
             self.values[row, :, :n] = torch.gather(self.values[row], 1, idx)
             for buf in self.slot.values():
                 buf[row, :, :n] = torch.gather(buf[row], 1, keep)
+        for name, buf in self.slot.items():
+            buf[row, :, n:] = self.owner.layer_slot_specs[name][1]
 
 
 class StepPlan:
@@ -108,6 +112,7 @@ class BudgetedCache(Cache):
         self.layer_slot_specs: dict[str, tuple[torch.dtype, float]] = {}
         self.layer_row_specs: dict[str, tuple] = {}
         self.slot: dict[str, torch.Tensor] = {}  # shared by all layers and heads: [batch, capacity]
+        self.slot_fill: dict[str, float] = {}
         super().__init__(layers=[BudgetedLayer(self, i) for i in range(num_layers)])
 
     # --- buffers policies attach --------------------------------------------------------------
@@ -117,6 +122,7 @@ class BudgetedCache(Cache):
             self.layer_slot_specs[name] = (dtype, fill)
         else:
             self.slot[name] = torch.full((self.rows_allocated, self.capacity), fill, dtype=dtype, device=self.device)
+            self.slot_fill[name] = fill
 
     def add_row_buffer(self, name: str, tail, dtype=torch.float32) -> None:
         """Per-layer state of one sequence (e.g. its recent queries); tail(layer) gives the shape after batch."""
@@ -152,8 +158,9 @@ class BudgetedCache(Cache):
         for i, layer in enumerate(self.layers):
             layer.compact_row(row, keep if keep.dim() == 1 else keep[i])
         shared = keep if keep.dim() == 1 else keep[0, 0]
-        for buf in self.slot.values():
+        for name, buf in self.slot.items():
             buf[row, :n] = buf[row, shared]
+            buf[row, n:] = self.slot_fill[name]
         self.lengths[row] = n
 
     def select_rows(self, rows: list[int]) -> None:

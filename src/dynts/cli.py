@@ -247,6 +247,47 @@ def cmd_head_show(args) -> int:
     return 0
 
 
+# --- fidelity -------------------------------------------------------------------------------------
+def cmd_fidelity(args) -> int:
+    from . import fidelity
+    from .models import load_model
+    from .policies import policy_class
+
+    policies = [p.strip() for p in args.policies.split(",") if p.strip()]
+    for name in policies:
+        policy_class(name)
+    budgets = parse_int_list(args.budgets, "--budgets")
+    if bool(args.traces) == bool(args.dataset):
+        raise DynTSError("give exactly one of --traces DIR (from dynts collect) or --dataset NAME")
+    if args.traces and not Path(args.traces).is_dir():
+        raise DynTSError(f"--traces {args.traces} does not exist")
+    loaded = load_model(args.model, device=args.device, dtype=args.dtype)
+    if args.traces:
+        traces = fidelity.traces_from_store(args.traces, loaded, limit=args.limit)
+    else:
+        traces = fidelity.traces_from_dataset(loaded, args.dataset, args.limit or 20, args.max_new_tokens,
+                                              data_dir=args.data_dir)
+    records = fidelity.measure(loaded, traces, policies, budgets, args.window, args.ratio, head_path=args.head,
+                               batch_size=args.batch_size)
+    manifest = {"model": loaded.name, "policies": policies, "budgets": budgets, "window": args.window,
+                "ratio": args.ratio, "traces": args.traces or args.dataset, "n_traces": len(traces),
+                "mean_trace_tokens": sum(len(t.token_ids) for t in traces) / len(traces)}
+    path = fidelity.write_outputs(records, args.out, manifest)
+    print(fidelity.format_table(records))
+    print(f"\n{path}")
+    return 0
+
+
+def parse_int_list(text: str, flag: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise DynTSError(f"{flag} takes comma-separated integers, got {text!r}") from None
+    if not values:
+        raise DynTSError(f"{flag} is empty")
+    return values
+
+
 def _existing_run(out: str) -> Path:
     path = Path(out)
     if not (path / "run.json").is_file():
@@ -330,6 +371,23 @@ def build_parser() -> argparse.ArgumentParser:
     show = head_sub.add_parser("show", help="print a head's JSON config and metrics (default: the shipped head)")
     show.add_argument("path", nargs="?", default=None, help="head directory or file")
     show.set_defaults(func=cmd_head_show)
+
+    fid = sub.add_parser("fidelity", help="replay reference traces teacher-forced under each policy and budget and "
+                         "measure KL(full || policy) and top-1 agreement of next-token distributions")
+    fid.add_argument("--traces", default=None, help="trace directory from dynts collect")
+    fid.add_argument("--dataset", default=None, help="or: generate reference traces (greedy, full cache) from this")
+    fid.add_argument("--data-dir", default=None, help="dataset directory (default: $DYNTS_DATA_DIR)")
+    fid.add_argument("--limit", type=int, default=None, help="number of traces (default: all; 20 for --dataset)")
+    fid.add_argument("--max-new-tokens", type=int, default=1024, help="reference trace length for --dataset")
+    fid.add_argument("--policies", default="full,window,streaming,sepllm,h2o,snapkv,rkv,dynts")
+    fid.add_argument("--budgets", default="128,256,512", help="comma-separated budgets (default 128,256,512)")
+    fid.add_argument("--window", type=int, default=32, help="W for every budget (default 32)")
+    fid.add_argument("--ratio", type=float, default=0.5, help="r for every budget (default 0.5)")
+    fid.add_argument("--head", default=None, help="importance head for dynts (default: the shipped one)")
+    fid.add_argument("--batch-size", type=int, default=4, help="traces replayed together (default 4)")
+    fid.add_argument("--out", required=True, help="writes fidelity.json, fidelity.md, fidelity_kl.png/pdf/csv")
+    add_model_flags(fid)
+    fid.set_defaults(func=cmd_fidelity)
 
     rep = sub.add_parser("report", help="recompute and print the metrics of a run directory")
     rep.add_argument("out", help="run directory written by dynts eval")

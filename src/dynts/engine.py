@@ -136,20 +136,34 @@ class Engine:
         return tokenizer.encode(prompt)
 
     def generate(self, prompts: Sequence[str | Sequence[int]], seeds: Sequence[int] | None = None, chat: bool = True,
-                 on_result: Callable[[int, GenerationResult], None] | None = None) -> GenerationOutput:
+                 on_result: Callable[[int, GenerationResult], None] | None = None,
+                 forced: Sequence[Sequence[int]] | None = None,
+                 on_logits: Callable[[list[int], list[int], torch.Tensor, list[int]], None] | None = None,
+                 ) -> GenerationOutput:
         """Generate for every prompt (text, or token ids used as they are); results keep the prompts' order.
 
         seeds[i] seeds prompt i's sampler (default: sampling seed + i). on_result(i, result) is called as each
         batch finishes, so callers can store results before the whole run ends.
+        Teacher forcing: with forced[i] given, prompt i continues with exactly those tokens (evictions happen as
+        in generation) and stops after the last. on_logits(prompt indices, generated-token indices, logits [n, V],
+        compressions so far) sees the logits every token is chosen from.
         """
         ids = [list(p) if not isinstance(p, str) else self.encode(p, chat) for p in prompts]
         self.check_prompts(ids)
         seeds = list(seeds) if seeds is not None else [self.sampling.seed + i for i in range(len(ids))]
         run = RunStats()
         results: list[GenerationResult] = []
+        if forced is not None and (len(forced) != len(ids) or any(len(f) == 0 for f in forced)):
+            raise DynTSError("forced needs one non-empty token list per prompt")
         for start in range(0, len(ids), self.batch_size):
             chunk = range(start, min(start + self.batch_size, len(ids)))
-            batch = self._generate_batch([ids[i] for i in chunk], [seeds[i] for i in chunk], run)
+            batch_logits = None
+            if on_logits is not None:
+                def batch_logits(seqs, steps, logits, compressions, offset=start):
+                    on_logits([offset + s for s in seqs], steps, logits, compressions)
+            batch = self._generate_batch([ids[i] for i in chunk], [seeds[i] for i in chunk], run,
+                                         forced=[forced[i] for i in chunk] if forced is not None else None,
+                                         on_logits=batch_logits)
             for i, result in zip(chunk, batch):
                 results.append(result)
                 if on_result is not None:
@@ -168,7 +182,8 @@ class Engine:
 
     # --- one batch ------------------------------------------------------------------------------
     @torch.no_grad()
-    def _generate_batch(self, prompts: list[list[int]], seeds: list[int], run: RunStats) -> list[GenerationResult]:
+    def _generate_batch(self, prompts: list[list[int]], seeds: list[int], run: RunStats, forced=None,
+                        on_logits=None) -> list[GenerationResult]:
         n = len(prompts)
         policy, budget, sampling = self.policy, self.budget, self.sampling
         capacity = budget.budget if budget.compresses else max(map(len, prompts)) + sampling.max_new_tokens
@@ -207,7 +222,18 @@ class Engine:
             stats[row].peak_kv_tokens = length
         run.prefill_time_s += sum(s.prefill_time_s for s in stats)
         bytes_per_token = cache.bytes_per_token()
-        pending = next_tokens(torch.cat(last_logits), sampling, generators)
+
+        def choose(logits: torch.Tensor, seqs: list[int]) -> torch.Tensor:
+            if on_logits is not None:
+                on_logits(seqs, [len(generated[q]) for q in seqs], logits, [stats[q].compressions for q in seqs])
+            if forced is not None:
+                return torch.tensor([forced[q][len(generated[q])] for q in seqs], device=self.device)
+            return next_tokens(logits, sampling, [generators[q] for q in seqs])
+
+        limits = [len(f) for f in forced] if forced is not None else [sampling.max_new_tokens] * n
+        if forced is not None:
+            eos = set()
+        pending = choose(torch.cat(last_logits), list(range(n)))
 
         active = list(range(n))  # sequence index held by each cache row
         step = 0
@@ -222,7 +248,7 @@ class Engine:
                     in_answer[seq] = True
                 if token in eos:
                     stats[seq].finish_reason = "eos"
-                elif len(generated[seq]) >= sampling.max_new_tokens:
+                elif len(generated[seq]) >= limits[seq]:
                     stats[seq].finish_reason = "length"
                 else:
                     keep_rows.append(row)
@@ -252,7 +278,7 @@ class Engine:
                 rows=torch.arange(m, device=self.device), slots=slots[:, None], positions=positions[:, None],
                 token_ids=tokens, hidden=hidden, is_prompt=False,
                 in_answer=torch.tensor([in_answer[s] for s in active], device=self.device)))
-            pending = next_tokens(logits, sampling, [generators[s] for s in active])
+            pending = choose(logits, active)
             total_kv = sum(cache.lengths)
             compressed = []
             if budget.compresses:

@@ -37,7 +37,6 @@ class DynTSPolicy(Policy):
         self.config = config
         self.head = head
         self.protects_prompt = config.protect_prompt
-        self._generator = torch.Generator().manual_seed(config.seed)
 
     @classmethod
     def create(cls, budget, head=None, head_path=None, seed=0, selection="top", protect_prompt=True, **_):
@@ -72,7 +71,10 @@ class DynTSPolicy(Policy):
             return scores
         protected = torch.isposinf(scores)
         if self.config.selection == "random":
-            scores = torch.rand(older, generator=self._generator).to(scores.device)
+            # Seeded by the sequence's own progress, not a generator shared by the batch: a sequence draws the same
+            # selection whether it is decoded alone or next to others.
+            generator = torch.Generator().manual_seed(self.config.seed * 1_000_003 + cache.next_position[row])
+            scores = torch.rand(older, generator=generator).to(scores.device)
         else:
             scores = -scores
         return scores.masked_fill(protected, float("inf"))
