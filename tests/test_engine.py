@@ -300,3 +300,54 @@ def test_bad_sampling_and_batch(smollm):
         SamplingConfig(top_p=1.5)
     with pytest.raises(DynTSError):
         Engine(smollm, "full", batch_size=0)
+
+
+# --- tokens after the end-of-thinking marker --------------------------------------------------------------
+def test_answer_tokens_are_protected_and_overflow_counted(make_tiny):
+    """Tokens from the end-of-thinking marker on score +inf. When more are protected than a compression keeps,
+    the newest protected ones stay, the budget still holds, and the run counts the overflow (per run, not
+    cumulatively over an engine's runs)."""
+    import dataclasses
+
+    lm = make_tiny("llama", vocab_size=128, seed=5)
+    prompt = list(range(10, 16))
+    first = Engine(lm, "full", None, SamplingConfig(greedy=True, max_new_tokens=1)).generate([prompt])
+    marker = first.results[0].token_ids[0]
+    lm = dataclasses.replace(lm, think_end_ids=(marker,))  # the first generated token ends the thinking
+    engine = make_engine(lm, "dynts", budget=20, window=4, ratio=0.5, new_tokens=30, batch_size=1)
+    out = engine.generate([prompt])
+    stats = out.results[0].stats
+    assert stats.compressions == expected_compressions(6, 29, 20, 4, 0.5)[0] >= 2
+    assert stats.peak_kv_tokens == 20
+    importance = engine.last_cache.slot["importance"][0, : engine.last_cache.lengths[0]]
+    assert torch.all(torch.isposinf(importance))
+    # every compression had 16 protected older tokens for 8 places: the newest 8 + window stayed
+    assert out.stats.protected_overflow == stats.compressions
+    positions = engine.last_cache.slot["position"][0, : engine.last_cache.lengths[0]].tolist()
+    fed = 6 + 29
+    assert positions == list(range(fed - len(positions), fed))
+    again = engine.generate([prompt])
+    assert again.stats.protected_overflow == out.stats.protected_overflow
+
+
+@pytest.mark.parametrize("name", ["h2o", "snapkv", "rkv", "dynts"])
+def test_finished_sequences_leave_the_batch_cleanly(make_tiny, name):
+    """When one sequence stops early its cache row is dropped; the others' keys, slot scores and per-row
+    state (recent queries) must stay with them, so their tokens do not change."""
+    import dataclasses
+
+    lm = make_tiny("llama", vocab_size=128, seed=9)
+    gen = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(3, 128, (n,), generator=gen).tolist() for n in (7, 10, 5)]
+    reference = make_engine(lm, name, budget=24, window=4, new_tokens=40, batch_size=3).generate(prompts).results
+    # a token the middle sequence produces mid-way and the others never do becomes the end-of-sequence token
+    others = set(reference[0].token_ids) | set(reference[2].token_ids)
+    stop_at = next(i for i, t in enumerate(reference[1].token_ids)
+                   if i >= 5 and t not in others and t not in reference[1].token_ids[:i])
+    stop = reference[1].token_ids[stop_at]
+    lm = dataclasses.replace(lm, eos_token_ids=(stop,))
+    out = make_engine(lm, name, budget=24, window=4, new_tokens=40, batch_size=3).generate(prompts).results
+    assert out[1].token_ids == reference[1].token_ids[: stop_at + 1] and out[1].stats.finish_reason == "eos"
+    for i in (0, 2):
+        assert out[i].token_ids == reference[i].token_ids
+        assert out[i].stats.compressions == reference[i].stats.compressions >= 2

@@ -74,7 +74,7 @@ def register(subparsers) -> None:
                     "(default: on)")
     ev.add_argument("--probe-tokens", type=int, default=None,
                     help="tokens the probe decodes, EOS ignored (default: min(max-new-tokens, 2 x largest budget))")
-    ev.add_argument("--probe-batch", type=int, default=1, help="sequences the probe decodes together (default 1)")
+    ev.add_argument("--probe-batch", type=int, default=None, help="sequences the probe decodes together (default 1)")
     ev.add_argument("--quiet", action="store_true", help="no progress bars")
     add_model_flags(sw)
     add_sampling_flags(sw, max_new_tokens=None)

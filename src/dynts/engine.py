@@ -152,6 +152,7 @@ class Engine:
         self.check_prompts(ids)
         seeds = list(seeds) if seeds is not None else [self.sampling.seed + i for i in range(len(ids))]
         run = RunStats()
+        overflow_before = self.policy.protected_overflow  # the policy's counter spans all runs of this engine
         results: list[GenerationResult] = []
         if forced is not None and (len(forced) != len(ids) or any(len(f) == 0 for f in forced)):
             raise DynTSError("forced needs one non-empty token list per prompt")
@@ -169,7 +170,7 @@ class Engine:
                 if on_result is not None:
                     on_result(i, result)
         run.sequences = len(results)
-        run.protected_overflow = self.policy.protected_overflow
+        run.protected_overflow = self.policy.protected_overflow - overflow_before
         run.finalize()
         return GenerationOutput(results, run)
 
@@ -186,7 +187,8 @@ class Engine:
                         on_logits=None) -> list[GenerationResult]:
         n = len(prompts)
         policy, budget, sampling = self.policy, self.budget, self.sampling
-        capacity = budget.budget if budget.compresses else max(map(len, prompts)) + sampling.max_new_tokens
+        limits = [len(f) for f in forced] if forced is not None else [sampling.max_new_tokens] * n
+        capacity = budget.budget if budget.compresses else max(len(p) + m for p, m in zip(prompts, limits))
         cache = BudgetedCache(self.num_layers, n, capacity, self.device)
         cache.add_slot_buffer("position", per_head=False, dtype=torch.long, fill=-1)
         policy.setup(cache)
@@ -230,7 +232,6 @@ class Engine:
                 return torch.tensor([forced[q][len(generated[q])] for q in seqs], device=self.device)
             return next_tokens(logits, sampling, [generators[q] for q in seqs])
 
-        limits = [len(f) for f in forced] if forced is not None else [sampling.max_new_tokens] * n
         if forced is not None:
             eos = set()
         pending = choose(torch.cat(last_logits), list(range(n)))

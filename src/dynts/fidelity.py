@@ -105,7 +105,8 @@ def traces_from_dataset(loaded: LoadedModel, dataset: str, limit: int, max_new_t
 
 
 def measure(loaded: LoadedModel, traces: list[Trace], policies: list[str], budgets: list[int], window: int,
-            ratio: float, head_path: str | None = None, batch_size: int = 4, progress: bool = True) -> list[dict]:
+            ratio: float, head_path: str | None = None, batch_size: int = 4, progress: bool = True,
+            head=None) -> list[dict]:
     """One FidelityRecord (as a dict) per policy and budget (`full` once)."""
     from tqdm import tqdm
 
@@ -121,7 +122,7 @@ def measure(loaded: LoadedModel, traces: list[Trace], policies: list[str], budge
     engines = {}
     for name, config in cells:  # build (and validate every prompt) before the long work starts
         engine = Engine(loaded, name, config, SamplingConfig(greedy=True, max_new_tokens=1), batch_size=batch_size,
-                        head_path=head_path)
+                        head=head, head_path=head_path)
         engine.check_prompts([t.prompt_ids for t in traces])
         engines[name, config] = engine
     reference_engine = Engine(loaded, "full", None, SamplingConfig(greedy=True), batch_size=batch_size)
@@ -133,12 +134,12 @@ def measure(loaded: LoadedModel, traces: list[Trace], policies: list[str], budge
         chunk = traces[start : start + batch_size]
         prompts = [t.prompt_ids for t in chunk]
         forced = [t.token_ids for t in chunk]
-        reference = [torch.empty(len(t.token_ids), loaded.model.config.vocab_size, dtype=torch.float16) for t in chunk]
+        reference = [torch.empty(len(t.token_ids), loaded.model.config.vocab_size) for t in chunk]
 
         def keep_reference(seqs, steps, logits, _compressions):
             logp = logits.float().log_softmax(dim=-1).cpu()
             for row, (seq, step) in enumerate(zip(seqs, steps)):
-                reference[seq][step] = logp[row].to(torch.float16)
+                reference[seq][step] = logp[row]
 
         reference_engine.generate(prompts, forced=forced, on_logits=keep_reference)
         for key, engine in engines.items():

@@ -216,23 +216,27 @@ def _new_figure(rows: int, cols: int, width: float, height: float):
 
 def _save(figure, stem: Path, rows: list[dict], columns) -> list[Path]:
     png, pdf, csv_path = stem.with_suffix(".png"), stem.with_suffix(".pdf"), stem.with_suffix(".csv")
-    figure.savefig(png, dpi=150)
-    figure.savefig(pdf, metadata={"CreationDate": None})
+    figure.savefig(png, dpi=150, bbox_inches="tight")
+    figure.savefig(pdf, bbox_inches="tight", metadata={"CreationDate": None})
     write_csv(csv_path, columns, rows)
     return [png, pdf, csv_path]
 
 
-def _legend(figure, axes_list, top: float):
-    handles, labels = [], []
-    for ax in axes_list:
-        for h, lab in zip(*ax.get_legend_handles_labels()):
-            if lab not in labels and not lab.startswith("_"):
-                handles.append(h)
-                labels.append(lab)
+def _legend(figure, axes_list=(), handles=None, labels=None):
+    """Lay the panels out, then put one legend above them (savefig uses a tight bounding box)."""
+    figure.tight_layout()
+    if handles is None:
+        handles, labels = [], []
+        for ax in axes_list:
+            for h, lab in zip(*ax.get_legend_handles_labels()):
+                if lab not in labels and not lab.startswith("_"):
+                    handles.append(h)
+                    labels.append(lab)
     if handles:
-        figure.legend(handles, labels, loc="upper center", ncol=min(len(labels), 4), fontsize=8, frameon=False,
-                      bbox_to_anchor=(0.5, 1.0))
-    figure.tight_layout(rect=(0, 0, 1, top))
+        longest = max(len(lab) for lab in labels)
+        ncol = max(1, min(len(labels), int(figure.get_figwidth() // (0.062 * longest + 0.6))))
+        figure.legend(handles, labels, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=ncol, fontsize=8,
+                      frameon=False)
 
 
 BUDGET_COLUMNS = ("model", "dataset", "role", "policy", "budget", "window", "ratio", "pass@1_pct", "tps", "cell")
@@ -304,7 +308,25 @@ def _budget_figure(cells, opts):
             ax2.set_ylabel("TPS (tokens/s)")
             ax.set_title(f"{_model_label(model)} | {_dataset_label(dataset)}", fontsize=10)
             all_axes += [ax, ax2]
-    _legend(figure, all_axes, top=1 - 0.55 / (3.4 * len(models)) - 0.04)
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+
+    handles, labels = [], []
+    for model in models:
+        series = _series(cells, model, opts)
+        colors = _colors(series)
+        for policy, policy_cells in series.items():
+            label = _series_label(policy, policy_cells)
+            if label not in labels:
+                handles.append(Patch(color=colors[policy], alpha=0.8))
+                labels.append(label)
+    handles += [Patch(color="0.6"), Line2D([], [], color="0.6", marker="o", markeredgecolor="black",
+                                           markeredgewidth=0.5)]
+    labels += ["bars: Pass@1", "line: TPS"]
+    if any(_full(cells, m) is not None for m in models):
+        handles += [Line2D([], [], color=FULL_COLOR, ls="--"), Line2D([], [], color=FULL_COLOR, ls=":", lw=1.3)]
+        labels += ["FullKV Pass@1", "FullKV TPS"]
+    _legend(figure, handles=handles, labels=labels)
     return figure, rows, BUDGET_COLUMNS
 
 
@@ -358,8 +380,7 @@ def _heatmap_figure(cells, opts):
                              "ratio": c.ratio, "pass@1_pct": value, "cell": c.name})
             from matplotlib import colormaps
 
-            cmap = colormaps["viridis"].copy()
-            cmap.set_bad("0.88")
+            cmap = colormaps["viridis"].with_extremes(bad="0.88")
             finite = grid[np.isfinite(grid)]
             vmin, vmax = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 100.0)
             if vmax - vmin < 1e-9:
@@ -377,7 +398,7 @@ def _heatmap_figure(cells, opts):
             ax.set_title(f"{_model_label(model)} | {_dataset_label(dataset)}\n{policy}, B={b}: Pass@1 (%)",
                          fontsize=9)
             figure.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
-    figure.tight_layout()
+    _legend(figure)
     return figure, rows, HEATMAP_COLUMNS
 
 
@@ -455,7 +476,7 @@ def _methods_figure(cells, opts):
             bottom.set_ylabel("TPS (tokens/s)")
             top.set_title(f"{_model_label(model)} | {_dataset_label(dataset)} | B={b}", fontsize=10)
             all_axes += [top, bottom]
-    _legend(figure, all_axes, top=0.95)
+    _legend(figure, all_axes)
     return figure, rows, METHODS_COLUMNS
 
 
@@ -527,7 +548,8 @@ def _steps_figure(cells, opts):
                 f"{c.policy} (B={c.budget}, W={c.window}, r={format_ratio(c.ratio)})"
             ax_tps.plot(x, tps, color=color, lw=0.6, alpha=0.25)
             ax_tps.plot(x, smooth, color=color, lw=1.6, label=label)
-            ax_kv.plot(x, kv, color=color, lw=1.4, label=label)
+            style = ("-", "--", "-.", ":")[series.index(c) % 4]
+            ax_kv.plot(x, kv, color=color, lw=1.4, ls=style, label=label)
             for s, t, sm, k in zip(steps, tps, smooth, kv):
                 rows.append({"model": model, "policy": c.policy, "budget": c.budget, "window": c.window,
                              "ratio": c.ratio, "cell": c.name, "batch": s.get("batch", 0), "step": s["step"],
@@ -544,7 +566,7 @@ def _steps_figure(cells, opts):
         if probe_note:
             ax_tps.text(0.01, 0.02, probe_note, transform=ax_tps.transAxes, fontsize=6.5, color="0.35")
         all_axes += [ax_tps, ax_kv]
-    _legend(figure, all_axes, top=1 - 0.5 / (3.4 * len(plans)) - 0.03)
+    _legend(figure, all_axes)
     return figure, rows, STEPS_COLUMNS
 
 

@@ -34,7 +34,6 @@ import csv
 import io
 import json
 import math
-import re
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -59,8 +58,9 @@ SUMMARY_COLUMNS = (
 )
 
 # Shared flags whose change would make cells of one sweep incomparable: a rerun must match them.
-STRICT_FIELDS = ("model", "dtype", "sampling", "samples", "limit", "data_dir", "split", "shuffle_seed", "head",
-                 "trace_steps", "probe_tokens", "probe_batch")
+STRICT_FIELDS = ("model", "dtype", "sampling", "samples", "limit", "data_dir", "split", "shuffle_seed", "head")
+# The probe's shape must match too, once both runs traced steps (tracing itself may be switched on or off).
+PROBE_FIELDS = ("probe_tokens", "probe_batch")
 
 
 # --------------------------------------------------------------------------- #
@@ -128,7 +128,7 @@ def parse_names(text: str, flag: str) -> list[str]:
 
 
 def format_ratio(ratio: float) -> str:
-    return f"{ratio:g}"
+    return f"{ratio:.10g}"
 
 
 @dataclass(frozen=True)
@@ -158,15 +158,11 @@ class Cell:
         cls = policy_class(self.policy)
         return BudgetConfig(self.budget, self.window, self.ratio, allow_zero_window=cls.allows_zero_window)
 
-    def label(self) -> str:
-        if not self.compresses:
-            return self.policy
-        return f"{self.policy} B={self.budget} W={self.window} r={format_ratio(self.ratio)}"
-
 
 @dataclass
 class SweepSpec:
-    """Everything `dynts sweep` needs; validate() finds every mistake before anything runs."""
+    """Everything `dynts sweep` needs. cells() finds the grid's mistakes; run_sweep checks the rest (datasets,
+    prompts against budgets, the importance head, sweep.json) before anything is written."""
 
     model: str
     policies: list[str]
@@ -185,7 +181,7 @@ class SweepSpec:
     head: str | None = None
     trace_steps: bool = True
     probe_tokens: int | None = None  # None: min(max_new_tokens, 2 x the largest budget)
-    probe_batch: int = 1
+    probe_batch: int | None = None  # None: 1
     skip_invalid: bool = False
     shuffle_seed: int | None = None
     skipped: list[str] = field(default_factory=list)  # invalid cells dropped by skip_invalid
@@ -201,7 +197,7 @@ class SweepSpec:
             raise DynTSError(f"--batch-size must be at least 1, got {self.batch_size}")
         if self.probe_tokens is not None and self.probe_tokens < 1:
             raise DynTSError(f"--probe-tokens must be at least 1, got {self.probe_tokens}")
-        if self.probe_batch < 1:
+        if self.probe_batch is not None and self.probe_batch < 1:
             raise DynTSError(f"--probe-batch must be at least 1, got {self.probe_batch}")
         if not self.policies:
             raise DynTSError("--policies names no policy")
@@ -211,6 +207,7 @@ class SweepSpec:
         """The cells of the grid; raises one DynTSError naming every invalid cell (unless skip_invalid)."""
         from .policies import policy_class
 
+        self.skipped = []
         cells: list[Cell] = []
         invalid: list[str] = []
         for policy in self.policies:
@@ -245,15 +242,21 @@ class SweepSpec:
         raise DynTSError(f"{len(invalid)} invalid cell(s) {where}:\n  {shown}\n"
                          "change --budgets/--windows/--ratios, or pass --skip-invalid to leave these cells out")
 
-    def resolved_probe_tokens(self, cells: list[Cell]) -> int:
+    def resolved_probe_tokens(self, cells: list[Cell], stored: dict | None = None) -> int:
+        """--probe-tokens, else what the sweep used before, else min(max_new_tokens, 2 x the largest budget)."""
         if self.probe_tokens is not None:
             return self.probe_tokens
+        if stored and stored.get("probe_tokens"):
+            return int(stored["probe_tokens"])
         budgets = [c.budget for c in cells if c.compresses]
         wanted = 2 * max(budgets) if budgets else self.sampling.max_new_tokens
         return min(self.sampling.max_new_tokens, wanted)
 
-    def shared(self, cells: list[Cell]) -> dict:
-        """The flags every cell of the sweep shares (compared strictly on a rerun) and a few informative ones."""
+    def shared(self, cells: list[Cell], stored: dict | None = None) -> dict:
+        """The flags every cell of the sweep shares (compared on a rerun) and a few informative ones.
+
+        stored: the shared flags of an existing sweep.json, whose probe settings fill in the ones not given."""
+        probe_batch = self.probe_batch or (stored or {}).get("probe_batch") or 1
         return {
             "model": self.model,
             "dtype": self.dtype,
@@ -265,8 +268,8 @@ class SweepSpec:
             "shuffle_seed": self.shuffle_seed,
             "head": str(Path(self.head).resolve()) if self.head else None,
             "trace_steps": self.trace_steps,
-            "probe_tokens": self.resolved_probe_tokens(cells) if self.trace_steps else None,
-            "probe_batch": self.probe_batch if self.trace_steps else None,
+            "probe_tokens": self.resolved_probe_tokens(cells, stored) if self.trace_steps else None,
+            "probe_batch": probe_batch if self.trace_steps else None,
             "batch_size": self.batch_size,
             "device": self.device,
         }
@@ -304,22 +307,24 @@ def shared_differences(stored: dict, new: dict) -> list[str]:
                     out.append(f"{key}.{sub}: stored {old_value.get(sub)!r}, now {new_value.get(sub)!r}")
         elif old_value != new_value:
             out.append(f"{key}: stored {old_value!r}, now {new_value!r}")
+    for key in PROBE_FIELDS:
+        old_value, new_value = stored.get(key), new.get(key)
+        if old_value is not None and new_value is not None and old_value != new_value:
+            out.append(f"{key}: stored {old_value!r}, now {new_value!r} (step traces of one sweep must be comparable)")
     return out
 
 
-def _check_sweep_file(out: Path, shared: dict) -> dict | None:
-    stored = read_sweep_file(out)
+def _check_sweep_file(out: Path, stored: dict | None, shared: dict) -> None:
     if stored is None:
         if (out / CELLS_DIR).exists():
             raise DynTSError(f"{out} holds cells but no {SWEEP_FILE}; use a new --out directory")
-        return None
+        return
     differences = shared_differences(stored["shared"], shared)
     if differences:
         raise DynTSError(
             f"{out / SWEEP_FILE} was written with different shared flags ({'; '.join(differences)}). "
             "A rerun into the same sweep may change the grid (policies, budgets, windows, ratios, datasets) "
             "but not these; use the same flags or a new --out directory.")
-    return stored
 
 
 def _write_sweep_file(out: Path, stored: dict | None, spec: SweepSpec, shared: dict, cells: list[Cell]) -> None:
@@ -330,7 +335,8 @@ def _write_sweep_file(out: Path, stored: dict | None, spec: SweepSpec, shared: d
         union[key] = sorted(merged) if key in ("budgets", "windows", "ratios") else merged
     data = {
         "format": SWEEP_FORMAT,
-        "shared": {**(stored["shared"] if stored else {}), **shared},
+        "shared": {**(stored["shared"] if stored else {}),
+                   **{k: v for k, v in shared.items() if v is not None or k not in PROBE_FIELDS}},
         "grid": union,
         "cells": list(dict.fromkeys([*(stored.get("cells", []) if stored else []), *(c.name for c in cells)])),
         "runs": [*(stored.get("runs", []) if stored else []),
@@ -393,8 +399,9 @@ def run_sweep(spec: SweepSpec, out_dir: str | Path, loaded=None, load: Callable 
 
     out = Path(out_dir)
     cells = spec.cells()  # grid mistakes: before anything else
-    shared = spec.shared(cells)
-    stored = _check_sweep_file(out, shared)
+    stored = read_sweep_file(out)
+    shared = spec.shared(cells, stored["shared"] if stored else None)
+    _check_sweep_file(out, stored, shared)
     if any(_needs_head(c.policy) for c in cells) and spec.head is None:
         from .head import shipped_head_path
 
@@ -415,6 +422,9 @@ def run_sweep(spec: SweepSpec, out_dir: str | Path, loaded=None, load: Callable 
         if expected.get(name, 0) == 0:
             raise DynTSError(f"dataset {name!r} has no problems")
 
+    probe_problem = _probe_problem(spec, stored["shared"] if stored else None, problems)
+    if spec.trace_steps:
+        shared["probe_prompt"] = {"dataset": probe_problem.dataset, "id": probe_problem.id}
     done = [c for c in cells if cell_is_complete(cell_dir(out, c), expected, spec.samples, spec.trace_steps)]
     todo = [c for c in cells if c not in done]
     head = None
@@ -422,10 +432,9 @@ def run_sweep(spec: SweepSpec, out_dir: str | Path, loaded=None, load: Callable 
     if todo:
         if loaded is None:
             loaded = (load or _default_loader(spec))()
-        head, prompt_ids = _validate_against_model(spec, todo, loaded, problems)
-        if spec.skipped:
-            todo = [c for c in todo if c.name not in {s.split(":", 1)[0] for s in spec.skipped}]
-            cells = [c for c in cells if c in done or c in todo]
+        head, prompt_ids, unfit = _validate_against_model(spec, todo, loaded, [*problems, probe_problem])
+        todo = [c for c in todo if c not in unfit]
+        cells = [c for c in cells if c in done or c in todo]
     out.mkdir(parents=True, exist_ok=True)
     _write_sweep_file(out, stored, spec, shared, cells)
 
@@ -440,9 +449,9 @@ def run_sweep(spec: SweepSpec, out_dir: str | Path, loaded=None, load: Callable 
             if not cell_is_complete(directory, expected, spec.samples, need_steps=False):
                 run_eval(engine, plan, directory, progress=progress, extra_manifest={"sweep_cell": cell.name})
             if spec.trace_steps and not (directory / STEPS_FILE).is_file():
-                first = problems[0]
-                record_probe(spec, cell, loaded, head, prompt_ids[first.dataset, first.id], directory,
-                             probe_tokens=shared["probe_tokens"], prompt_ref={"dataset": first.dataset, "id": first.id})
+                record_probe(spec, cell, loaded, head, prompt_ids[probe_problem.dataset, probe_problem.id], directory,
+                             probe_tokens=shared["probe_tokens"], probe_batch=shared["probe_batch"],
+                             prompt_ref=shared["probe_prompt"])
             ran.append(cell.name)
             write_summary(out)
             bar.update(1)
@@ -450,6 +459,22 @@ def run_sweep(spec: SweepSpec, out_dir: str | Path, loaded=None, load: Callable 
         bar.close()
     summary = write_summary(out)
     return SweepResult(out, cells, ran, [c.name for c in done], list(spec.skipped), summary)
+
+
+def _probe_problem(spec: SweepSpec, stored: dict | None, problems):
+    """The probe decodes the first problem of the first dataset of the sweep's first run, in every cell."""
+    ref = (stored or {}).get("probe_prompt")
+    if not isinstance(ref, dict):
+        return problems[0]
+    for problem in problems:
+        if (problem.dataset, problem.id) == (ref.get("dataset"), ref.get("id")):
+            return problem
+    from .datasets import load_dataset
+
+    for problem in load_dataset(ref["dataset"], data_dir=spec.data_dir, split=spec.split):
+        if problem.id == ref.get("id"):
+            return problem
+    raise DynTSError(f"the sweep's probe problem {ref.get('dataset')}/{ref.get('id')} is no longer in its dataset")
 
 
 def _needs_head(policy: str) -> bool:
@@ -481,7 +506,7 @@ def _validate_against_model(spec: SweepSpec, cells: list[Cell], loaded, problems
     encoder = Engine(loaded, "full", None, spec.sampling, 1)
     prompt_ids = {(p.dataset, p.id): encoder.encode(question_text(p, spec.shuffle_seed)) for p in problems}
     lengths = sorted({len(ids) for ids in prompt_ids.values()})
-    invalid = []
+    invalid, unfit = [], set()
     for cell in cells:
         if not cell.compresses:
             continue
@@ -491,8 +516,9 @@ def _validate_against_model(spec: SweepSpec, cells: list[Cell], loaded, problems
             budget.check_prompt(lengths[-1], policy.protects_prompt)
         except DynTSError as exc:
             invalid.append(f"{cell.name}: {exc}")
+            unfit.add(cell)
     spec._report_invalid(invalid, f"for the prompts of {', '.join(spec.datasets)} (longest: {lengths[-1]} tokens)")
-    return head, prompt_ids
+    return head, prompt_ids, unfit
 
 
 def _make_engine(spec: SweepSpec, cell: Cell, loaded, head, sampling: SamplingConfig, batch_size: int,
@@ -504,19 +530,19 @@ def _make_engine(spec: SweepSpec, cell: Cell, loaded, head, sampling: SamplingCo
 
 
 def record_probe(spec: SweepSpec, cell: Cell, loaded, head, prompt: list[int], directory: Path,
-                 probe_tokens: int, prompt_ref: dict | None = None) -> Path:
+                 probe_tokens: int, probe_batch: int = 1, prompt_ref: dict | None = None) -> Path:
     """Decode the probe prompt for probe_tokens tokens (EOS ignored) and write steps.jsonl + probe.json."""
     sampling = replace(spec.sampling, max_new_tokens=probe_tokens, ignore_eos=True)
-    engine = _make_engine(spec, cell, loaded, head, sampling, spec.probe_batch, trace_steps=True)
-    output = engine.generate([prompt] * spec.probe_batch,
-                             seeds=[sampling.seed + i for i in range(spec.probe_batch)])
+    batch = probe_batch
+    engine = _make_engine(spec, cell, loaded, head, sampling, batch, trace_steps=True)
+    output = engine.generate([prompt] * batch, seeds=[sampling.seed + i for i in range(batch)])
     directory.mkdir(parents=True, exist_ok=True)
     write_text_atomic(directory / STEPS_FILE, steps_jsonl(output.stats.steps))
     stats = output.stats.to_dict()
     stats.pop("steps", None)
     probe = {"cell": cell.name, "policy": cell.policy, "budget": cell.budget, "window": cell.window,
              "ratio": cell.ratio, "prompt": prompt_ref, "prompt_tokens": len(prompt), "tokens": probe_tokens,
-             "batch": spec.probe_batch, "sampling": sampling.to_dict(), "device": str(engine.device),
+             "batch": batch, "sampling": sampling.to_dict(), "device": str(engine.device),
              "stats": stats}
     write_json_atomic(directory / PROBE_FILE, probe)
     return directory / STEPS_FILE
@@ -642,14 +668,6 @@ def write_summary(sweep_dir: str | Path) -> Path:
 def read_csv(path: str | Path) -> list[dict]:
     with open(path, newline="", encoding="utf-8") as handle:
         return list(csv.DictReader(handle))
-
-
-def cell_name_key(name: str) -> tuple:
-    """Sort key for cell names: policy, then numeric B, W, r."""
-    match = re.fullmatch(r"(.+)-B(\d+)-W(\d+)-r([0-9.eE+-]+)", name)
-    if not match:
-        return (name, -1, -1, -1.0)
-    return (match[1], int(match[2]), int(match[3]), float(match[4]))
 
 
 __all__ = ["Cell", "CellResult", "SweepSpec", "SweepResult", "cell_is_complete", "load_cells", "parse_float_list",
