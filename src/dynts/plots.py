@@ -279,7 +279,9 @@ def _budget_figure(cells, opts):
                 tps = [_metric(c, dataset, "tps") for c in present]
                 bars = ax.bar(xs, values, width * 0.92, color=colors[policy], alpha=0.8,
                               label=f"{label} Pass@1")
-                ax.bar_label(bars, labels=[f"{v:.1f}" for v in values], fontsize=7, padding=1)
+                crowded = len(series) > 1 and len(budgets) > 2
+                ax.bar_label(bars, labels=[f"{v:.1f}" for v in values], fontsize=6.5 if crowded else 7, padding=1.5,
+                             rotation=90 if crowded else 0)
                 tps_points = [(x, t) for x, t in zip(xs, tps) if t is not None]
                 if tps_points:
                     ax2.plot(*zip(*tps_points), color=colors[policy], marker="o", markersize=4,
@@ -299,7 +301,7 @@ def _budget_figure(cells, opts):
                 top_pass.append(fp)
                 rows.append({"model": model, "dataset": dataset, "role": "fullkv", "policy": "full",
                              "pass@1_pct": fp, "tps": ft, "cell": full.name})
-            ax.set_ylim(0, max(top_pass) * 1.2)
+            ax.set_ylim(0, max(top_pass) * (1.3 if len(series) > 1 and len(budgets) > 2 else 1.2))
             ax2.set_ylim(0, max(top_tps) * 1.35)
             ax.set_xticks(range(len(budgets)), [str(b) for b in budgets])
             ax.set_xlim(-0.6, len(budgets) - 0.4)
@@ -432,7 +434,7 @@ def _methods_figure(cells, opts):
         raise _Unsupported("needs at least two policies (FullKV counts) with a compressing one at a common budget")
     datasets = {model: _datasets([c for c in cells if c.model == model]) for model, *_ in plans}
     cols = max(len(v) for v in datasets.values())
-    figure, axes = _new_figure(2 * len(plans), cols, max(3.2, 1.0 + 0.8 * max(len(p[2]) for p in plans)), 2.9)
+    figure, axes = _new_figure(2 * len(plans), cols, max(3.6, 1.0 + 0.8 * max(len(p[2]) for p in plans)), 2.9)
     rows = []
     all_axes = []
     for i, (model, b, chosen, full) in enumerate(plans):
@@ -474,7 +476,7 @@ def _methods_figure(cells, opts):
             bottom.set_xticks(list(xs), labels, fontsize=7)
             top.set_ylabel("Pass@1 (%)")
             bottom.set_ylabel("TPS (tokens/s)")
-            top.set_title(f"{_model_label(model)} | {_dataset_label(dataset)} | B={b}", fontsize=10)
+            top.set_title(f"{_model_label(model)}\n{_dataset_label(dataset)} | B={b}", fontsize=9)
             all_axes += [top, bottom]
     _legend(figure, all_axes)
     return figure, rows, METHODS_COLUMNS
