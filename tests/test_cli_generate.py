@@ -14,6 +14,7 @@ PROMPTS = ["Count from one to one hundred: one, two, three,", "The following is 
 
 def run_cli(*args, timeout=300):
     env = dict(os.environ, PYTHONWARNINGS="ignore")
+    env.setdefault("OMP_NUM_THREADS", os.environ.get("DYNTS_TEST_THREADS", "1"))  # see conftest.py
     return subprocess.run([sys.executable, "-m", "dynts.cli", *args], capture_output=True, text=True,
                           timeout=timeout, env=env)
 

@@ -16,8 +16,8 @@ from dynts.head import random_head
 from dynts.models import load_model
 from dynts.policies import POLICIES, make_policy
 
-BUDGET, WINDOW, RATIO = 32, 4, 0.5  # a compression keeps 4 + 14 = 18 tokens, the next comes 14 tokens later
-NEW_TOKENS = 48
+BUDGET, WINDOW, RATIO = 30, 4, 0.5  # a compression keeps 4 + 13 = 17 tokens, the next comes 13 tokens later
+NEW_TOKENS = 40
 RAW_PROMPTS = ["Count from one to one hundred: one, two, three,", "The following is a list of fruits:"]
 
 

@@ -29,9 +29,9 @@ def one_thread():
 
 
 def tiny_spec(**overrides) -> SweepSpec:
-    options = dict(model="smollm2-135m", policies=["full", "window"], budgets=[64, 72], windows=[8],
+    options = dict(model="smollm2-135m", policies=["full", "window"], budgets=[60, 64], windows=[8],
                    ratios=[0.5, 0.75], datasets=["demo"], samples=1, limit=1,
-                   sampling=SamplingConfig(max_new_tokens=24), batch_size=8, probe_tokens=24)
+                   sampling=SamplingConfig(max_new_tokens=8), batch_size=8, probe_tokens=16)
     options.update(overrides)
     return SweepSpec(**options)
 
@@ -42,11 +42,14 @@ def no_load():
 
 @pytest.fixture(scope="module")
 def stored_sweep(tmp_path_factory, smollm):
-    """full + window at B in {64, 72}, W=8, r in {0.5, 0.75}: five cells, each with a step trace."""
+    """full + window at B in {60, 64}, W=8, r in {0.5, 0.75}: five cells, each with a step trace.
+
+    The first demo prompt has 51 tokens, so 8 generated tokens stay under every budget while the 16-token
+    probe compresses in every window cell."""
     out = tmp_path_factory.mktemp("sweep") / "S"
     result = run_sweep(tiny_spec(), out, loaded=smollm, progress=False)
-    assert sorted(result.ran) == sorted(["full", "window-B64-W8-r0.5", "window-B64-W8-r0.75", "window-B72-W8-r0.5",
-                                         "window-B72-W8-r0.75"])
+    assert sorted(result.ran) == sorted(["full", "window-B60-W8-r0.5", "window-B60-W8-r0.75", "window-B64-W8-r0.5",
+                                         "window-B64-W8-r0.75"])
     return out
 
 
@@ -126,7 +129,7 @@ def test_default_grid_is_small_and_valid(tmp_path, smollm):
     cells = spec.cells()
     assert len(cells) <= 10
     problems = __import__("dynts.datasets", fromlist=["load_dataset"]).load_dataset("demo", limit=spec.limit)
-    _validate_against_model(spec, [c for c in cells if c.policy != "dynts"], smollm, problems)  # prompts fit
+    _validate_against_model(spec, cells, smollm, problems)  # every prompt fits every cell (dynts: the head loads)
 
 
 # --------------------------------------------------------------------------- running and resuming
@@ -139,14 +142,14 @@ def test_sweep_writes_cells_summary_and_traces(stored_sweep):
         for name in ("run.json", "samples.jsonl", "metrics.json", "report.md", "steps.jsonl", "probe.json"):
             assert (directory / name).is_file(), (cell.name, name)
         steps = read_steps(directory)
-        assert len(steps) == 23  # 24 probe tokens: the first comes from the prefill
+        assert len(steps) == 15  # 16 probe tokens: the first comes from the prefill
         assert {"batch", "step", "active", "step_time_s", "forward_time_s", "kv_tokens", "kv_bytes",
                 "compressed"} <= set(steps[0])
         if cell.compresses:
             assert max(s["kv_tokens"] for s in steps) <= cell.budget
             assert sum(s["compressed"] for s in steps) >= 1
     sweep = json.loads((stored_sweep / "sweep.json").read_text())
-    assert sweep["shared"]["samples"] == 1 and sweep["grid"]["budgets"] == [64, 72]
+    assert sweep["shared"]["samples"] == 1 and sweep["grid"]["budgets"] == [60, 64]
     rows = read_csv(stored_sweep / "summary.csv")
     assert list(rows[0]) == list(SUMMARY_COLUMNS)
     assert len(rows) == 5 and sum(r["policy"] == "full" for r in rows) == 1
@@ -172,7 +175,7 @@ def test_different_shared_flags_are_refused(stored_sweep):
     with pytest.raises(DynTSError, match=r"samples: stored 1, now 2"):
         run_sweep(tiny_spec(samples=2), stored_sweep, load=no_load, progress=False)
     with pytest.raises(DynTSError, match=r"sampling.temperature"):
-        run_sweep(tiny_spec(sampling=SamplingConfig(max_new_tokens=24, temperature=0.7)), stored_sweep,
+        run_sweep(tiny_spec(sampling=SamplingConfig(max_new_tokens=8, temperature=0.7)), stored_sweep,
                   load=no_load, progress=False)
     with pytest.raises(DynTSError, match=r"model: stored"):
         run_sweep(tiny_spec(model="other/model"), stored_sweep, load=no_load, progress=False)
@@ -229,7 +232,7 @@ def test_plot_writes_every_kind_with_matching_csv(stored_sweep, tmp_path):
     # budget: one bar per window cell at its (W, r) pick (r=0.5 covers both budgets, ties go to the smaller r)
     rows = read_csv(figdir / "budget.csv")
     bars = [r for r in rows if r["role"] == "bar"]
-    assert sorted(r["cell"] for r in bars) == ["window-B64-W8-r0.5", "window-B72-W8-r0.5"]
+    assert sorted(r["cell"] for r in bars) == ["window-B60-W8-r0.5", "window-B64-W8-r0.5"]
     assert [r["cell"] for r in rows if r["role"] == "fullkv"] == ["full"]
     for row in rows:
         m = metrics_of(stored_sweep, row["cell"], row["dataset"])
@@ -237,19 +240,19 @@ def test_plot_writes_every_kind_with_matching_csv(stored_sweep, tmp_path):
 
     # heatmap: W x r at the largest budget with more than one r
     rows = read_csv(figdir / "heatmap.csv")
-    assert sorted(r["cell"] for r in rows) == ["window-B72-W8-r0.5", "window-B72-W8-r0.75"]
+    assert sorted(r["cell"] for r in rows) == ["window-B64-W8-r0.5", "window-B64-W8-r0.75"]
     for row in rows:
         assert close(row["pass@1_pct"], 100 * metrics_of(stored_sweep, row["cell"])["pass@1"])
 
     rows = read_csv(figdir / "methods.csv")
-    assert [(r["role"], r["cell"]) for r in rows] == [("bar", "window-B72-W8-r0.5"), ("fullkv", "full")]
+    assert [(r["role"], r["cell"]) for r in rows] == [("bar", "window-B64-W8-r0.5"), ("fullkv", "full")]
     for row in rows:
         m = metrics_of(stored_sweep, row["cell"])
         assert close(row["pass@1_pct"], 100 * m["pass@1"]) and close(row["tps"], m["tps"])
 
     rows = read_csv(figdir / "steps.csv")
-    assert {r["cell"] for r in rows} == {"full", "window-B72-W8-r0.5"}
-    for cell in ("full", "window-B72-W8-r0.5"):
+    assert {r["cell"] for r in rows} == {"full", "window-B64-W8-r0.5"}
+    for cell in ("full", "window-B64-W8-r0.5"):
         steps = read_steps(stored_sweep / "cells" / cell)
         mine = [r for r in rows if r["cell"] == cell]
         assert len(mine) == len(steps)
@@ -281,3 +284,49 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dynts")
     register(parser.add_subparsers(dest="command", required=True))
     return parser
+
+
+def fake_cell(root: Path, model: str, policy: str, budget=None, window=None, ratio=None, datasets=("aime24", "amc23")):
+    """A finished cell as dynts sweep writes it (run.json + metrics.json), with made-up numbers."""
+    from dynts.sweep import Cell
+
+    name = f"{model.split('/')[-1]}-{Cell(policy, budget, window, ratio).name}"
+    directory = root / "cells" / name
+    directory.mkdir(parents=True)
+    (directory / "run.json").write_text(json.dumps({"model": model, "policy": {
+        "name": policy, "registry_name": policy, "budget": budget, "window": window, "ratio": ratio}}))
+    seed = sum(map(ord, name))
+    rows = {d: {"n_problems": 30, "samples_per_problem": 5, "complete": True, "k": 5,
+                "pass@1": (seed % 97) / 97 / (i + 1), "pass@k": 0.5, "maj@k": 0.4, "tps": 100.0 + seed % 13 + i,
+                "tps_forward": 150.0, "peak_kv_tokens": budget or 9000, "mean_generated_tokens": 5000.0}
+            for i, d in enumerate(datasets)}
+    (directory / "metrics.json").write_text(json.dumps({"datasets": rows, "mean": {}}))
+    return name
+
+
+def test_plot_layout_for_several_models_and_datasets(tmp_path):
+    pytest.importorskip("matplotlib")
+    from dynts.plots import plot_sweeps
+
+    root = tmp_path / "S"
+    for model in ("org/Model-A", "org/Model-B"):
+        fake_cell(root, model, "full")
+        for policy in ("rkv", "dynts"):
+            for budget in (2500, 3000):
+                fake_cell(root, model, policy, budget, 2000, 0.4)
+            fake_cell(root, model, policy, 3000, 1000, 0.4)  # a second W at B=3000: heatmap, not budget bars
+    written = plot_sweeps(root, kinds=["budget", "heatmap", "methods"])
+    assert all(p.is_file() for paths in written.values() for p in paths)
+    budget = read_csv(root / "figures" / "budget.csv")
+    # per model and dataset: 2 policies x 2 budgets at W=2000 (it covers the most budgets) + FullKV
+    assert len(budget) == 2 * 2 * (2 * 2 + 1)
+    assert {r["window"] for r in budget if r["role"] == "bar"} == {"2000"}
+    heatmap = read_csv(root / "figures" / "heatmap.csv")
+    assert len(heatmap) == 2 * 2 * 2 * 2 and {r["budget"] for r in heatmap} == {"3000"}
+    methods = read_csv(root / "figures" / "methods.csv")
+    assert {r["budget"] for r in methods if r["role"] == "bar"} == {"3000"}
+    for row in budget + heatmap + methods:
+        m = json.loads((root / "cells" / row["cell"] / "metrics.json").read_text())["datasets"][row["dataset"]]
+        assert close(row["pass@1_pct"], 100 * m["pass@1"])
+    with pytest.raises(DynTSError, match="cannot draw the steps figure"):
+        plot_sweeps(root, kinds=["steps"])

@@ -112,6 +112,7 @@ def cmd_generate(args) -> int:
     from tqdm import tqdm
 
     prompts = read_prompts(args)
+    budget_from_args(args), sampling_from_args(args)  # fail before any output
     bar = tqdm(desc="decoding", unit="tok", disable=None, file=sys.stderr, leave=False)
     engine = build_engine(args, on_step=bar.update)
     output = engine.generate(prompts, chat=not args.raw)
@@ -296,10 +297,17 @@ def _existing_run(out: str) -> Path:
 
 
 # --- parser ---------------------------------------------------------------------------------------
+class Parser(argparse.ArgumentParser):
+    """Usage mistakes read like every other user error: one line, exit code 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"dynts: error: {message} (see: {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
-    parser = argparse.ArgumentParser(prog="dynts", description="Memory-bounded reasoning inference: budgeted KV "
+    parser = Parser(prog="dynts", description="Memory-bounded reasoning inference: budgeted KV "
                                      "cache decoding with DynTS and baseline eviction policies.")
     parser.add_argument("--version", action="version", version=f"dynts {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
