@@ -403,6 +403,10 @@ def build_parser() -> argparse.ArgumentParser:
     reg = sub.add_parser("regrade", help="re-grade the stored responses of a run with the current grader")
     reg.add_argument("out", help="run directory written by dynts eval")
     reg.set_defaults(func=cmd_regrade)
+
+    from .cli_sweep import register as register_sweep
+
+    register_sweep(sub)
     return parser
 
 
