@@ -143,24 +143,3 @@ def cmd_plot(args) -> int:
     for kind, paths in written.items():
         print(f"{kind}: {', '.join(str(p) for p in paths)}")
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Run `sweep`/`plot` standalone (until cli.py registers them): python -m dynts.cli_sweep sweep ..."""
-    import sys
-
-    parser = argparse.ArgumentParser(prog="dynts")
-    register(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"))
-    args = parser.parse_args(argv)
-    try:
-        return args.func(args)
-    except DynTSError as exc:
-        print(f"dynts: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("dynts: interrupted", file=sys.stderr)
-        return 130
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

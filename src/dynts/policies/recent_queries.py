@@ -14,7 +14,12 @@ class RecentQueries:
     observes_attention = True
     observation: int = 32
 
-    def _setup_queries(self, cache):
+    def __init__(self, budget, config):
+        super().__init__(budget)
+        self.config = config
+        self.observation = config.observation
+
+    def setup(self, cache):
         n = self.observation
         cache.add_row_buffer("recent_q", lambda layer: (self._num_q_heads, n, layer.head_dim), dtype=torch.float32)
 

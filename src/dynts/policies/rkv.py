@@ -51,12 +51,7 @@ class RKVPolicy(RecentQueries, Policy):
     per_head = True
 
     def __init__(self, budget, config: RKVConfig = RKVConfig()):
-        super().__init__(budget)
-        self.config = config
-        self.observation = config.observation
-
-    def setup(self, cache):
-        self._setup_queries(cache)
+        super().__init__(budget, config)
 
     def score_older(self, cache, row, older):
         k, lam = self.config.kernel, self.config.lam

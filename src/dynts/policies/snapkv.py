@@ -27,12 +27,7 @@ class SnapKVPolicy(RecentQueries, Policy):
     per_head = True
 
     def __init__(self, budget, config: SnapKVConfig = SnapKVConfig()):
-        super().__init__(budget)
-        self.config = config
-        self.observation = config.observation
-
-    def setup(self, cache):
-        self._setup_queries(cache)
+        super().__init__(budget, config)
 
     def score_older(self, cache, row, older):
         per_layer = []
