@@ -7,6 +7,7 @@ leaves the batch (its row is dropped) as soon as it stops, so finished sequences
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Sequence
@@ -341,7 +342,7 @@ def generate(model: str | LoadedModel, prompts: Sequence[str | Sequence[int]], p
     cls = policy_class(policy)
     budget_config = BudgetConfig(budget, window, ratio, allow_zero_window=cls.allows_zero_window) \
         if cls.compresses else BudgetConfig(None)
-    head_obj, head_path = (None, head) if head is None or isinstance(head, (str,)) or hasattr(head, "__fspath__") \
-        else (head, None)
-    engine = Engine(loaded, policy, budget_config, sampling, batch_size, head=head_obj, head_path=head_path)
+    is_path = isinstance(head, (str, os.PathLike))  # a checkpoint path, else a loaded ImportanceHead (or None)
+    engine = Engine(loaded, policy, budget_config, sampling, batch_size, head=None if is_path else head,
+                    head_path=head if is_path else None)
     return engine.generate(prompts, seeds=seeds, chat=chat)
