@@ -80,14 +80,15 @@ class Driver:
         v = self._rand(1, self.kv_heads, n, self.head_dim)
         token_ids = torch.randint(7, len(PIECES), (1, n), generator=self.gen) if token_ids is None else token_ids
         hidden = self._rand(1, n, HIDDEN) if hidden is None else hidden
-        self.cache.plan_prefill(row, n)
-        self._forward(q, k, v, StepContext(prefill_row=row, observer=self.observer, cache=self.cache))
-        self.cache.finish_step()
         positions = torch.arange(n)[None]
+        self.cache.plan_prefill(row, n)
+        self._forward(q, k, v, StepContext(prefill_row=row, observer=self.observer, cache=self.cache,
+                                           positions=positions[0]))
+        self.cache.finish_step()
         self.cache.slot["position"][row, :n] = positions[0]
         self.policy.on_tokens(self.cache, TokenBatch(rows=torch.tensor([row]), slots=positions, positions=positions,
                                                      token_ids=token_ids, hidden=hidden, is_prompt=True,
-                                                     in_answer=torch.zeros(1, dtype=torch.bool)))
+                                                     in_answer=torch.zeros(1, n, dtype=torch.bool)))
 
     def step(self, *, q=None, k=None, token_ids=None, hidden=None, in_answer=None):
         """One decode token for every row."""
@@ -97,7 +98,7 @@ class Driver:
         v = self._rand(b, self.kv_heads, 1, self.head_dim)
         token_ids = torch.randint(7, len(PIECES), (b, 1), generator=self.gen) if token_ids is None else token_ids
         hidden = self._rand(b, 1, HIDDEN) if hidden is None else hidden
-        in_answer = torch.zeros(b, dtype=torch.bool) if in_answer is None else in_answer
+        in_answer = torch.zeros(b, 1, dtype=torch.bool) if in_answer is None else in_answer
         slots = torch.tensor(self.cache.lengths)
         positions = torch.tensor(self.cache.next_position)
         mask = self.cache.plan_decode()
@@ -413,7 +414,7 @@ def test_dynts_scores_on_entry_and_protection():
     with torch.no_grad():
         expected = pol.head(h)[0, 0]
     assert drv.cache.slot["importance"][0, 3] == pytest.approx(float(expected))
-    drv.step(in_answer=torch.tensor([True]))  # after </think>: protected
+    drv.step(in_answer=torch.tensor([[True]]))  # after </think>: protected
     assert torch.isposinf(drv.cache.slot["importance"][0, 4])
 
     ablation = Driver(policy("dynts-noquestion", 20, 4, 0.5), layers=1)

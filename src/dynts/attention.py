@@ -25,10 +25,11 @@ class StepContext:
     """What one forward of the engine tells the attention function.
 
     mask: [batch, 1, 1, kv_len] bool for decode steps (None: every row is full length), unused at prefill.
-    prefill_row: the cache row a prefill writes (prefill runs one prompt at a time, causal, unpadded).
+    prefill_row: the cache row a prefill writes: a run of tokens appended after the row's cached ones (a prompt,
+        or a teacher-forced chunk), causal, unpadded, one row at a time.
     observer: a policy that wants queries / attention probabilities (see Policy.observe_attention).
     cache: the BudgetedCache being written, for observers that keep per-layer state in it.
-    positions: [batch] original position of each row's new token (decode steps).
+    positions: original positions of the new tokens: [batch] at decode steps, [q] at prefill.
     """
 
     mask: torch.Tensor | None = None
@@ -77,8 +78,13 @@ def dynts_attention(module, query, key, value, attention_mask, scaling=None, dro
     if probs is not None:
         qg = probs.to(value.dtype)  # [b, kvh, g, q, kv]
         out = torch.matmul(qg, value.unsqueeze(2)).reshape(b, h, q, d)
-    elif prefill:
+    elif prefill and q == key.shape[2]:
         out = F.scaled_dot_product_attention(query, key, value, is_causal=q > 1, scale=scaling, enable_gqa=kvh != h)
+    elif prefill:  # a chunk after cached tokens: query i sees every cached key and the chunk up to itself
+        kv = key.shape[2]
+        allowed = torch.arange(kv, device=key.device)[None, :] <= torch.arange(kv - q, kv, device=key.device)[:, None]
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=allowed, scale=scaling,
+                                             enable_gqa=kvh != h)
     else:
         # Decode: fold the query heads of a group into the query axis, so K/V are read once per KV head.
         mask = ctx.mask

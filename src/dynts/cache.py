@@ -43,10 +43,10 @@ class BudgetedLayer(CacheLayerMixin):
             self.lazy_initialization(key_states, value_states)
         plan = self.owner.plan
         if plan.prefill_row is not None:
-            b, n = plan.prefill_row, key_states.shape[2]
-            self.keys[b, :, :n] = key_states[0]
-            self.values[b, :, :n] = value_states[0]
-            return self.keys[b : b + 1, :, :n], self.values[b : b + 1, :, :n]
+            b, start, end = plan.prefill_row, plan.start, plan.kv_len
+            self.keys[b, :, start:end] = key_states[0]
+            self.values[b, :, start:end] = value_states[0]
+            return self.keys[b : b + 1, :, :end], self.values[b : b + 1, :, :end]
         rows, slots = plan.row_index, plan.write_slots
         self.keys[rows, :, slots] = key_states[:, :, 0]
         self.values[rows, :, slots] = value_states[:, :, 0]
@@ -90,10 +90,12 @@ class BudgetedLayer(CacheLayerMixin):
 
 
 class StepPlan:
-    """Where the current forward writes: one whole prompt into one row, or one token into every row."""
+    """Where the current forward writes: a run of tokens appended to one row (a prompt, or a teacher-forced chunk
+    after the row's cached tokens, starting at slot `start`), or one token into every row."""
 
-    def __init__(self, prefill_row=None, row_index=None, write_slots=None, kv_len=0):
+    def __init__(self, prefill_row=None, row_index=None, write_slots=None, kv_len=0, start=0):
         self.prefill_row = prefill_row
+        self.start = start
         self.row_index = row_index
         self.write_slots = write_slots
         self.kv_len = kv_len
@@ -130,7 +132,9 @@ class BudgetedCache(Cache):
 
     # --- planning the next forward ------------------------------------------------------------
     def plan_prefill(self, row: int, length: int) -> None:
-        self.plan = StepPlan(prefill_row=row, kv_len=length)
+        """Append `length` tokens to one row in one causal forward (from slot 0 for a prompt)."""
+        start = self.lengths[row]
+        self.plan = StepPlan(prefill_row=row, kv_len=start + length, start=start)
 
     def plan_decode(self) -> torch.Tensor | None:
         """Plan one token per row; returns the [batch, 1, 1, kv_len] validity mask (None when no row is shorter)."""
@@ -143,9 +147,10 @@ class BudgetedCache(Cache):
         return (torch.arange(kv_len, device=self.device)[None, :] <= slots[:, None])[:, None, None, :]
 
     def finish_step(self, new_tokens: int = 1) -> None:
-        if self.plan.prefill_row is not None:
-            self.lengths[self.plan.prefill_row] = self.plan.kv_len
-            self.next_position[self.plan.prefill_row] = self.plan.kv_len
+        plan = self.plan
+        if plan.prefill_row is not None:
+            self.lengths[plan.prefill_row] = plan.kv_len
+            self.next_position[plan.prefill_row] += plan.kv_len - plan.start
         else:
             self.lengths = [n + new_tokens for n in self.lengths]
             self.next_position = [p + new_tokens for p in self.next_position]

@@ -190,9 +190,7 @@ class Engine:
         policy, budget, sampling = self.policy, self.budget, self.sampling
         limits = [len(f) for f in forced] if forced is not None else [sampling.max_new_tokens] * n
         capacity = budget.budget if budget.compresses else max(len(p) + m for p, m in zip(prompts, limits))
-        cache = BudgetedCache(self.num_layers, n, capacity, self.device)
-        cache.add_slot_buffer("position", per_head=False, dtype=torch.long, fill=-1)
-        policy.setup(cache)
+        cache = self.new_cache(n, capacity)
         self.last_cache = cache  # kept for inspection (tests, debugging)
         observer = policy if policy.observes_attention else None
         generators = make_generators(seeds, self.device)
@@ -206,23 +204,11 @@ class Engine:
         last_logits = []
         for row, prompt in enumerate(prompts):
             t0 = time.perf_counter()
-            length = len(prompt)
-            tokens = torch.tensor([prompt], device=self.device)
-            positions = torch.arange(length, device=self.device)[None]
-            cache.plan_prefill(row, length)
-            ctx = StepContext(prefill_row=row, observer=observer, cache=cache)
-            hidden = self.decoder(input_ids=tokens, position_ids=positions, past_key_values=cache, use_cache=True,
-                                  dynts_ctx=ctx).last_hidden_state
-            cache.finish_step()
-            cache.slot["position"][row, :length] = positions[0]
-            policy.on_tokens(cache, TokenBatch(
-                rows=torch.tensor([row], device=self.device), slots=positions, positions=positions,
-                token_ids=tokens, hidden=hidden, is_prompt=True,
-                in_answer=torch.zeros(1, dtype=torch.bool, device=self.device)))
+            hidden = self.feed(cache, row, prompt, is_prompt=True)
             last_logits.append(self.lm_head(hidden[:, -1]))
             sync()
             stats[row].prefill_time_s = time.perf_counter() - t0
-            stats[row].peak_kv_tokens = length
+            stats[row].peak_kv_tokens = len(prompt)
         run.prefill_time_s += sum(s.prefill_time_s for s in stats)
         bytes_per_token = cache.bytes_per_token()
 
@@ -279,7 +265,7 @@ class Engine:
             policy.on_tokens(cache, TokenBatch(
                 rows=torch.arange(m, device=self.device), slots=slots[:, None], positions=positions[:, None],
                 token_ids=tokens, hidden=hidden, is_prompt=False,
-                in_answer=torch.tensor([in_answer[s] for s in active], device=self.device)))
+                in_answer=torch.tensor([[in_answer[s]] for s in active], device=self.device)))
             pending = choose(logits, active)
             total_kv = sum(cache.lengths)
             compressed = []
@@ -325,6 +311,36 @@ class Engine:
                                             stats=s))
         run.peak_kv_bytes = max(run.peak_kv_bytes, run.peak_kv_tokens * bytes_per_token)
         return results
+
+    def new_cache(self, rows: int, capacity: int) -> BudgetedCache:
+        """A fresh cache with the buffers the engine and the policy keep beside the keys."""
+        cache = BudgetedCache(self.num_layers, rows, capacity, self.device)
+        cache.add_slot_buffer("position", per_head=False, dtype=torch.long, fill=-1)
+        self.policy.setup(cache)
+        return cache
+
+    def feed(self, cache: BudgetedCache, row: int, token_ids: Sequence[int], is_prompt: bool = False,
+             in_answer: Sequence[bool] | None = None) -> torch.Tensor:
+        """Append a run of known tokens to one row in one causal forward (a prompt, or a teacher-forced chunk);
+        the policy sees them as it would token by token. Returns the last hidden states [1, n, hidden]."""
+        n = len(token_ids)
+        tokens = torch.tensor([list(token_ids)], device=self.device)
+        start, first_position = cache.lengths[row], cache.next_position[row]
+        positions = torch.arange(first_position, first_position + n, device=self.device)
+        cache.plan_prefill(row, n)
+        observer = self.policy if self.policy.observes_attention else None
+        ctx = StepContext(prefill_row=row, observer=observer, cache=cache, positions=positions)
+        hidden = self.decoder(input_ids=tokens, position_ids=positions[None], past_key_values=cache, use_cache=True,
+                              dynts_ctx=ctx).last_hidden_state
+        cache.finish_step()
+        slots = torch.arange(start, start + n, device=self.device)
+        cache.slot["position"][row, start : start + n] = positions
+        flags = torch.zeros(1, n, dtype=torch.bool, device=self.device) if in_answer is None else \
+            torch.tensor([list(in_answer)], dtype=torch.bool, device=self.device)
+        self.policy.on_tokens(cache, TokenBatch(rows=torch.tensor([row], device=self.device), slots=slots[None],
+                                                positions=positions[None], token_ids=tokens, hidden=hidden,
+                                                is_prompt=is_prompt, in_answer=flags))
+        return hidden
 
     def _synchronize(self) -> None:
         if self.device.type == "cuda":

@@ -10,7 +10,7 @@ compression (positions before it are identical to the full cache by construction
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -21,6 +21,7 @@ from .errors import DynTSError
 from .labels import find_spans, think_start_ids
 from .models import LoadedModel
 from .policies import policy_class
+from .replay import replay
 
 
 @dataclass
@@ -105,9 +106,13 @@ def traces_from_dataset(loaded: LoadedModel, dataset: str, limit: int, max_new_t
 
 
 def measure(loaded: LoadedModel, traces: list[Trace], policies: list[str], budgets: list[int], window: int,
-            ratio: float, head_path: str | None = None, batch_size: int = 4, progress: bool = True,
-            head=None) -> list[dict]:
-    """One FidelityRecord (as a dict) per policy and budget (`full` once)."""
+            ratio: float, head_path: str | None = None, progress: bool = True, head=None,
+            max_chunk: int = 512) -> list[dict]:
+    """One FidelityRecord (as a dict) per policy and budget (`full` once).
+
+    Every trace is replayed once with the full cache for the reference distributions, then once per policy and
+    budget in chunks (see replay.py): the evictions are those of generation, the forwards a few per compression.
+    """
     from tqdm import tqdm
 
     cells = []
@@ -119,48 +124,43 @@ def measure(loaded: LoadedModel, traces: list[Trace], policies: list[str], budge
         for budget in budgets:
             config = BudgetConfig(budget, window, ratio, allow_zero_window=cls.allows_zero_window)
             cells.append((name, config))
+    greedy = SamplingConfig(greedy=True, max_new_tokens=1)
     engines = {}
     for name, config in cells:  # build (and validate every prompt) before the long work starts
-        engine = Engine(loaded, name, config, SamplingConfig(greedy=True, max_new_tokens=1), batch_size=batch_size,
-                        head=head, head_path=head_path)
+        engine = Engine(loaded, name, config, greedy, batch_size=1, head=head, head_path=head_path)
         engine.check_prompts([t.prompt_ids for t in traces])
         engines[name, config] = engine
-    reference_engine = Engine(loaded, "full", None, SamplingConfig(greedy=True), batch_size=batch_size)
+    reference_engine = Engine(loaded, "full", None, greedy, batch_size=1)
 
     sums = {key: {"answer": _Sums(), "after": _Sums(), "all": _Sums()} for key in engines}
     compressions = {key: 0 for key in engines}
     bar = tqdm(total=len(traces) * len(engines), unit="replay", desc="fidelity", disable=not progress or None)
-    for start in range(0, len(traces), batch_size):
-        chunk = traces[start : start + batch_size]
-        prompts = [t.prompt_ids for t in chunk]
-        forced = [t.token_ids for t in chunk]
-        reference = [torch.empty(len(t.token_ids), loaded.model.config.vocab_size) for t in chunk]
+    for trace in traces:
+        reference = torch.empty(len(trace.token_ids), loaded.model.config.vocab_size)
 
-        def keep_reference(seqs, steps, logits, _compressions):
-            logp = logits.float().log_softmax(dim=-1).cpu()
-            for row, (seq, step) in enumerate(zip(seqs, steps)):
-                reference[seq][step] = logp[row]
+        def keep_reference(first, logits, _compressions):
+            reference[first : first + len(logits)] = logits.float().log_softmax(dim=-1).cpu()
 
-        reference_engine.generate(prompts, forced=forced, on_logits=keep_reference)
+        replay(reference_engine, trace.prompt_ids, trace.token_ids, keep_reference, max_chunk=max_chunk)
+        answer = trace.answer_start
         for key, engine in engines.items():
             cell = sums[key]
 
-            def compare(seqs, steps, logits, seq_compressions, cell=cell):
+            def compare(first, logits, done, cell=cell):
                 logq = logits.float().log_softmax(dim=-1).cpu()
-                logp = torch.stack([reference[s][t] for s, t in zip(seqs, steps)]).float()
+                logp = reference[first : first + len(logq)]
                 kl = (logp.exp() * (logp - logq)).sum(dim=-1).clamp_min(0.0)
                 agree = (logp.argmax(dim=-1) == logq.argmax(dim=-1)).float()
-                for row, (seq, step) in enumerate(zip(seqs, steps)):
-                    cell["all"].add(kl[row], agree[row])
-                    if seq_compressions[row] > 0:
-                        cell["after"].add(kl[row], agree[row])
-                    answer = chunk[seq].answer_start
-                    if answer is not None and step >= answer:
-                        cell["answer"].add(kl[row], agree[row])
+                cell["all"].add(kl, agree)
+                if done > 0:
+                    cell["after"].add(kl, agree)
+                if answer is not None and first + len(logq) > answer:
+                    skip = max(0, answer - first)
+                    cell["answer"].add(kl[skip:], agree[skip:])
 
-            output = engine.generate(prompts, forced=forced, on_logits=compare)
-            compressions[key] += output.stats.compressions
-            bar.update(len(chunk))
+            compressions[key] += replay(engine, trace.prompt_ids, trace.token_ids, compare,
+                                        max_chunk=max_chunk).compressions
+            bar.update(1)
     bar.close()
 
     records = []

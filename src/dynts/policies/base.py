@@ -20,7 +20,8 @@ from ..config import BudgetConfig
 
 @dataclass
 class TokenBatch:
-    """Tokens entering the cache in one forward: for prefill one row's whole prompt, for decode one per row."""
+    """Tokens entering the cache in one forward: for prefill a run of tokens of one row (its prompt, or a
+    teacher-forced chunk), for decode one per row."""
 
     rows: torch.Tensor  # [n] cache rows
     slots: torch.Tensor  # [n, q] slots they occupy
@@ -28,7 +29,7 @@ class TokenBatch:
     token_ids: torch.Tensor  # [n, q]
     hidden: torch.Tensor  # [n, q, hidden] last hidden state (after the final norm)
     is_prompt: bool
-    in_answer: torch.Tensor  # [n] bool: the sequence is past its end-of-thinking marker
+    in_answer: torch.Tensor  # [n, q] bool: the token entered after its sequence's end-of-thinking marker
 
 
 class Policy:
@@ -41,6 +42,7 @@ class Policy:
     observes_attention: ClassVar[bool] = False  # wants observe_attention calls from the attention function
     wants_probs: ClassVar[bool] = False  # ... with attention probabilities computed
     allows_zero_window: ClassVar[bool] = False
+    count_overflow: bool = True  # count protected overflows (a host sync per compression; fast paths turn it off)
 
     def __init__(self, budget: BudgetConfig):
         self.budget = budget
@@ -81,13 +83,16 @@ class Policy:
         if self.per_head:
             chosen = scores.topk(k, dim=-1).indices.sort(dim=-1).values
             return torch.cat([chosen, recent.expand(*chosen.shape[:-1], window)], dim=-1)
+        # Protected slots outrank every score and, among themselves, newer beats older: when more are protected
+        # than fit, the newest are kept. Ranking on the device needs no host sync.
         protected = torch.isposinf(scores)
-        n_protected = int(protected.sum())
-        if n_protected > k:
-            self.protected_overflow += 1
-            chosen = protected.nonzero().squeeze(-1)[-k:] if k > 0 else recent[:0]
-        else:
-            chosen = scores.topk(k).indices.sort().values
+        scores = scores.double()
+        ceiling = scores.masked_fill(protected, float("-inf")).max().nan_to_num(0.0, 0.0, 0.0)
+        slot_rank = torch.arange(older, device=device, dtype=torch.float64)
+        ranked = torch.where(protected, ceiling + 1.0 + slot_rank, scores)
+        chosen = ranked.topk(k).indices.sort().values
+        if self.count_overflow:
+            self.protected_overflow += int(protected.sum()) > k
         return torch.cat([chosen, recent])
 
 

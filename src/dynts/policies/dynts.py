@@ -59,7 +59,7 @@ class DynTSPolicy(Policy):
     @torch.no_grad()
     def on_tokens(self, cache, batch):
         scores = self.head(batch.hidden).float()  # [n, q]
-        protected = batch.in_answer[:, None].expand_as(scores)
+        protected = batch.in_answer.expand_as(scores)
         if batch.is_prompt and self.protects_prompt:
             protected = torch.ones_like(protected)
         scores = scores.masked_fill(protected, float("inf"))

@@ -32,7 +32,7 @@ class RecentQueries:
         if ctx.prefill_row is not None:
             q_len = query.shape[2]
             take = min(n, q_len)
-            slots = torch.arange(q_len - take, q_len, device=query.device) % n
+            slots = ctx.positions[q_len - take :] % n
             ring[ctx.prefill_row][:, slots] = query[0, :, q_len - take :].float()
         else:
             slots = ctx.positions % n
