@@ -47,3 +47,35 @@ def test_window_drifts_more_than_a_policy_keeping_the_copied_token(smollm, tmp_p
     assert isinstance(stored, list)
     for key in ("policy", "budget", "kl_answer", "kl_after", "top1_answer", "top1_after", "traces"):
         assert key in stored[0]
+
+
+def test_cli_skips_short_traces_and_unfit_prompts(tmp_path, capsys):
+    """`dynts fidelity --traces`: traces under --min-tokens and prompts too long for a budget are skipped with a
+    note; the rest are measured and written."""
+    from dynts.cli import main
+
+    traces = tmp_path / "traces"
+    assert main(["collect", "--dataset", "demo", "--limit", "3", "--greedy", "--max-new-tokens", "24",
+                 "--out", str(traces), "--device", "cpu", "--dtype", "fp32"]) == 0
+    records = [json.loads(line) for line in (traces / "samples.jsonl").read_text().splitlines()]
+    prompt_lengths = sorted(len(r["prompt_ids"]) for r in records)
+    capsys.readouterr()
+    # A budget that the shortest prompt fits with its window and the longest does not.
+    budget = prompt_lengths[0] + 10
+    out = tmp_path / "fid"
+    code = main(["fidelity", "--traces", str(traces), "--policies", "full,window,h2o", "--budgets", str(budget),
+                 "--window", "8", "--ratio", "0.5", "--min-tokens", "2", "--out", str(out), "--device", "cpu",
+                 "--dtype", "fp32"])
+    captured = capsys.readouterr()
+    fits = [n for n in prompt_lengths if n + 8 < budget]
+    if len(fits) == len(prompt_lengths):
+        pytest.skip("demo prompts all have the same length")
+    assert code == 0, captured.err
+    assert "whose prompts do not fit" in captured.err
+    stored = json.loads((out / "fidelity.json").read_text())
+    assert {r["traces"] for r in stored} == {len(fits)}
+    assert json.loads((out / "run.json").read_text())["n_traces"] == len(fits)
+    code = main(["fidelity", "--traces", str(traces), "--budgets", str(budget), "--window", "8", "--ratio", "0.5",
+                 "--min-tokens", "100000", "--out", str(tmp_path / "none")])
+    assert code == 2 and "too short" in capsys.readouterr().err
+    assert not (tmp_path / "none").exists()

@@ -105,32 +105,50 @@ def traces_from_dataset(loaded: LoadedModel, dataset: str, limit: int, max_new_t
     return [make_trace(loaded, p, r.token_ids) for p, r in zip(prompts, output.results)]
 
 
+def build_engines(loaded: LoadedModel, policies: list[str], budgets: list[int], window: int, ratio: float,
+                  head=None, head_path: str | None = None) -> dict[tuple, Engine]:
+    """One greedy engine per (policy, budget config); policies that never compress get one, with config None."""
+    greedy = SamplingConfig(greedy=True, max_new_tokens=1)
+    engines = {}
+    for name in policies:
+        cls = policy_class(name)
+        configs = [BudgetConfig(b, window, ratio, allow_zero_window=cls.allows_zero_window) for b in budgets] \
+            if cls.compresses else [None]
+        for config in configs:
+            engines[name, config] = Engine(loaded, name, config, greedy, batch_size=1, head=head, head_path=head_path)
+    return engines
+
+
+def fitting(engines: dict[tuple, Engine], traces: list[Trace]) -> list[Trace]:
+    """The traces whose prompts every engine can replay (a prompt must fit under each budget with its window)."""
+    def fits(trace):
+        try:
+            for engine in engines.values():
+                engine.check_prompts([trace.prompt_ids])
+        except DynTSError:
+            return False
+        return True
+
+    return [t for t in traces if fits(t)]
+
+
 def measure(loaded: LoadedModel, traces: list[Trace], policies: list[str], budgets: list[int], window: int,
             ratio: float, head_path: str | None = None, progress: bool = True, head=None,
             max_chunk: int = 512) -> list[dict]:
-    """One FidelityRecord (as a dict) per policy and budget (`full` once).
+    """One FidelityRecord (as a dict) per policy and budget (`full` once); every prompt must fit every budget."""
+    engines = build_engines(loaded, policies, budgets, window, ratio, head=head, head_path=head_path)
+    for engine in engines.values():  # validate every prompt before the long work starts
+        engine.check_prompts([t.prompt_ids for t in traces])
+    return measure_engines(loaded, traces, engines, progress=progress, max_chunk=max_chunk)
 
-    Every trace is replayed once with the full cache for the reference distributions, then once per policy and
-    budget in chunks (see replay.py): the evictions are those of generation, the forwards a few per compression.
-    """
+
+def measure_engines(loaded: LoadedModel, traces: list[Trace], engines: dict[tuple, Engine], progress: bool = True,
+                    max_chunk: int = 512) -> list[dict]:
+    """Every trace is replayed once with the full cache for the reference distributions, then once per engine in
+    chunks (see replay.py): the evictions are those of generation, the forwards a few per compression."""
     from tqdm import tqdm
 
-    cells = []
-    for name in policies:
-        cls = policy_class(name)
-        if not cls.compresses:
-            cells.append((name, None))
-            continue
-        for budget in budgets:
-            config = BudgetConfig(budget, window, ratio, allow_zero_window=cls.allows_zero_window)
-            cells.append((name, config))
-    greedy = SamplingConfig(greedy=True, max_new_tokens=1)
-    engines = {}
-    for name, config in cells:  # build (and validate every prompt) before the long work starts
-        engine = Engine(loaded, name, config, greedy, batch_size=1, head=head, head_path=head_path)
-        engine.check_prompts([t.prompt_ids for t in traces])
-        engines[name, config] = engine
-    reference_engine = Engine(loaded, "full", None, greedy, batch_size=1)
+    reference_engine = Engine(loaded, "full", None, SamplingConfig(greedy=True, max_new_tokens=1), batch_size=1)
 
     sums = {key: {"answer": _Sums(), "after": _Sums(), "all": _Sums()} for key in engines}
     compressions = {key: 0 for key in engines}
