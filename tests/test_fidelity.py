@@ -79,3 +79,23 @@ def test_cli_skips_short_traces_and_unfit_prompts(tmp_path, capsys):
                  "--min-tokens", "100000", "--out", str(tmp_path / "none")])
     assert code == 2 and "too short" in capsys.readouterr().err
     assert not (tmp_path / "none").exists()
+
+
+def test_shared_prefix_gives_the_same_figures(smollm):
+    """Admitting the full-cache replay's prefix instead of recomputing it changes no figure (up to float error)."""
+    prompt = encode(smollm, "Think step by step: 13 + 29 = ?\n")
+    body = encode(smollm, " First add the tens: 10 + 20 = 30. Then the ones: 3 + 9 = 12. Together 30 + 12 = 42,"
+                          " and checking again, 13 + 29 is 42 because 29 is one less than 30.</think> It is 42.")
+    trace = Trace(prompt, body, answer_start=len(body) - 4)
+    policies = ["full", "window", "h2o", "snapkv", "dynts"]
+    args = dict(budgets=[40, 56], window=8, ratio=0.5, head=random_head(smollm.hidden_size, seed=1), progress=False)
+    shared = measure(smollm, [trace], policies, share_prefix=True, **args)
+    computed = measure(smollm, [trace], policies, share_prefix=False, **args)
+    for a, b in zip(shared, computed):
+        assert (a["policy"], a["budget"], a["compressions"]) == (b["policy"], b["budget"], b["compressions"])
+        assert a["compressions"] >= (1 if a["budget"] else 0)
+        for count in ("positions_all", "positions_after", "positions_answer"):
+            assert a[count] == b[count], (a, b)
+        for figure in ("kl_all", "kl_after", "kl_answer"):
+            assert a[figure] == pytest.approx(b[figure], rel=1e-3, abs=1e-4), (a["policy"], figure)
+        assert a["top1_all"] == pytest.approx(b["top1_all"], abs=1.5 / a["positions_all"])

@@ -320,18 +320,31 @@ class Engine:
         return cache
 
     def feed(self, cache: BudgetedCache, row: int, token_ids: Sequence[int], is_prompt: bool = False,
-             in_answer: Sequence[bool] | None = None) -> torch.Tensor:
+             in_answer: Sequence[bool] | None = None, observer=None) -> torch.Tensor:
         """Append a run of known tokens to one row in one causal forward (a prompt, or a teacher-forced chunk);
-        the policy sees them as it would token by token. Returns the last hidden states [1, n, hidden]."""
-        n = len(token_ids)
+        the policy sees them as it would token by token. observer overrides who sees the attention (default: the
+        policy, if it asks). Returns the last hidden states [1, n, hidden]."""
         tokens = torch.tensor([list(token_ids)], device=self.device)
-        start, first_position = cache.lengths[row], cache.next_position[row]
-        positions = torch.arange(first_position, first_position + n, device=self.device)
-        cache.plan_prefill(row, n)
-        observer = self.policy if self.policy.observes_attention else None
+        positions = self.plan_run(cache, row, len(token_ids))
+        if observer is None and self.policy.observes_attention:
+            observer = self.policy
         ctx = StepContext(prefill_row=row, observer=observer, cache=cache, positions=positions)
         hidden = self.decoder(input_ids=tokens, position_ids=positions[None], past_key_values=cache, use_cache=True,
                               dynts_ctx=ctx).last_hidden_state
+        self.admit_run(cache, row, tokens, positions, hidden, is_prompt, in_answer)
+        return hidden
+
+    def plan_run(self, cache: BudgetedCache, row: int, n: int) -> torch.Tensor:
+        """Plan n tokens appended to a row; returns their original positions."""
+        first = cache.next_position[row]
+        cache.plan_prefill(row, n)
+        return torch.arange(first, first + n, device=self.device)
+
+    def admit_run(self, cache: BudgetedCache, row: int, tokens: torch.Tensor, positions: torch.Tensor,
+                  hidden: torch.Tensor, is_prompt: bool, in_answer: Sequence[bool] | None) -> None:
+        """Close a planned run whose keys are written: the row grows and the policy scores the tokens."""
+        start = cache.plan.start
+        n = tokens.shape[1]
         cache.finish_step()
         slots = torch.arange(start, start + n, device=self.device)
         cache.slot["position"][row, start : start + n] = positions
@@ -340,7 +353,6 @@ class Engine:
         self.policy.on_tokens(cache, TokenBatch(rows=torch.tensor([row], device=self.device), slots=slots[None],
                                                 positions=positions[None], token_ids=tokens, hidden=hidden,
                                                 is_prompt=is_prompt, in_answer=flags))
-        return hidden
 
     def _synchronize(self) -> None:
         if self.device.type == "cuda":

@@ -134,50 +134,75 @@ def fitting(engines: dict[tuple, Engine], traces: list[Trace]) -> list[Trace]:
 
 def measure(loaded: LoadedModel, traces: list[Trace], policies: list[str], budgets: list[int], window: int,
             ratio: float, head_path: str | None = None, progress: bool = True, head=None,
-            max_chunk: int = 512) -> list[dict]:
+            max_chunk: int = 512, share_prefix: bool = True) -> list[dict]:
     """One FidelityRecord (as a dict) per policy and budget (`full` once); every prompt must fit every budget."""
     engines = build_engines(loaded, policies, budgets, window, ratio, head=head, head_path=head_path)
     for engine in engines.values():  # validate every prompt before the long work starts
         engine.check_prompts([t.prompt_ids for t in traces])
-    return measure_engines(loaded, traces, engines, progress=progress, max_chunk=max_chunk)
+    return measure_engines(loaded, traces, engines, progress=progress, max_chunk=max_chunk, share_prefix=share_prefix)
 
 
 def measure_engines(loaded: LoadedModel, traces: list[Trace], engines: dict[tuple, Engine], progress: bool = True,
-                    max_chunk: int = 512) -> list[dict]:
+                    max_chunk: int = 512, share_prefix: bool = True) -> list[dict]:
     """Every trace is replayed once with the full cache for the reference distributions, then once per engine in
-    chunks (see replay.py): the evictions are those of generation, the forwards a few per compression."""
+    chunks (see replay.py): the evictions are those of generation, the forwards a few per compression.
+
+    share_prefix: a policy's cache equals the full one until its first compression, so the reference replay's
+    runs up to each budget are recorded and admitted by the policies instead of recomputed; those positions count
+    with KL 0 and agreement 1, which is what computing them gives (a test checks both ways agree).
+    """
     from tqdm import tqdm
 
     reference_engine = Engine(loaded, "full", None, SamplingConfig(greedy=True, max_new_tokens=1), batch_size=1)
+    budgets = sorted({config.budget for _, config in engines if config is not None})
 
     sums = {key: {"answer": _Sums(), "after": _Sums(), "all": _Sums()} for key in engines}
     compressions = {key: 0 for key in engines}
     bar = tqdm(total=len(traces) * len(engines), unit="replay", desc="fidelity", disable=not progress or None)
     for trace in traces:
-        reference = torch.empty(len(trace.token_ids), loaded.model.config.vocab_size)
+        prompt_len, length, answer = len(trace.prompt_ids), len(trace.token_ids), trace.answer_start
+        reference = torch.empty(length, loaded.model.config.vocab_size)
 
         def keep_reference(first, logits, _compressions):
             reference[first : first + len(logits)] = logits.float().log_softmax(dim=-1).cpu()
 
-        replay(reference_engine, trace.prompt_ids, trace.token_ids, keep_reference, max_chunk=max_chunk)
-        answer = trace.answer_start
+        recorded = replay(reference_engine, trace.prompt_ids, trace.token_ids, keep_reference, max_chunk=max_chunk,
+                          stops=[b - prompt_len for b in budgets] if share_prefix else (),
+                          record_until=max(budgets, default=0) if share_prefix else 0).runs
         for key, engine in engines.items():
             cell = sums[key]
 
-            def compare(first, logits, done, cell=cell):
-                logq = logits.float().log_softmax(dim=-1).cpu()
-                logp = reference[first : first + len(logq)]
-                kl = (logp.exp() * (logp - logq)).sum(dim=-1).clamp_min(0.0)
-                agree = (logp.argmax(dim=-1) == logq.argmax(dim=-1)).float()
+            def add(first, kl, agree, compressed, cell=cell):
                 cell["all"].add(kl, agree)
-                if done > 0:
+                if compressed:
                     cell["after"].add(kl, agree)
-                if answer is not None and first + len(logq) > answer:
+                if answer is not None and first + len(kl) > answer:
                     skip = max(0, answer - first)
                     cell["answer"].add(kl[skip:], agree[skip:])
 
-            compressions[key] += replay(engine, trace.prompt_ids, trace.token_ids, compare,
-                                        max_chunk=max_chunk).compressions
+            def compare(first, logits, done):
+                logq = logits.float().log_softmax(dim=-1).cpu()
+                logp = reference[first : first + len(logq)]
+                kl = (logp.exp() * (logp - logq)).sum(dim=-1).clamp_min(0.0)
+                add(first, kl, (logp.argmax(dim=-1) == logq.argmax(dim=-1)).float(), done > 0)
+
+            config = key[1]
+            if share_prefix and config is None:  # never evicts: this is the reference replay itself
+                add(0, torch.zeros(length), torch.ones(length), False)
+            elif share_prefix:
+                prefix, held = [], 0
+                for run in recorded:
+                    held += len(run.token_ids)
+                    if held > config.budget:
+                        break
+                    prefix.append(run)
+                stats = replay(engine, trace.prompt_ids, trace.token_ids, compare, max_chunk=max_chunk, prefix=prefix)
+                shared = min(stats.shared + 1, length)
+                add(0, torch.zeros(shared), torch.ones(shared), False)
+                compressions[key] += stats.compressions
+            else:
+                compressions[key] += replay(engine, trace.prompt_ids, trace.token_ids, compare,
+                                            max_chunk=max_chunk).compressions
             bar.update(1)
     bar.close()
 
