@@ -298,8 +298,12 @@ class Engine:
             if self.on_step is not None:
                 self.on_step(m)
 
+        return self._finish_batch(prompts, generated, stats, run, bytes_per_token)
+
+    def _finish_batch(self, prompts, generated, stats, run: RunStats, bytes_per_token: int) -> list[GenerationResult]:
+        """Close a batch: per-sequence figures, texts, and the run's totals."""
         results = []
-        for seq in range(n):
+        for seq, prompt in enumerate(prompts):
             s = stats[seq]
             s.generated_tokens = len(generated[seq])
             s.peak_kv_bytes = s.peak_kv_tokens * bytes_per_token
@@ -307,14 +311,13 @@ class Engine:
             run.generated_tokens += s.generated_tokens
             run.compressions += s.compressions
             text = self.loaded.tokenizer.decode(generated[seq], skip_special_tokens=True)
-            results.append(GenerationResult(text=text, token_ids=generated[seq], prompt_tokens=len(prompts[seq]),
-                                            stats=s))
+            results.append(GenerationResult(text=text, token_ids=generated[seq], prompt_tokens=len(prompt), stats=s))
         run.peak_kv_bytes = max(run.peak_kv_bytes, run.peak_kv_tokens * bytes_per_token)
         return results
 
-    def new_cache(self, rows: int, capacity: int) -> BudgetedCache:
+    def new_cache(self, rows: int, capacity: int, cache_class=BudgetedCache) -> BudgetedCache:
         """A fresh cache with the buffers the engine and the policy keep beside the keys."""
-        cache = BudgetedCache(self.num_layers, rows, capacity, self.device)
+        cache = cache_class(self.num_layers, rows, capacity, self.device)
         cache.add_slot_buffer("position", per_head=False, dtype=torch.long, fill=-1)
         self.policy.setup(cache)
         return cache
