@@ -22,31 +22,13 @@ def smollm():
     return load_model("smollm2-135m", device="cpu", dtype="fp32")
 
 
-class StubTokenizer:
-    """Just enough of a tokenizer for the engine and prepare_model, for tiny random models."""
-
-    eos_token_id = None
-    chat_template = None
-
-    def __len__(self):
-        return 0
-
-    def encode(self, text, add_special_tokens=True):
-        return []
-
-    def decode(self, ids, skip_special_tokens=True):
-        return " ".join(str(i) for i in ids)
-
-    def get_vocab(self):
-        return {}
-
-
 def tiny_model(kind: str = "llama", vocab_size: int = 128, seed: int = 0, name: str | None = None, tokenizer=None):
     """A tiny random causal LM (hidden 64, 2 layers, 4 heads, 2 KV heads) wrapped for the engine, without EOS."""
     from transformers import (LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config,
                               Qwen3ForCausalLM)
 
     from dynts.models import prepare_model
+    from dynts.shapes import NullTokenizer
 
     classes = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM),
                "qwen3": (Qwen3Config, Qwen3ForCausalLM)}
@@ -58,7 +40,7 @@ def tiny_model(kind: str = "llama", vocab_size: int = 128, seed: int = 0, name: 
     model = model_cls(config).float()
     model.generation_config.eos_token_id = None
     model.generation_config.pad_token_id = None
-    return prepare_model(model, tokenizer if tokenizer is not None else StubTokenizer(), name or f"tiny-{kind}")
+    return prepare_model(model, tokenizer if tokenizer is not None else NullTokenizer(), name or f"tiny-{kind}")
 
 
 @pytest.fixture(scope="session")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from contextlib import closing
 from pathlib import Path
 
 from .errors import DynTSError
@@ -50,6 +51,9 @@ def add_sampling_flags(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
     g.add_argument("--seed", type=int, default=42, help="default 42")
     g.add_argument("--max-new-tokens", type=int, default=max_new_tokens, help=f"default {max_new_tokens}")
     g.add_argument("--batch-size", type=int, default=8, help="sequences decoded together (default 8)")
+    g.add_argument("--fast", action=argparse.BooleanOptionalAction, default=None,
+                   help="static fast decode path with CUDA graphs (default: on with CUDA, off on CPU); greedy output "
+                   "is the same either way, sampled output differs (counter-based noise)")
 
 
 def sampling_from_args(args):
@@ -69,10 +73,9 @@ def budget_from_args(args):
     return BudgetConfig(args.budget, args.window, args.ratio, allow_zero_window=cls.allows_zero_window)
 
 
-def build_engine(args, trace_steps: bool = False, on_step=None):
-    """Validate every flag before the (slow) model load, then load and build the engine."""
-    from .engine import Engine
-    from .models import load_model
+def engine_spec_from_args(args):
+    """The engine settings of the flags, every one checked, without loading anything."""
+    from .executor import EngineSpec
 
     budget = budget_from_args(args)
     sampling = sampling_from_args(args)
@@ -80,9 +83,46 @@ def build_engine(args, trace_steps: bool = False, on_step=None):
         raise DynTSError(f"--batch-size must be at least 1, got {args.batch_size}")
     if args.head is not None and not Path(args.head).exists():
         raise DynTSError(f"--head {args.head} does not exist")
+    return EngineSpec(args.policy, budget, sampling, args.batch_size, head_path=args.head, fast=args.fast)
+
+
+def build_engine(args, trace_steps: bool = False, on_step=None):
+    """Validate every flag before the (slow) model load, then load and build the engine."""
+    from .fast_engine import make_engine
+    from .models import load_model
+
+    spec = engine_spec_from_args(args)
     loaded = load_model(args.model, device=args.device, dtype=args.dtype)
-    return Engine(loaded, args.policy, budget, sampling, args.batch_size, head_path=args.head,
-                  trace_steps=trace_steps, on_step=on_step)
+    return make_engine(loaded, spec.policy, spec.budget, spec.sampling, spec.batch_size, head_path=spec.head_path,
+                       trace_steps=trace_steps, on_step=on_step, fast=spec.fast)
+
+
+# --- where the work runs: here, or on Ray (--ray) ---------------------------------------------------
+def add_ray_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("scale-out on Ray (pip install \"dynts[ray]\")")
+    g.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
+                   help="run on Ray workers; the driver alone writes the results, as a local run does. Without "
+                   "ADDRESS: start a local Ray instance; 'auto' or ray://HEAD:10001: join an existing cluster "
+                   "(before a positional argument write --ray=ADDRESS)")
+    g.add_argument("--workers", type=int, default=None, metavar="N",
+                   help="Ray workers, each holding one model replica (default 1)")
+    g.add_argument("--gpus-per-worker", type=float, default=None, metavar="G",
+                   help="GPUs each worker reserves (default: 1 when CUDA is present and --device is not cpu, else 0)")
+
+
+def open_executor(args, model: str, dtype: str | None):
+    """Check the Ray flags, then start Ray workers (--ray) or load the model here."""
+    from .distributed import ray_config_from_args
+
+    config = ray_config_from_args(args)
+    if config is None:
+        from .executor import LocalExecutor
+        from .models import load_model
+
+        return LocalExecutor(load_model(model, device=args.device, dtype=dtype))
+    from .distributed import ModelArgs, RayExecutor
+
+    return RayExecutor(config, ModelArgs(model, args.device, dtype))
 
 
 # --- generate -------------------------------------------------------------------------------------
@@ -159,8 +199,9 @@ def cmd_eval(args) -> int:
 
     for name in datasets:  # unknown names and missing files fail before the model loads
         load_dataset(name, data_dir=args.data_dir, limit=1)
-    engine = build_engine(args)
-    metrics = run_eval(engine, plan, args.out)
+    spec = engine_spec_from_args(args)
+    with closing(open_executor(args, args.model, args.dtype)) as executor:
+        metrics = run_eval(spec, plan, args.out, executor=executor)
     print(format_table(metrics))
     print(f"\nresults: {Path(args.out) / 'samples.jsonl'}  report: {Path(args.out) / 'report.md'}")
     return 0
@@ -191,8 +232,10 @@ def cmd_collect(args) -> int:
                     split=split)
     load_dataset(args.dataset, data_dir=args.data_dir, limit=1, split=split)
     args.policy, args.head = "full", None  # traces are generated with the whole cache
-    engine = build_engine(args)
-    metrics = run_eval(engine, plan, args.out, extra_manifest={"purpose": "traces", "correct_only": args.correct_only})
+    spec = engine_spec_from_args(args)
+    with closing(open_executor(args, args.model, args.dtype)) as executor:
+        metrics = run_eval(spec, plan, args.out, executor=executor,
+                           extra_manifest={"purpose": "traces", "correct_only": args.correct_only})
     print(format_table(metrics))
     print(f"\ntraces: {Path(args.out) / 'samples.jsonl'}; next: dynts label {args.out}")
     return 0
@@ -200,13 +243,14 @@ def cmd_collect(args) -> int:
 
 def cmd_label(args) -> int:
     from .labels import label_store
-    from .models import load_model
     from .store import read_manifest
 
     run = _existing_run(args.dir)
+    if args.shard_size < 1:
+        raise DynTSError(f"--shard-size must be at least 1, got {args.shard_size}")
     model = args.model or read_manifest(run).get("model")
-    loaded = load_model(model, device=args.device, dtype=args.dtype or "fp32")
-    index = label_store(loaded, run, shard_size=args.shard_size)
+    with closing(open_executor(args, model, args.dtype or "fp32")) as executor:
+        index = label_store(None, run, shard_size=args.shard_size, executor=executor)
     print(f"labelled {index['traces']} traces ({index['tokens']} tokens, {index['skipped']} skipped) "
           f"into {run / 'labels'}; next: dynts train {args.dir} --out HEAD")
     return 0
@@ -262,17 +306,32 @@ def cmd_fidelity(args) -> int:
         raise DynTSError("give exactly one of --traces DIR (from dynts collect) or --dataset NAME")
     if args.traces and not Path(args.traces).is_dir():
         raise DynTSError(f"--traces {args.traces} does not exist")
+    if args.min_tokens < 1:
+        raise DynTSError(f"--min-tokens must be at least 1, got {args.min_tokens}")
     loaded = load_model(args.model, device=args.device, dtype=args.dtype)
+    engines = fidelity.build_engines(loaded, policies, budgets, args.window, args.ratio, head_path=args.head)
     if args.traces:
-        traces = fidelity.traces_from_store(args.traces, loaded, limit=args.limit)
+        stored = fidelity.traces_from_store(args.traces, loaded)
+        long_enough = [t for t in stored if len(t.token_ids) >= args.min_tokens]
+        fit = fidelity.fitting(engines, long_enough)
+        traces = fit[: args.limit]
+        skipped = len(stored) - len(long_enough), len(long_enough) - len(fit)
+        if not traces:
+            raise DynTSError(f"no trace in {args.traces} has {args.min_tokens}+ tokens and a prompt that fits every "
+                             f"budget ({skipped[0]} too short, {skipped[1]} with prompts too long)")
+        if any(skipped):
+            print(f"skipping {skipped[0]} traces under {args.min_tokens} tokens and {skipped[1]} whose prompts do "
+                  f"not fit the smallest budget", file=sys.stderr)
     else:
         traces = fidelity.traces_from_dataset(loaded, args.dataset, args.limit or 20, args.max_new_tokens,
                                               data_dir=args.data_dir)
-    records = fidelity.measure(loaded, traces, policies, budgets, args.window, args.ratio, head_path=args.head,
-                               batch_size=args.batch_size)
+        for engine in engines.values():
+            engine.check_prompts([t.prompt_ids for t in traces])
+    records = fidelity.measure_engines(loaded, traces, engines)
     manifest = {"model": loaded.name, "policies": policies, "budgets": budgets, "window": args.window,
                 "ratio": args.ratio, "traces": args.traces or args.dataset, "n_traces": len(traces),
-                "mean_trace_tokens": sum(len(t.token_ids) for t in traces) / len(traces)}
+                "mean_trace_tokens": sum(len(t.token_ids) for t in traces) / len(traces),
+                "mean_prompt_tokens": sum(len(t.prompt_ids) for t in traces) / len(traces)}
     path = fidelity.write_outputs(records, args.out, manifest)
     print(fidelity.format_table(records))
     print(f"\n{path}")
@@ -337,6 +396,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_flags(ev)
     add_policy_flags(ev)
     add_sampling_flags(ev, max_new_tokens=16384)
+    add_ray_flags(ev)
     ev.set_defaults(func=cmd_eval)
 
     col = sub.add_parser("collect", help="generate reasoning traces with the full cache, graded and stored "
@@ -351,6 +411,7 @@ def build_parser() -> argparse.ArgumentParser:
     col.add_argument("--out", required=True, help="trace directory (rerunning resumes)")
     add_model_flags(col)
     add_sampling_flags(col, max_new_tokens=16384)
+    add_ray_flags(col)
     col.set_defaults(func=cmd_collect)
 
     lab = sub.add_parser("label", help="label the thinking tokens of collected traces by answer attention")
@@ -359,6 +420,7 @@ def build_parser() -> argparse.ArgumentParser:
     lab.add_argument("--device", default=None)
     lab.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"], help="default fp32")
     lab.add_argument("--shard-size", type=int, default=64, help="traces per safetensors shard (default 64)")
+    add_ray_flags(lab)
     lab.set_defaults(func=cmd_label)
 
     tr = sub.add_parser("train", help="fit an importance head on labelled traces (the LLM stays frozen)")
@@ -385,14 +447,15 @@ def build_parser() -> argparse.ArgumentParser:
     fid.add_argument("--traces", default=None, help="trace directory from dynts collect")
     fid.add_argument("--dataset", default=None, help="or: generate reference traces (greedy, full cache) from this")
     fid.add_argument("--data-dir", default=None, help="dataset directory (default: $DYNTS_DATA_DIR)")
-    fid.add_argument("--limit", type=int, default=None, help="number of traces (default: all; 20 for --dataset)")
+    fid.add_argument("--limit", type=int, default=None, help="number of traces (default: all; 20 for --dataset); "
+                     "with --traces, the first N with --min-tokens tokens whose prompts fit every budget")
+    fid.add_argument("--min-tokens", type=int, default=1, help="with --traces: skip traces shorter than this")
     fid.add_argument("--max-new-tokens", type=int, default=1024, help="reference trace length for --dataset")
     fid.add_argument("--policies", default="full,window,streaming,sepllm,h2o,snapkv,rkv,dynts")
     fid.add_argument("--budgets", default="128,256,512", help="comma-separated budgets (default 128,256,512)")
     fid.add_argument("--window", type=int, default=32, help="W for every budget (default 32)")
     fid.add_argument("--ratio", type=float, default=0.5, help="r for every budget (default 0.5)")
     fid.add_argument("--head", default=None, help="importance head for dynts (default: the shipped one)")
-    fid.add_argument("--batch-size", type=int, default=4, help="traces replayed together (default 4)")
     fid.add_argument("--out", required=True, help="writes fidelity.json, fidelity.md, fidelity_kl.png/pdf/csv")
     add_model_flags(fid)
     fid.set_defaults(func=cmd_fidelity)
@@ -407,6 +470,8 @@ def build_parser() -> argparse.ArgumentParser:
     from .cli_sweep import register as register_sweep
 
     register_sweep(sub)
+    from .cli_bench import register as register_bench
+    register_bench(sub)
     return parser
 
 

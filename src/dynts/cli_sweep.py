@@ -41,7 +41,7 @@ def sweep_defaults(model: str, head: str | None) -> dict:
 
 def register(subparsers) -> None:
     """Add `sweep` and `plot` to the dynts subcommands."""
-    from .cli import add_model_flags, add_sampling_flags
+    from .cli import add_model_flags, add_ray_flags, add_sampling_flags
     from .policies import POLICIES
     from .plots import KINDS
 
@@ -81,6 +81,7 @@ def register(subparsers) -> None:
     for action in sw._actions:
         if action.dest == "max_new_tokens":
             action.help = "default: 128 for the embedded model's demo grid, else 16384"
+    add_ray_flags(sw)
     sw.set_defaults(func=cmd_sweep)
 
     pl = subparsers.add_parser("plot", help="draw the paper's figures (PNG + PDF + sidecar CSV) from sweep directories")
@@ -113,15 +114,23 @@ def spec_from_args(args):
                      datasets=datasets, samples=given("samples"), limit=limit, data_dir=args.data_dir,
                      sampling=sampling, batch_size=args.batch_size, device=args.device, dtype=args.dtype,
                      head=args.head, trace_steps=args.trace_steps, probe_tokens=args.probe_tokens,
-                     probe_batch=args.probe_batch, skip_invalid=args.skip_invalid)
+                     probe_batch=args.probe_batch, skip_invalid=args.skip_invalid, fast=args.fast)
 
 
 def cmd_sweep(args) -> int:
+    from .distributed import ray_config_from_args
     from .sweep import run_sweep
 
     spec = spec_from_args(args)
     spec.cells()  # grid mistakes before anything else
-    result = run_sweep(spec, args.out, progress=not args.quiet)
+    config = ray_config_from_args(args)
+    make_executor = None
+    if config is not None:  # the units of every cell share one pool of workers
+        def make_executor():
+            from .distributed import ModelArgs, RayExecutor
+
+            return RayExecutor(config, ModelArgs(spec.model, spec.device, spec.dtype))
+    result = run_sweep(spec, args.out, progress=not args.quiet, make_executor=make_executor)
     print(f"sweep {result.out}: {len(result.cells)} cells ({len(result.ran)} run, {len(result.skipped_done)} "
           f"already finished)")
     for line in result.skipped_invalid:

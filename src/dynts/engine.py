@@ -365,8 +365,10 @@ class Engine:
 def generate(model: str | LoadedModel, prompts: Sequence[str | Sequence[int]], policy: str = "full",
              budget: int | None = None, window: int = 0, ratio: float = 1.0, sampling: SamplingConfig | None = None,
              batch_size: int = 8, head=None, device: str | None = None, dtype: str | None = None,
-             seeds: Sequence[int] | None = None, chat: bool = True) -> GenerationOutput:
-    """One call from a model name (or a loaded model) and prompts to texts, token ids and statistics."""
+             seeds: Sequence[int] | None = None, chat: bool = True, fast: bool | None = None) -> GenerationOutput:
+    """One call from a model name (or a loaded model) and prompts to texts, token ids and statistics.
+    fast: the static fast decode path (fast_engine.py); None = on with CUDA."""
+    from .fast_engine import make_engine
     from .models import load_model
 
     loaded = model if isinstance(model, LoadedModel) else load_model(model, device=device, dtype=dtype)
@@ -374,6 +376,6 @@ def generate(model: str | LoadedModel, prompts: Sequence[str | Sequence[int]], p
     budget_config = BudgetConfig(budget, window, ratio, allow_zero_window=cls.allows_zero_window) \
         if cls.compresses else BudgetConfig(None)
     is_path = isinstance(head, (str, os.PathLike))  # a checkpoint path, else a loaded ImportanceHead (or None)
-    engine = Engine(loaded, policy, budget_config, sampling, batch_size, head=None if is_path else head,
-                    head_path=head if is_path else None)
+    engine = make_engine(loaded, policy, budget_config, sampling, batch_size, head=None if is_path else head,
+                         head_path=head if is_path else None, fast=fast)
     return engine.generate(prompts, seeds=seeds, chat=chat)

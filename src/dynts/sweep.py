@@ -16,11 +16,13 @@ Why it works this way:
   ones stored in sweep.json) is found before the first cell runs and before anything is written.
 * Resuming: a cell whose metrics.json covers every requested dataset completely (every problem, with the
   requested number of samples) and that holds its step trace (when asked for) is skipped without loading
-  the model; a half-finished cell is resumed by run_eval, which skips the samples it already stored.
+  the model; a half-finished cell is resumed by run_evals, which skips the samples it already stored.
+* The samples of every unfinished cell go through one executor together (one pool of workers with --ray, see
+  distributed.py), then the probes; each cell's metrics.json and the summary are written as it completes.
 * Rerunning with a different grid into the same SWEEP extends it (sweep.json keeps the union); the flags
   that change per-sample results (model, dtype, sampling, samples, limit, data, head, probe length) must
   match, so every cell of one sweep is comparable.
-* Step traces come from a fixed *probe*: after a cell's evaluation, the same engine settings decode the
+* Step traces come from a fixed *probe*: after the cells' evaluations, each cell's engine settings decode the
   first problem of the first dataset for a fixed number of tokens, ignoring EOS. The TPS-vs-step and
   KV-vs-step curves then compare policies on one identical workload (same prompt, same length, same batch
   composition at every step), which the evaluation itself cannot give: there, sequences stop at different
@@ -41,6 +43,7 @@ from typing import Callable
 
 from .config import BudgetConfig, SamplingConfig
 from .errors import DynTSError
+from .executor import needs_head
 from .store import read_manifest, write_json_atomic, write_text_atomic
 
 SWEEP_FILE = "sweep.json"
@@ -183,6 +186,7 @@ class SweepSpec:
     probe_tokens: int | None = None  # None: min(max_new_tokens, 2 x the largest budget)
     probe_batch: int | None = None  # None: 1
     skip_invalid: bool = False
+    fast: bool | None = None  # the static fast decode path; None: on with CUDA
     shuffle_seed: int | None = None
     skipped: list[str] = field(default_factory=list)  # invalid cells dropped by skip_invalid
 
@@ -387,26 +391,29 @@ class SweepResult:
 
 
 def run_sweep(spec: SweepSpec, out_dir: str | Path, loaded=None, load: Callable | None = None,
-              progress: bool = True) -> SweepResult:
+              progress: bool = True, make_executor: Callable | None = None) -> SweepResult:
     """Run (or resume, or extend) a sweep into out_dir.
 
-    loaded: an already loaded model (tests, notebooks); otherwise `load()` (default: dynts.models.load_model
-    with the spec's model/device/dtype) is called only when some cell still has work to do.
+    Where the cells run: make_executor() (e.g. a dynts.distributed.RayExecutor, whose workers share the units of
+    every cell; closed at the end), else this process on `loaded` (tests, notebooks), else on `load()` (default:
+    dynts.models.load_model with the spec's model/device/dtype). Each is called only when some cell still has
+    work to do.
     """
     from tqdm import tqdm
 
-    from .evaluate import EvalPlan, run_eval
+    from .evaluate import EvalJob, EvalPlan, run_evals
+    from .executor import LocalExecutor, Task
 
     out = Path(out_dir)
     cells = spec.cells()  # grid mistakes: before anything else
     stored = read_sweep_file(out)
     shared = spec.shared(cells, stored["shared"] if stored else None)
     _check_sweep_file(out, stored, shared)
-    if any(_needs_head(c.policy) for c in cells) and spec.head is None:
+    if any(needs_head(c.policy) for c in cells) and spec.head is None:
         from .head import shipped_head_path
 
         if shipped_head_path(spec.model) is None:
-            raise DynTSError(f"policy {', '.join(sorted({c.policy for c in cells if _needs_head(c.policy)}))} needs "
+            raise DynTSError(f"policy {', '.join(sorted({c.policy for c in cells if needs_head(c.policy)}))} needs "
                              f"an importance head and none ships for model {spec.model!r}: pass --head PATH or "
                              "leave the dynts policies out of --policies")
     if spec.head is not None and not Path(spec.head).exists():
@@ -427,38 +434,44 @@ def run_sweep(spec: SweepSpec, out_dir: str | Path, loaded=None, load: Callable 
         shared["probe_prompt"] = {"dataset": probe_problem.dataset, "id": probe_problem.id}
     done = [c for c in cells if cell_is_complete(cell_dir(out, c), expected, spec.samples, spec.trace_steps)]
     todo = [c for c in cells if c not in done]
-    head = None
-    prompt_ids: dict = {}
-    if todo:
-        if loaded is None:
-            loaded = (load or _default_loader(spec))()
-        head, prompt_ids, unfit = _validate_against_model(spec, todo, loaded, [*problems, probe_problem])
-        todo = [c for c in todo if c not in unfit]
-        cells = [c for c in cells if c in done or c in todo]
-    out.mkdir(parents=True, exist_ok=True)
-    _write_sweep_file(out, stored, spec, shared, cells)
-
-    ran: list[str] = []
-    bar = tqdm(total=len(cells), initial=len(done), unit="cell", desc="sweep", disable=not progress or None,
-               dynamic_ncols=True)
+    executor, owned = None, False
     try:
-        for cell in todo:
-            bar.set_postfix_str(cell.name)
-            directory = cell_dir(out, cell)
-            engine = _make_engine(spec, cell, loaded, head, spec.sampling, spec.batch_size)
-            if not cell_is_complete(directory, expected, spec.samples, need_steps=False):
-                run_eval(engine, plan, directory, progress=progress, extra_manifest={"sweep_cell": cell.name})
-            if spec.trace_steps and not (directory / STEPS_FILE).is_file():
-                record_probe(spec, cell, loaded, head, prompt_ids[probe_problem.dataset, probe_problem.id], directory,
-                             probe_tokens=shared["probe_tokens"], probe_batch=shared["probe_batch"],
-                             prompt_ref=shared["probe_prompt"])
-            ran.append(cell.name)
-            write_summary(out)
-            bar.update(1)
+        prompt_ids: dict = {}
+        if todo:
+            if make_executor is not None:
+                executor, owned = make_executor(), True
+            else:
+                executor = LocalExecutor(loaded if loaded is not None else (load or _default_loader(spec))())
+            prompt_ids, unfit = _validate_against_model(spec, todo, executor, [*problems, probe_problem])
+            todo = [c for c in todo if c not in unfit]
+            cells = [c for c in cells if c in done or c in todo]
+        out.mkdir(parents=True, exist_ok=True)
+        _write_sweep_file(out, stored, spec, shared, cells)
+
+        # Every unfinished cell's samples go through the executor together, then the probes.
+        jobs = [EvalJob(_engine_spec(spec, cell, spec.sampling, spec.batch_size), plan, cell_dir(out, cell),
+                        {"sweep_cell": cell.name})
+                for cell in todo if not cell_is_complete(cell_dir(out, cell), expected, spec.samples, need_steps=False)]
+        if jobs:
+            run_evals(jobs, executor, progress=progress, on_done=lambda j, metrics: write_summary(out))
+        probes = [cell for cell in todo if spec.trace_steps and not (cell_dir(out, cell) / STEPS_FILE).is_file()]
+        if probes:
+            prompt = prompt_ids[probe_problem.dataset, probe_problem.id]
+            sampling = replace(spec.sampling, max_new_tokens=shared["probe_tokens"], ignore_eos=True)
+            batch = shared["probe_batch"]
+            tasks = [Task(probe_unit, (_engine_spec(spec, cell, sampling, batch, trace_steps=True), prompt), tag=cell)
+                     for cell in probes]
+            bar = tqdm(total=len(tasks), unit="cell", desc="probe", disable=not progress or None, dynamic_ncols=True)
+            for task, result in executor.run(tasks):
+                write_probe(task.tag, result, cell_dir(out, task.tag), prompt_ref=shared["probe_prompt"])
+                write_summary(out)
+                bar.update(1)
+            bar.close()
     finally:
-        bar.close()
+        if owned:
+            executor.close()
     summary = write_summary(out)
-    return SweepResult(out, cells, ran, [c.name for c in done], list(spec.skipped), summary)
+    return SweepResult(out, cells, [c.name for c in todo], [c.name for c in done], list(spec.skipped), summary)
 
 
 def _probe_problem(spec: SweepSpec, stored: dict | None, problems):
@@ -477,13 +490,6 @@ def _probe_problem(spec: SweepSpec, stored: dict | None, problems):
     raise DynTSError(f"the sweep's probe problem {ref.get('dataset')}/{ref.get('id')} is no longer in its dataset")
 
 
-def _needs_head(policy: str) -> bool:
-    from .policies import POLICIES
-    from .policies.dynts import DynTSPolicy
-
-    return policy in POLICIES and issubclass(POLICIES[policy][0], DynTSPolicy)
-
-
 def _default_loader(spec: SweepSpec) -> Callable:
     def load():
         from .models import load_model
@@ -492,58 +498,72 @@ def _default_loader(spec: SweepSpec) -> Callable:
     return load
 
 
-def _validate_against_model(spec: SweepSpec, cells: list[Cell], loaded, problems) -> tuple:
-    """Checks that need the tokenizer or the head: every prompt must fit every remaining cell."""
+def check_cells(host, spec: SweepSpec, cells: list[Cell], problems) -> tuple[dict, list[str], list[Cell], int]:
+    """Task: checks that need the tokenizer or the head: every prompt must fit every remaining cell.
+
+    Returns the encoded prompts, the invalid cells' messages, the cells those are, and the longest prompt."""
     from .engine import Engine
     from .policies import make_policy
     from .prompts import question_text
 
-    head = None
-    if any(_needs_head(c.policy) for c in cells):
-        from .head import resolve_head
-
-        head = resolve_head(spec.head, loaded)
-    encoder = Engine(loaded, "full", None, spec.sampling, 1)
+    head = host.head(spec.head) if any(needs_head(c.policy) for c in cells) else None
+    encoder = Engine(host.loaded, "full", None, spec.sampling, 1)
     prompt_ids = {(p.dataset, p.id): encoder.encode(question_text(p, spec.shuffle_seed)) for p in problems}
-    lengths = sorted({len(ids) for ids in prompt_ids.values()})
-    invalid, unfit = [], set()
+    longest = max(len(ids) for ids in prompt_ids.values())
+    invalid, unfit = [], []
     for cell in cells:
         if not cell.compresses:
             continue
         budget = cell.budget_config()
         policy = make_policy(cell.policy, budget, head=head, head_path=spec.head, seed=spec.sampling.seed)
         try:  # the longest prompt is the binding one for both constraints (prompt + W < B, prompt <= r(B-W))
-            budget.check_prompt(lengths[-1], policy.protects_prompt)
+            budget.check_prompt(longest, policy.protects_prompt)
         except DynTSError as exc:
             invalid.append(f"{cell.name}: {exc}")
-            unfit.add(cell)
-    spec._report_invalid(invalid, f"for the prompts of {', '.join(spec.datasets)} (longest: {lengths[-1]} tokens)")
-    return head, prompt_ids, unfit
+            unfit.append(cell)
+    return prompt_ids, invalid, unfit, longest
 
 
-def _make_engine(spec: SweepSpec, cell: Cell, loaded, head, sampling: SamplingConfig, batch_size: int,
-                 trace_steps: bool = False):
-    from .engine import Engine
+def _validate_against_model(spec: SweepSpec, cells: list[Cell], model, problems) -> tuple[dict, set]:
+    """check_cells on a loaded model or through an executor; invalid cells fail (or are skipped, with
+    --skip-invalid). Returns the encoded prompts and the cells left out."""
+    from .executor import LocalExecutor
 
-    return Engine(loaded, cell.policy, cell.budget_config(), sampling, batch_size, head=head, head_path=spec.head,
-                  trace_steps=trace_steps)
+    executor = model if hasattr(model, "run") else LocalExecutor(model)
+    prompt_ids, invalid, unfit, longest = executor.call(check_cells, spec, cells, problems)
+    spec._report_invalid(invalid, f"for the prompts of {', '.join(spec.datasets)} (longest: {longest} tokens)")
+    return prompt_ids, set(unfit)
 
 
-def record_probe(spec: SweepSpec, cell: Cell, loaded, head, prompt: list[int], directory: Path,
-                 probe_tokens: int, probe_batch: int = 1, prompt_ref: dict | None = None) -> Path:
-    """Decode the probe prompt for probe_tokens tokens (EOS ignored) and write steps.jsonl + probe.json."""
-    sampling = replace(spec.sampling, max_new_tokens=probe_tokens, ignore_eos=True)
-    batch = probe_batch
-    engine = _make_engine(spec, cell, loaded, head, sampling, batch, trace_steps=True)
-    output = engine.generate([prompt] * batch, seeds=[sampling.seed + i for i in range(batch)])
-    directory.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(directory / STEPS_FILE, steps_jsonl(output.stats.steps))
+def _engine_spec(spec: SweepSpec, cell: Cell, sampling: SamplingConfig, batch_size: int, trace_steps: bool = False):
+    from .executor import EngineSpec
+
+    return EngineSpec(cell.policy, cell.budget_config(), sampling, batch_size, head_path=spec.head,
+                      trace_steps=trace_steps, fast=spec.fast)
+
+
+def probe_unit(host, engine_spec, prompt: list[int]) -> dict:
+    """Task: decode the probe prompt batch_size times for max_new_tokens tokens (EOS ignored), tracing steps."""
+    engine = host.engine(engine_spec)
+    batch, sampling = engine_spec.batch_size, engine_spec.sampling
+    try:
+        output = engine.generate([prompt] * batch, seeds=[sampling.seed + i for i in range(batch)])
+    finally:
+        engine.last_cache = None
     stats = output.stats.to_dict()
-    stats.pop("steps", None)
+    steps = stats.pop("steps", [])
+    return {"steps": steps, "stats": stats, "device": str(engine.device), "prompt_tokens": len(prompt),
+            "sampling": sampling.to_dict(), "batch": batch}
+
+
+def write_probe(cell: Cell, result: dict, directory: Path, prompt_ref: dict | None = None) -> Path:
+    """Write a probe's steps.jsonl and probe.json into the cell directory."""
+    directory.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(directory / STEPS_FILE, steps_jsonl(result["steps"]))
     probe = {"cell": cell.name, "policy": cell.policy, "budget": cell.budget, "window": cell.window,
-             "ratio": cell.ratio, "prompt": prompt_ref, "prompt_tokens": len(prompt), "tokens": probe_tokens,
-             "batch": batch, "sampling": sampling.to_dict(), "device": str(engine.device),
-             "stats": stats}
+             "ratio": cell.ratio, "prompt": prompt_ref, "prompt_tokens": result["prompt_tokens"],
+             "tokens": result["sampling"]["max_new_tokens"], "batch": result["batch"], "sampling": result["sampling"],
+             "device": result["device"], "stats": result["stats"]}
     write_json_atomic(directory / PROBE_FILE, probe)
     return directory / STEPS_FILE
 
@@ -671,5 +691,5 @@ def read_csv(path: str | Path) -> list[dict]:
 
 
 __all__ = ["Cell", "CellResult", "SweepSpec", "SweepResult", "cell_is_complete", "load_cells", "parse_float_list",
-           "parse_int_list", "parse_names", "read_csv", "read_steps", "record_probe", "run_sweep", "summary_rows",
-           "write_summary"]
+           "parse_int_list", "parse_names", "probe_unit", "read_csv", "read_steps", "run_sweep", "summary_rows",
+           "write_probe", "write_summary"]
