@@ -8,6 +8,8 @@ the keys ("slot buffers") and move with them when a row is compacted.
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
@@ -20,7 +22,7 @@ class BudgetedLayer(CacheLayerMixin):
 
     def __init__(self, owner: "BudgetedCache", layer_idx: int):
         super().__init__()
-        self.owner = owner
+        self.owner = weakref.proxy(owner)  # no reference cycle: a dropped cache frees its memory at once, not at gc
         self.layer_idx = layer_idx
         self.slot: dict[str, torch.Tensor] = {}  # [batch, kv_heads, capacity] each
         self.rows: dict[str, torch.Tensor] = {}  # [batch, ...] each
