@@ -325,8 +325,7 @@ def cmd_fidelity(args) -> int:
     else:
         traces = fidelity.traces_from_dataset(loaded, args.dataset, args.limit or 20, args.max_new_tokens,
                                               data_dir=args.data_dir)
-        for engine in engines.values():
-            engine.check_prompts([t.prompt_ids for t in traces])
+        fidelity.check_traces(engines, traces)
     records = fidelity.measure_engines(loaded, traces, engines)
     manifest = {"model": loaded.name, "policies": policies, "budgets": budgets, "window": args.window,
                 "ratio": args.ratio, "traces": args.traces or args.dataset, "n_traces": len(traces),

@@ -201,14 +201,7 @@ class Engine:
         eos = set() if sampling.ignore_eos else set(self.loaded.eos_token_ids)
         sync = self._synchronize
 
-        last_logits = []
-        for row, prompt in enumerate(prompts):
-            t0 = time.perf_counter()
-            hidden = self.feed(cache, row, prompt, is_prompt=True)
-            last_logits.append(self.lm_head(hidden[:, -1]))
-            sync()
-            stats[row].prefill_time_s = time.perf_counter() - t0
-            stats[row].peak_kv_tokens = len(prompt)
+        last_logits = self._prefill(cache, prompts, stats)
         run.prefill_time_s += sum(s.prefill_time_s for s in stats)
         bytes_per_token = cache.bytes_per_token()
 
@@ -221,7 +214,7 @@ class Engine:
 
         if forced is not None:
             eos = set()
-        pending = choose(torch.cat(last_logits), list(range(n)))
+        pending = choose(last_logits, list(range(n)))
 
         active = list(range(n))  # sequence index held by each cache row
         step = 0
@@ -314,6 +307,18 @@ class Engine:
             results.append(GenerationResult(text=text, token_ids=generated[seq], prompt_tokens=len(prompt), stats=s))
         run.peak_kv_bytes = max(run.peak_kv_bytes, run.peak_kv_tokens * bytes_per_token)
         return results
+
+    def _prefill(self, cache: BudgetedCache, prompts: list[list[int]], stats: list[SequenceStats]) -> torch.Tensor:
+        """Feed each prompt into its own row (unpadded); returns the last position's logits [n, V]."""
+        last_logits = []
+        for row, prompt in enumerate(prompts):
+            start = time.perf_counter()
+            hidden = self.feed(cache, row, prompt, is_prompt=True)
+            last_logits.append(self.lm_head(hidden[:, -1]))
+            self._synchronize()
+            stats[row].prefill_time_s = time.perf_counter() - start
+            stats[row].peak_kv_tokens = len(prompt)
+        return torch.cat(last_logits)
 
     def new_cache(self, rows: int, capacity: int, cache_class=BudgetedCache) -> BudgetedCache:
         """A fresh cache with the buffers the engine and the policy keep beside the keys."""

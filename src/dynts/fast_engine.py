@@ -170,18 +170,6 @@ class FastEngine(Engine):
             return self._fast_batch(prompts, seeds, run)
 
     # --- prefill ------------------------------------------------------------------------------------
-    def _prefill(self, cache: StaticBudgetedCache, prompts: list[list[int]], stats: list[SequenceStats]):
-        """Feed each prompt into its own row (Engine.feed); returns the last position's logits [n, V]."""
-        last_logits = []
-        for row, prompt in enumerate(prompts):
-            start = time.perf_counter()
-            hidden = self.feed(cache, row, prompt, is_prompt=True)
-            last_logits.append(self.lm_head(hidden[:, -1]))
-            self._synchronize()
-            stats[row].prefill_time_s = time.perf_counter() - start
-            stats[row].peak_kv_tokens = len(prompt)
-        return torch.cat(last_logits)
-
     # --- the decode loop ----------------------------------------------------------------------------
     @torch.no_grad()
     def _fast_batch(self, prompts: list[list[int]], seeds: list[int], run: RunStats) -> list[GenerationResult]:

@@ -132,13 +132,18 @@ def fitting(engines: dict[tuple, Engine], traces: list[Trace]) -> list[Trace]:
     return [t for t in traces if fits(t)]
 
 
+def check_traces(engines: dict[tuple, Engine], traces: list[Trace]) -> None:
+    """Raise before any work when a trace's prompt does not fit some engine's budget."""
+    for engine in engines.values():
+        engine.check_prompts([t.prompt_ids for t in traces])
+
+
 def measure(loaded: LoadedModel, traces: list[Trace], policies: list[str], budgets: list[int], window: int,
             ratio: float, head_path: str | None = None, progress: bool = True, head=None,
             max_chunk: int = 512, share_prefix: bool = True) -> list[dict]:
     """One FidelityRecord (as a dict) per policy and budget (`full` once); every prompt must fit every budget."""
     engines = build_engines(loaded, policies, budgets, window, ratio, head=head, head_path=head_path)
-    for engine in engines.values():  # validate every prompt before the long work starts
-        engine.check_prompts([t.prompt_ids for t in traces])
+    check_traces(engines, traces)
     return measure_engines(loaded, traces, engines, progress=progress, max_chunk=max_chunk, share_prefix=share_prefix)
 
 
