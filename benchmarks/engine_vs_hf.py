@@ -16,10 +16,10 @@ import time
 import torch
 
 from dynts.config import BudgetConfig, SamplingConfig
-from dynts.datasets import load_dataset
-from dynts.engine import Engine
-from dynts.head import random_head, shipped_head_path
-from dynts.models import load_model
+from dynts.harness.datasets import load_dataset
+from dynts.engine.engine import Engine
+from dynts.models.importance_head import random_head, shipped_head_path
+from dynts.models.loading import load_model
 
 
 def hf_tps(loaded, prompts: list[list[int]], new_tokens: int) -> float:

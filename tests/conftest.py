@@ -17,7 +17,7 @@ torch.set_num_threads(TEST_THREADS)
 @pytest.fixture(scope="session")
 def smollm():
     """The embedded SmolLM2-135M-Instruct (fp32 on CPU), loaded once for the whole session."""
-    from dynts.models import load_model
+    from dynts.models.loading import load_model
 
     return load_model("smollm2-135m", device="cpu", dtype="fp32")
 
@@ -27,8 +27,8 @@ def tiny_model(kind: str = "llama", vocab_size: int = 128, seed: int = 0, name: 
     from transformers import (LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config,
                               Qwen3ForCausalLM)
 
-    from dynts.models import prepare_model
-    from dynts.shapes import NullTokenizer
+    from dynts.models.loading import prepare_model
+    from dynts.models.shapes import NullTokenizer
 
     classes = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM),
                "qwen3": (Qwen3Config, Qwen3ForCausalLM)}

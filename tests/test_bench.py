@@ -11,9 +11,9 @@ import sys
 import pytest
 import torch
 
-from dynts.cli import main
+from dynts.cli.main import main
 from dynts.config import BudgetConfig
-from dynts.roofline import cached_tokens_per_step, kv_bytes_per_token, parameter_bytes, roofline
+from dynts.experiments.roofline import cached_tokens_per_step, kv_bytes_per_token, parameter_bytes, roofline
 
 TINY_ARGS = ["--batch", "2", "--budget", "24", "--window", "4", "--ratio", "0.5", "--prompt-len", "6",
              "--new-tokens", "30", "--policy", "dynts", "--head-layers", "16,8", "--bandwidth", "5", "--device", "cpu"]
@@ -35,7 +35,7 @@ def test_roofline_reproduces_the_issue(shape, issue_bound):
     """Batch 20, every row at B=5000 tokens, 3.0 TB/s, bf16: the issue's 2870 / 2060 TPS."""
     from transformers import AutoModelForCausalLM
 
-    from dynts.shapes import shape_config
+    from dynts.models.shapes import shape_config
 
     config = shape_config(shape)
     with torch.device("meta"):
@@ -56,7 +56,7 @@ def test_length_schedule():
 
 def test_bench_command_prints_every_figure(tiny_shape):
     env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS=os.environ.get("DYNTS_TEST_THREADS", "1"))
-    proc = subprocess.run([sys.executable, "-m", "dynts.cli", "bench", "--shape", tiny_shape, *TINY_ARGS,
+    proc = subprocess.run([sys.executable, "-m", "dynts", "bench", "--shape", tiny_shape, *TINY_ARGS,
                            "--compare-eager"], capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout

@@ -15,7 +15,7 @@ PROMPTS = ["Count from one to one hundred: one, two, three,", "The following is 
 def run_cli(*args, timeout=300):
     env = dict(os.environ, PYTHONWARNINGS="ignore")
     env.setdefault("OMP_NUM_THREADS", os.environ.get("DYNTS_TEST_THREADS", "1"))  # see conftest.py
-    return subprocess.run([sys.executable, "-m", "dynts.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "dynts", *args], capture_output=True, text=True,
                           timeout=timeout, env=env)
 
 
@@ -48,7 +48,7 @@ def test_generate_json(prompts_file, smollm):
         assert stats["tps"] > 0 and stats["tps_forward"] >= stats["tps"]
     # the CLI decodes exactly like the Python API
     from dynts.config import BudgetConfig, SamplingConfig
-    from dynts.engine import Engine
+    from dynts.engine.engine import Engine
 
     engine = Engine(smollm, "h2o", BudgetConfig(24, 4, 0.5), SamplingConfig(greedy=True, max_new_tokens=24), 2)
     expected = engine.generate(PROMPTS, chat=False).results
@@ -90,7 +90,7 @@ def test_bad_input_in_a_subprocess(prompts_file):
 @pytest.mark.parametrize("case", list(BAD))
 def test_bad_input_is_one_line_and_exit_2(case, prompts_file, capsys):
     """The same checks in-process (a subprocess per case costs seconds of interpreter start-up)."""
-    from dynts.cli import main
+    from dynts.cli.main import main
 
     try:
         code = main(bad_argv(case, prompts_file))

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from dynts.datasets import DATA_DIR_ENV, DATASET_NAMES, Problem, gsm8k_gold, load_dataset
+from dynts.harness.datasets import DATA_DIR_ENV, DATASET_NAMES, Problem, gsm8k_gold, load_dataset
 from dynts.errors import DynTSError
-from dynts.prompts import build_messages, choice_gold_letter, gold_for_grading, render_prompt
+from dynts.harness.prompts import build_messages, choice_gold_letter, gold_for_grading, render_prompt
 
 # The repository is cloned beside shared/: <parent>/main/tests -> <parent>/shared/data
 DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"

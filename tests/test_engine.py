@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from dynts.config import BudgetConfig, SamplingConfig
-from dynts.engine import Engine
+from dynts.engine.engine import Engine
 from dynts.errors import DynTSError
-from dynts.head import random_head
-from dynts.models import load_model
+from dynts.models.importance_head import random_head
+from dynts.models.loading import load_model
 from dynts.policies import POLICIES, make_policy
 
 BUDGET, WINDOW, RATIO = 30, 4, 0.5  # a compression keeps 4 + 13 = 17 tokens, the next comes 13 tokens later
@@ -359,7 +359,7 @@ def test_dropped_cache_is_freed_without_garbage_collection():
     import gc
     import weakref
 
-    from dynts.cache import BudgetedCache
+    from dynts.kv.cache import BudgetedCache
 
     gc.disable()
     try:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-EVAL = [sys.executable, "-m", "dynts.cli", "eval", "--model", "smollm2-135m", "--policy", "streaming",
+EVAL = [sys.executable, "-m", "dynts", "eval", "--model", "smollm2-135m", "--policy", "streaming",
         "--budget", "96", "--window", "16", "--ratio", "0.5"]
 
 
@@ -81,5 +81,5 @@ def test_eval_aime24_metrics_match_samples(tmp_path):
     manifest = json.loads((out / "run.json").read_text())
     assert manifest["policy"]["budget"] == 224 and manifest["model"] == "smollm2-135m"
     assert (out / "report.md").read_text().count("aime24") >= 1
-    again = run([sys.executable, "-m", "dynts.cli", "report", str(out)])
+    again = run([sys.executable, "-m", "dynts", "report", str(out)])
     assert again.returncode == 0 and "aime24" in again.stdout

@@ -14,18 +14,19 @@ import pytest
 import torch
 
 from dynts.config import BudgetConfig, SamplingConfig
-from dynts.decode_attention import static_attention
-from dynts.engine import Engine
+from dynts.fast.attention import static_attention
+from dynts.engine.engine import Engine
 from dynts.errors import DynTSError
-from dynts.fast_engine import FastConfig, FastEngine, make_engine
-from dynts.head import random_head
-from dynts.host_sync import HostSyncError, HostSyncGuard
+from dynts.api import make_engine
+from dynts.fast.fast_engine import FastConfig, FastEngine
+from dynts.models.importance_head import random_head
+from dynts.fast.host_sync import HostSyncError, HostSyncGuard
 from dynts.policies import POLICIES
 from dynts.policies.window import WindowPolicy
-from dynts.sampling import filter_logits
-from dynts.static_cache import StaticBudgetedCache
-from dynts.static_sampling import choose_tokens, seed_words
-from dynts.static_step import DecodeState, StaticStep
+from dynts.engine.sampling import filter_logits
+from dynts.fast.static_cache import StaticBudgetedCache
+from dynts.fast.sampling import choose_tokens, seed_words
+from dynts.fast.step import DecodeState, StaticStep
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 PROMPTS = [[5, 17, 3, 99, 42, 8, 61], [7, 8, 9], [10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20]]
@@ -279,10 +280,10 @@ TRITON_SCRIPT = textwrap.dedent("""
     sys.path.insert(0, "tests")
     from conftest import tiny_model
     from dynts.config import BudgetConfig, SamplingConfig
-    from dynts.engine import Engine
-    from dynts.fast_engine import FastConfig, FastEngine
-    from dynts import triton_decode
-    from dynts.triton_decode import split_k_decode
+    from dynts.engine.engine import Engine
+    from dynts.fast.fast_engine import FastConfig, FastEngine
+    from dynts.fast import triton_decode
+    from dynts.fast.triton_decode import split_k_decode
 
     torch.manual_seed(0)
     b, heads, kv_heads, capacity, d = 3, 6, 2, 200, 16

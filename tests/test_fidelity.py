@@ -4,9 +4,9 @@ import json
 
 import pytest
 
-from dynts import fidelity
-from dynts.fidelity import Trace, measure
-from dynts.head import random_head
+from dynts.experiments import fidelity
+from dynts.experiments.fidelity import Trace, measure
+from dynts.models.importance_head import random_head
 from dynts.policies import POLICIES
 
 
@@ -52,7 +52,7 @@ def test_window_drifts_more_than_a_policy_keeping_the_copied_token(smollm, tmp_p
 def test_cli_skips_short_traces_and_unfit_prompts(tmp_path, capsys):
     """`dynts fidelity --traces`: traces under --min-tokens and prompts too long for a budget are skipped with a
     note; the rest are measured and written."""
-    from dynts.cli import main
+    from dynts.cli.main import main
 
     traces = tmp_path / "traces"
     assert main(["collect", "--dataset", "demo", "--limit", "3", "--greedy", "--max-new-tokens", "24",

@@ -6,7 +6,7 @@ import time
 import pytest
 
 from dynts.errors import DynTSError
-from dynts.grading import extract_answer, grade, grade_answer, last_boxed, math_equal
+from dynts.harness.grading import extract_answer, grade, grade_answer, last_boxed, math_equal
 
 # (response, gold, expected correctness)
 MATH_CASES = [

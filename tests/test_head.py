@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from dynts.errors import DynTSError
-from dynts.head import CONFIG_FILE, WEIGHTS_FILE, HeadConfig, ImportanceHead, random_head, resolve_head
+from dynts.models.importance_head import CONFIG_FILE, WEIGHTS_FILE, HeadConfig, ImportanceHead, random_head, resolve_head
 
 
 def saved_head(tmp_path, hidden=32, layers=(16, 8)):

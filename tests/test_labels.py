@@ -4,8 +4,8 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from dynts.labels import Spans, find_spans, label_trace, select_traces
-from dynts.models import prepare_model
+from dynts.predictor.labels import Spans, find_spans, label_trace, select_traces
+from dynts.models.loading import prepare_model
 
 
 class CharTokenizer:

@@ -6,7 +6,7 @@ import math
 import pytest
 
 from dynts.errors import DynTSError
-from dynts.metrics import avg_at_k, maj_at_k, majority_index, pass_at_k, summarize
+from dynts.harness.metrics import avg_at_k, maj_at_k, majority_index, pass_at_k, summarize
 
 
 def brute_force_pass_at_k(n, c, k):

@@ -10,12 +10,12 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from dynts.attention import StepContext, dynts_attention
-from dynts.cache import BudgetedCache
+from dynts.kv.attention import StepContext, dynts_attention
+from dynts.kv.cache import BudgetedCache
 from dynts.config import BudgetConfig, SamplingConfig
-from dynts.engine import Engine
+from dynts.engine.engine import Engine
 from dynts.errors import DynTSError
-from dynts.head import random_head
+from dynts.models.importance_head import random_head
 from dynts.policies import POLICIES, TokenBatch, make_policy
 from dynts.policies.rkv import redundancy
 from dynts.policies.sepllm import separator_ids

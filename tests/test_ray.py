@@ -17,12 +17,12 @@ from pathlib import Path
 
 import pytest
 
-from dynts.cli import main
+from dynts.cli.main import main
 from dynts.config import BudgetConfig, SamplingConfig
 from dynts.errors import DynTSError
-from dynts.evaluate import EvalPlan, run_eval
-from dynts.executor import EngineSpec
-from dynts.store import manifest_differences, read_manifest, read_records
+from dynts.harness.evaluate import EvalPlan, run_eval
+from dynts.runtime.executor import EngineSpec
+from dynts.harness.store import manifest_differences, read_manifest, read_records
 
 # Greedy, window policy under a budget the second demo prompt (58 tokens; the first three: 51, 58, 46) reaches.
 FLAGS = ["--model", "smollm2-135m", "--device", "cpu", "--dtype", "fp32", "--policy", "window", "--budget", "72",
@@ -59,7 +59,7 @@ def test_ray_flags_without_ray_are_one_clear_error(tmp_path, capsys):
 
 
 def test_ray_config_is_validated():
-    from dynts.distributed import RayConfig
+    from dynts.runtime.ray_executor import RayConfig
 
     assert RayConfig(workers=2).address == "local"
     for bad in ({"workers": 0}, {"workers": 1.5}, {"gpus_per_worker": -1}, {"address": " "}, {"cpus_per_worker": 0}):
@@ -86,7 +86,7 @@ def local_runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("local")
     script = (
         "import sys, json\n"
-        "from dynts.cli import main\n"
+        "from dynts.cli.main import main\n"
         f"assert main({eval_argv(root / 'partial', 1)!r}) == 0\n"
         f"assert main({eval_argv(root / 'full', 3)!r}) == 0\n"
         "print(json.dumps({'ray_imported': 'ray' in sys.modules}))\n"
@@ -117,7 +117,7 @@ def ray_instance():
 
 @pytest.fixture(scope="module")
 def pool(ray_instance):
-    from dynts.distributed import ModelArgs, RayConfig, RayExecutor
+    from dynts.runtime.ray_executor import ModelArgs, RayConfig, RayExecutor
 
     executor = RayExecutor(RayConfig(workers=2), ModelArgs("smollm2-135m", "cpu", "fp32"))
     yield executor
@@ -160,7 +160,7 @@ class Borrowed:
 
 
 def test_ray_sweep_matches_local(tmp_path, smollm, pool):
-    from dynts.sweep import SweepSpec, load_cells, read_steps, run_sweep
+    from dynts.experiments.sweep import SweepSpec, load_cells, read_steps, run_sweep
 
     spec = dict(model="smollm2-135m", policies=["full", "window"], budgets=[72], windows=[8], ratios=[0.5],
                 datasets=["demo"], samples=1, limit=1, sampling=SamplingConfig(greedy=True, max_new_tokens=16),
@@ -179,9 +179,9 @@ def test_ray_sweep_matches_local(tmp_path, smollm, pool):
 def test_ray_labels_match_local(tmp_path, smollm, local_runs, pool, monkeypatch):
     from safetensors import safe_open
 
-    from dynts.labels import label_store
+    from dynts.predictor.labels import label_store
 
-    monkeypatch.setattr("dynts.labels.LABEL_UNIT", 2)  # three units for two workers: they may finish out of order
+    monkeypatch.setattr("dynts.predictor.labels.LABEL_UNIT", 2)  # three units for two workers: they may finish out of order
 
     for name in ("local", "ray"):
         shutil.copytree(local_runs["full"], tmp_path / name)
@@ -225,7 +225,7 @@ def test_workers_that_keep_dying_end_the_run_with_one_error(pool, ray_instance):
 
     from ray import cloudpickle
 
-    from dynts.executor import Task
+    from dynts.runtime.executor import Task
 
     cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import this test module
     pool.config = replace(pool.config, max_retries=0)  # the first death is one too many

@@ -4,11 +4,11 @@ import pytest
 import torch
 
 from dynts.config import BudgetConfig, SamplingConfig
-from dynts.engine import Engine
+from dynts.engine.engine import Engine
 from dynts.errors import DynTSError
-from dynts.head import random_head
+from dynts.models.importance_head import random_head
 from dynts.policies import policy_class
-from dynts.replay import answer_flags, replay
+from dynts.engine.replay import answer_flags, replay
 
 
 def test_answer_flags_start_at_the_markers_last_token():

@@ -4,10 +4,10 @@ import json
 
 import pytest
 
-from dynts.datasets import Problem
+from dynts.harness.datasets import Problem
 from dynts.errors import DynTSError
-from dynts.report import format_table, regrade, write_report
-from dynts.store import ResultStore, build_record, read_records
+from dynts.harness.report import format_table, regrade, write_report
+from dynts.harness.store import ResultStore, build_record, read_records
 
 MANIFEST = {
     "model": "tiny-model",

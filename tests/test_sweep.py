@@ -16,7 +16,7 @@ import torch
 
 from dynts.config import SamplingConfig
 from dynts.errors import DynTSError
-from dynts.sweep import (SUMMARY_COLUMNS, SweepSpec, load_cells, parse_float_list, parse_int_list, read_csv,
+from dynts.experiments.sweep import (SUMMARY_COLUMNS, SweepSpec, load_cells, parse_float_list, parse_int_list, read_csv,
                          read_steps, run_sweep)
 
 @pytest.fixture(scope="module", autouse=True)
@@ -119,8 +119,8 @@ def test_cli_bad_flags_fail_before_writing(tmp_path):
 
 @pytest.mark.slow
 def test_default_grid_is_small_and_valid(tmp_path, smollm):
-    from dynts.cli_sweep import spec_from_args
-    from dynts.sweep import _validate_against_model
+    from dynts.cli.sweep import spec_from_args
+    from dynts.experiments.sweep import _validate_against_model
 
     args = build_parser().parse_args(["sweep", "--model", "smollm2-135m", "--out", str(tmp_path / "S")])
     spec = spec_from_args(args)
@@ -128,7 +128,7 @@ def test_default_grid_is_small_and_valid(tmp_path, smollm):
     assert {"full", "window", "rkv"} <= set(spec.policies)
     cells = spec.cells()
     assert len(cells) <= 10
-    problems = __import__("dynts.datasets", fromlist=["load_dataset"]).load_dataset("demo", limit=spec.limit)
+    problems = __import__("dynts.harness.datasets", fromlist=["load_dataset"]).load_dataset("demo", limit=spec.limit)
     _validate_against_model(spec, cells, smollm, problems)  # every prompt fits every cell (dynts: the head loads)
 
 
@@ -220,7 +220,7 @@ def test_interrupted_sweep_resumes_without_redoing_work(tmp_path, smollm):
 @pytest.mark.slow
 def test_plot_writes_every_kind_with_matching_csv(stored_sweep, tmp_path):
     pytest.importorskip("matplotlib")
-    from dynts.plots import plot_sweeps
+    from dynts.experiments.plots import plot_sweeps
 
     figdir = tmp_path / "figs"
     written = plot_sweeps(stored_sweep, out_dir=figdir)
@@ -279,7 +279,7 @@ def test_plot_cli_kinds_and_errors(stored_sweep, tmp_path):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from dynts.cli_sweep import register
+    from dynts.cli.sweep import register
 
     parser = argparse.ArgumentParser(prog="dynts")
     register(parser.add_subparsers(dest="command", required=True))
@@ -288,7 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def fake_cell(root: Path, model: str, policy: str, budget=None, window=None, ratio=None, datasets=("aime24", "amc23")):
     """A finished cell as dynts sweep writes it (run.json + metrics.json), with made-up numbers."""
-    from dynts.sweep import Cell
+    from dynts.experiments.sweep import Cell
 
     name = f"{model.split('/')[-1]}-{Cell(policy, budget, window, ratio).name}"
     directory = root / "cells" / name
@@ -306,7 +306,7 @@ def fake_cell(root: Path, model: str, policy: str, budget=None, window=None, rat
 
 def test_plot_layout_for_several_models_and_datasets(tmp_path):
     pytest.importorskip("matplotlib")
-    from dynts.plots import plot_sweeps
+    from dynts.experiments.plots import plot_sweeps
 
     root = tmp_path / "S"
     for model in ("org/Model-A", "org/Model-B"):

@@ -8,8 +8,8 @@ import torch
 from safetensors.torch import save_file
 
 from dynts.errors import DynTSError
-from dynts.head import ImportanceHead
-from dynts.train import (
+from dynts.models.importance_head import ImportanceHead
+from dynts.predictor.train import (
     TrainConfig,
     evaluate_head,
     evaluate_recency,

@@ -2,19 +2,21 @@
 
 __version__ = "0.1.0"
 
+_LAZY = {
+    "generate": "dynts.api", "make_engine": "dynts.api",
+    "Engine": "dynts.engine.engine", "GenerationOutput": "dynts.engine.engine",
+    "GenerationResult": "dynts.engine.engine", "load_model": "dynts.models.loading",
+    "BudgetConfig": "dynts.config", "SamplingConfig": "dynts.config",
+}
+
 
 def __getattr__(name):
-    """Lazy public API, so importing the harness modules stays light."""
-    if name in ("generate", "Engine", "GenerationOutput", "GenerationResult"):
-        from . import engine
+    """Lazy public API, so `import dynts` (and `dynts --help`) stays light."""
+    if name in _LAZY:
+        import importlib
 
-        return getattr(engine, name)
-    if name == "load_model":
-        from .models import load_model
-
-        return load_model
-    if name in ("BudgetConfig", "SamplingConfig"):
-        from . import config
-
-        return getattr(config, name)
+        return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'dynts' has no attribute {name!r}")
+
+
+__all__ = sorted(_LAZY)

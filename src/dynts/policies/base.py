@@ -14,8 +14,8 @@ from typing import ClassVar
 
 import torch
 
-from ..cache import BudgetedCache
-from ..config import BudgetConfig
+from dynts.kv.cache import BudgetedCache
+from dynts.config import BudgetConfig
 
 
 @dataclass

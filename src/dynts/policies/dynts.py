@@ -10,8 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import DynTSError
-from .base import Policy
+from dynts.errors import DynTSError
+from dynts.policies.base import Policy
 
 SELECTIONS = ("top", "random", "bottom")
 
@@ -44,7 +44,7 @@ class DynTSPolicy(Policy):
                    head=head)
 
     def bind(self, loaded):
-        from ..head import resolve_head
+        from dynts.models.importance_head import resolve_head
 
         if self.head is None:
             self.head = resolve_head(self.config.head, loaded)

@@ -1,6 +1,6 @@
 """FullKV: no eviction; the cache grows with the sequence (the paper's "Transformers" baseline)."""
 
-from .base import Policy
+from dynts.policies.base import Policy
 
 
 class FullPolicy(Policy):

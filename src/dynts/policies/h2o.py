@@ -3,7 +3,7 @@ steps (and the prompt), per layer and KV head (query heads of a group are summed
 
 import torch
 
-from .base import Policy
+from dynts.policies.base import Policy
 
 
 class H2OPolicy(Policy):

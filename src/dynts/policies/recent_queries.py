@@ -5,7 +5,7 @@ Queries are stored in a ring indexed by original position modulo N, so no shifti
 
 import torch
 
-from ..attention import attention_probs
+from dynts.kv.attention import attention_probs
 
 
 class RecentQueries:

@@ -9,8 +9,8 @@ from functools import lru_cache
 
 import torch
 
-from ..errors import DynTSError
-from .base import Policy, slot_index_scores
+from dynts.errors import DynTSError
+from dynts.policies.base import Policy, slot_index_scores
 
 SEPARATOR_CHARS = set(".,;:!?\n")
 

@@ -7,9 +7,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..errors import DynTSError
-from .base import Policy
-from .recent_queries import RecentQueries
+from dynts.errors import DynTSError
+from dynts.policies.base import Policy
+from dynts.policies.recent_queries import RecentQueries
 
 
 @dataclass(frozen=True)

@@ -2,8 +2,8 @@
 
 from dataclasses import dataclass
 
-from ..errors import DynTSError
-from .base import Policy, slot_index_scores
+from dynts.errors import DynTSError
+from dynts.policies.base import Policy, slot_index_scores
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """Window: keep only the most recent W + floor(r (B - W)) tokens."""
 
-from .base import Policy, slot_index_scores
+from dynts.policies.base import Policy, slot_index_scores
 
 
 class WindowPolicy(Policy):

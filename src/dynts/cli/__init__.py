@@ -1,0 +1,1 @@
+"""The `dynts` command line: main builds the parser, args holds shared flags, one module per command group."""

@@ -1,0 +1,323 @@
+"""`dynts bench`: decode throughput of the budgeted engine against the memory-bandwidth bound.
+
+Builds a model of a real architecture with random weights (speed depends on the shape, not the weights),
+decodes a batch of random prompts for a forced number of tokens, and reports end-to-end TPS (decode wall time,
+scoring, eviction and sampling included), forward-only TPS, ms per step, peak memory, the roofline bound for
+that shape (roofline.py) and the fraction reached, and where the step time went. With compare_eager the same
+model also runs the paper's setup in the same process: a plain transformers loop, one token per step with a
+growing DynamicCache and no eviction, and the ratio is printed.
+"""
+
+from __future__ import annotations
+
+import resource
+import time
+from dataclasses import dataclass, replace
+
+import torch
+
+from dynts.config import BudgetConfig, SamplingConfig
+from dynts.errors import DynTSError
+from dynts.experiments.roofline import kv_bytes_per_token, measure_bandwidth, parameter_bytes, roofline
+
+PAPER_HEAD_LAYERS = (8192, 2048)
+SMALL_HEAD_LAYERS = (512, 128)  # the size of the head shipped for the embedded model
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """One benchmark run; every field is checked before any model is built."""
+
+    shape: str = "smollm2-135m"
+    random_weights: bool = True
+    batch: int | None = 20  # None: the largest batch that fits (CUDA only)
+    budget: int = 5000
+    window: int = 2000
+    ratio: float = 0.4
+    prompt_len: int = 128
+    new_tokens: int = 8192
+    policy: str = "dynts"
+    compare_eager: bool = False
+    device: str | None = None
+    dtype: str | None = None
+    bandwidth_gbps: float | None = None  # None: measured
+    fast: bool = True  # False: our eager Engine instead of the fast path
+    kernel: str = "auto"
+    graphs: bool | None = None
+    check_every: int | None = None
+    compile: bool = False
+    head_layers: tuple[int, ...] | None = None  # None: the paper's for large models, the shipped size for small
+    seed: int = 0
+
+    def __post_init__(self):
+        from dynts.fast.fast_engine import FastConfig
+        from dynts.policies import make_policy
+
+        if self.batch is not None and self.batch < 1:
+            raise DynTSError(f"--batch must be at least 1 (or 'max'), got {self.batch}")
+        if self.prompt_len < 1:
+            raise DynTSError(f"--prompt-len must be at least 1, got {self.prompt_len}")
+        if self.new_tokens < 2:
+            raise DynTSError(f"--new-tokens must be at least 2, got {self.new_tokens}")
+        if self.bandwidth_gbps is not None and not self.bandwidth_gbps > 0:
+            raise DynTSError(f"--bandwidth must be positive GB/s, got {self.bandwidth_gbps}")
+        budget = self.budget_config()
+        budget.check_prompt(self.prompt_len, make_policy(self.policy, budget).protects_prompt)
+        FastConfig(kernel=self.kernel, check_every=self.check_every)
+
+    def budget_config(self) -> BudgetConfig:
+        from dynts.policies import policy_class
+
+        cls = policy_class(self.policy)
+        if not cls.compresses:
+            return BudgetConfig(None)
+        return BudgetConfig(self.budget, self.window, self.ratio, allow_zero_window=cls.allows_zero_window)
+
+
+def peak_memory(device: torch.device) -> tuple[int, str]:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device), "GPU max allocated"
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "process max RSS"
+
+
+def reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def largest_batch(loaded, config: BenchConfig, reserve_bytes: int = 3 * 2**30) -> int:
+    """Rows that fit in the free GPU memory: each holds a budget of K/V, its buffers and a row of logits."""
+    device = loaded.device
+    if device.type != "cuda":
+        raise DynTSError("--batch max needs a CUDA device")
+    budget = config.budget_config()
+    capacity = budget.budget if budget.compresses else config.prompt_len + config.new_tokens
+    model_config = loaded.model.config
+    per_row = capacity * (kv_bytes_per_token(model_config, loaded.dtype) + 16) + 8 * config.new_tokens \
+        + 16 * model_config.vocab_size
+    free, _ = torch.cuda.mem_get_info(device)
+    rows = (free - reserve_bytes) // per_row
+    if rows < 1:
+        raise DynTSError(f"not even one row fits: {free / 2**30:.1f} GiB free, {per_row / 2**30:.2f} GiB per row")
+    return int(rows)
+
+
+def build_model(config: BenchConfig):
+    from dynts.models.loading import default_device, load_model, resolve_dtype
+    from dynts.models.shapes import SHAPES, random_model
+
+    device = config.device or default_device()
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise DynTSError(f"--device {device} asked for, but no CUDA GPU is available")
+    dtype = resolve_dtype(config.dtype, device)
+    if config.random_weights:
+        return random_model(config.shape, device=device, dtype=dtype, seed=config.seed)
+    name = SHAPES[config.shape].hub_id if config.shape in SHAPES else config.shape
+    return load_model(name, device=device, dtype=dtype)
+
+
+def importance_head(loaded, config: BenchConfig):
+    from dynts.models.importance_head import random_head
+
+    if not config.policy.startswith("dynts"):
+        return None
+    layers = config.head_layers or (PAPER_HEAD_LAYERS if loaded.hidden_size >= 2048 else SMALL_HEAD_LAYERS)
+    return random_head(loaded.hidden_size, layers=layers, seed=config.seed).to(loaded.dtype)
+
+
+def eager_transformers_loop(loaded, prompts: list[list[int]], new_tokens: int) -> dict:
+    """The paper's setup: model(...) with a DynamicCache, one token per step, greedy, forced length, no eviction.
+    Forward time is taken per step with a sync, as a per-token eager loop does."""
+    from transformers import DynamicCache
+
+    model, device = loaded.model, loaded.device
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    reset_peak(device)
+    ids = torch.tensor(prompts, device=device)
+    cache = DynamicCache(config=model.config)
+    start = time.perf_counter()
+    logits = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+    token = logits.argmax(dim=-1)
+    sync()
+    prefill_s = time.perf_counter() - start
+    forward_s = 0.0
+    decode_start = time.perf_counter()
+    for _ in range(new_tokens - 1):
+        t0 = time.perf_counter()
+        logits = model(input_ids=token[:, None], past_key_values=cache, use_cache=True).logits[:, -1]
+        sync()
+        forward_s += time.perf_counter() - t0
+        token = logits.argmax(dim=-1)
+    sync()
+    decode_s = time.perf_counter() - decode_start
+    tokens = len(prompts) * new_tokens
+    peak, _ = peak_memory(device)
+    return {"generated_tokens": tokens, "prefill_s": prefill_s, "decode_s": decode_s, "forward_s": forward_s,
+            "tps": tokens / decode_s, "tps_forward": tokens / forward_s,
+            "tps_with_prefill": tokens / (decode_s + prefill_s),
+            "ms_per_step": 1000 * decode_s / (new_tokens - 1), "peak_memory_bytes": peak}
+
+
+def run_bench(config: BenchConfig) -> dict:
+    """Run the benchmark and return every figure (see format_report for the printed form)."""
+    from dynts.engine.engine import Engine
+    from dynts.fast.fast_engine import FastConfig, FastEngine
+
+    loaded = build_model(config)
+    device = loaded.device
+    bandwidth = config.bandwidth_gbps or measure_bandwidth(device)  # before the cache takes the free memory
+    head = importance_head(loaded, config)
+    batch = config.batch or largest_batch(loaded, config)
+    budget = config.budget_config()
+    generator = torch.Generator().manual_seed(config.seed)
+    vocab = loaded.model.config.vocab_size
+    prompts = torch.randint(0, vocab, (batch, config.prompt_len), generator=generator).tolist()
+    sampling = SamplingConfig(greedy=True, max_new_tokens=config.new_tokens, ignore_eos=True)
+    fast_config = FastConfig(graphs=config.graphs, kernel=config.kernel, check_every=config.check_every,
+                             compile=config.compile)
+    if config.fast:
+        engine = FastEngine(loaded, config.policy, budget, sampling, batch, head=head, fast=fast_config)
+    else:
+        engine = Engine(loaded, config.policy, budget, sampling, batch, head=head)
+    engine.sampling = replace(sampling, max_new_tokens=min(config.new_tokens, 8))  # warm-up: kernels, graphs
+    engine.generate(prompts)
+    engine.sampling = sampling
+    reset_peak(device)
+    start = time.perf_counter()
+    out = engine.generate(prompts)
+    total_s = time.perf_counter() - start
+    peak, peak_kind = peak_memory(device)
+    run = out.stats
+    steps = config.new_tokens - 1
+    ours = {"generated_tokens": run.generated_tokens, "prefill_s": run.prefill_time_s, "decode_s": run.decode_time_s,
+            "forward_s": run.forward_time_s, "tps": run.tps, "tps_forward": run.tps_forward,
+            "tps_with_prefill": run.generated_tokens / total_s, "ms_per_step": 1000 * run.decode_time_s / steps,
+            "peak_memory_bytes": peak, "compressions": run.compressions}
+    profile = getattr(engine, "last_profile", None)
+    if profile is not None:
+        shares = profile.shares()
+        ours.update(kernel=profile.kernel, graphs=profile.graphs, check_every=profile.check_every,
+                    host_reads=profile.host_reads, captures=profile.captures, capture_s=profile.capture_s,
+                    stage_seconds={"forward": profile.forward_s, "scoring": profile.scoring_s,
+                                   "sampling": profile.sampling_s, "eviction": profile.eviction_s},
+                    shares=shares, eviction_scoring_share=shares["eviction"] + shares["scoring"])
+
+    weights = parameter_bytes(loaded.model) + (parameter_bytes(head) if head is not None else 0)
+    kv_token = kv_bytes_per_token(loaded.model.config, loaded.dtype)
+    bound = roofline(weights, kv_token, batch, config.prompt_len, config.new_tokens, budget, bandwidth)
+    report = {
+        "shape": config.shape, "model_type": loaded.model.config.model_type,
+        "parameters": sum(p.numel() for p in loaded.model.parameters()), "random_weights": config.random_weights,
+        "device": str(device), "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "dtype": str(loaded.dtype).replace("torch.", ""), "torch_threads": torch.get_num_threads(),
+        "batch": batch, "budget": budget.budget, "window": budget.window, "ratio": budget.ratio,
+        "prompt_len": config.prompt_len, "new_tokens": config.new_tokens, "policy": config.policy,
+        "engine": "fast" if config.fast else "eager-engine",
+        "head_parameters": sum(p.numel() for p in head.parameters()) if head is not None else 0,
+        "peak_memory_kind": peak_kind, "ours": ours, "roofline": bound.to_dict(),
+        "fraction": ours["tps"] / bound.tps_bound, "fraction_at_max": ours["tps"] / bound.tps_bound_at_max,
+        "bandwidth_measured": config.bandwidth_gbps is None, "eager": None, "ratio_vs_eager": None,
+    }
+    if config.compare_eager:
+        del engine, out
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        try:
+            eager = eager_transformers_loop(loaded, prompts, config.new_tokens)
+        except torch.OutOfMemoryError:
+            eager = {"error": f"out of memory at batch {batch} with a growing cache of "
+                              f"{config.prompt_len + config.new_tokens} tokens"}
+        report["eager"] = eager
+        if "tps" in eager:
+            full = BudgetConfig(None)
+            eager_bound = roofline(parameter_bytes(loaded.model), kv_token, batch, config.prompt_len,
+                                   config.new_tokens, full, bandwidth)
+            eager["tps_bound"] = eager_bound.tps_bound
+            eager["fraction"] = eager["tps"] / eager_bound.tps_bound
+            report["ratio_vs_eager"] = {"tps": ours["tps"] / eager["tps"],
+                                        "tps_forward": ours["tps_forward"] / eager["tps_forward"]}
+    return report
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB"
+
+
+def format_report(r: dict) -> str:
+    """The human-readable form of run_bench's result."""
+    ours, bound, eager = r["ours"], r["roofline"], r["eager"]
+    budget = f"B={r['budget']} W={r['window']} r={r['ratio']}" if r["budget"] else "no budget"
+    weights = "random weights" if r["random_weights"] else "real weights"
+    lines = [
+        f"dynts bench: {r['shape']} ({r['model_type']}, {r['parameters'] / 1e9:.3f}B parameters, {weights}), "
+        f"{r['dtype']} on {r['device_name']} ({r['torch_threads']} torch threads)",
+        f"batch {r['batch']}, prompt {r['prompt_len']}, {r['new_tokens']} new tokens per sequence, policy "
+        f"{r['policy']} {budget}",
+    ]
+    if "kernel" in ours:
+        lines.append(f"fast path: attention kernel {ours['kernel']}, CUDA graphs {'on' if ours['graphs'] else 'off'}"
+                     f" ({ours['captures']} captures, {ours['capture_s']:.2f} s), host reads every "
+                     f"{ours['check_every']} steps ({ours['host_reads']} reads)")
+    else:
+        lines.append("engine: the eager budgeted Engine (--eager-engine)")
+    width = 34
+    header = f"{'':{width}}{'ours':>14}"
+    if eager and "tps" in eager:
+        header += f"{'transformers eager':>22}{'ratio':>10}"
+    lines += ["", header]
+
+    def row(label, key, fmt, ratio=False):
+        text = f"{label:{width}}{format(ours[key], fmt):>14}"
+        if eager and "tps" in eager:
+            text += f"{format(eager[key], fmt):>22}"
+            if ratio:
+                text += f"{ours[key] / eager[key]:>9.2f}x"
+        return text
+
+    lines += [row("end-to-end TPS (decode)", "tps", ".1f", True),
+              row("forward-only TPS", "tps_forward", ".1f", True),
+              row("TPS with prefill", "tps_with_prefill", ".1f", True),
+              row("ms per step", "ms_per_step", ".3f"),
+              f"{'peak memory (' + r['peak_memory_kind'] + ')':{width}}{_gib(ours['peak_memory_bytes']):>14}"
+              + (f"{_gib(eager['peak_memory_bytes']):>22}" if eager and "tps" in eager else "")]
+    if eager and "error" in eager:
+        lines.append(f"transformers eager: {eager['error']}")
+    source = "measured" if r["bandwidth_measured"] else "given"
+    lines += [
+        "",
+        f"roofline: bytes/step = weights {bound['weight_bytes'] / 1e9:.3f} GB + {r['batch']} rows x "
+        f"{bound['mean_cached_tokens']:.0f} cached tokens (mean over the run) x {bound['kv_bytes_per_token']} B/token"
+        f" = {bound['bytes_per_step'] / 1e9:.3f} GB",
+        f"bandwidth {bound['bandwidth_gbps']:.0f} GB/s ({source}) -> bound {bound['tps_bound']:.1f} TPS; "
+        f"measured {ours['tps']:.1f} TPS = {r['fraction']:.1%} of the bound",
+        f"(with every row at {bound['max_cached_tokens']} cached tokens, the issue's convention: bound "
+        f"{bound['tps_bound_at_max']:.1f} TPS, fraction {r['fraction_at_max']:.1%})",
+    ]
+    if eager and "fraction" in eager:
+        lines.append(f"transformers eager vs its own bound (growing cache, no eviction): {eager['tps_bound']:.1f} "
+                     f"TPS, fraction {eager['fraction']:.1%}")
+    if "shares" in ours:
+        s = ours["shares"]
+        lines.append(f"step time: forward {s['forward']:.1%}, scoring {s['scoring']:.1%}, sampling "
+                     f"{s['sampling']:.1%}, eviction {s['eviction']:.1%} (eviction + scoring "
+                     f"{ours['eviction_scoring_share']:.1%}); {ours['compressions']} compressions")
+    return "\n".join(lines)
+
+
+def parse_batch(text: str) -> int | None:
+    if text == "max":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise DynTSError(f"--batch takes a number of sequences or 'max', got {text!r}") from None
+
+
+def parse_layers(text: str | None) -> tuple[int, ...] | None:
+    if text is None:
+        return None
+    try:
+        return tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise DynTSError(f"--head-layers takes comma-separated widths like 8192,2048, got {text!r}") from None

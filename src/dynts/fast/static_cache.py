@@ -1,0 +1,56 @@
+"""The budgeted cache with one shape for every decode step, for the fast path.
+
+BudgetedCache plans each decode step over the longest row (kv_len = max length + 1) and its lengths live on
+the host. Here all layers are allocated up front, every step attends over the whole capacity (masked, or
+limited by a length-aware kernel), rows write at their own length held in a device tensor, and the rows that
+reach the budget at the same step are compacted together with device-side gathers. The host still tracks the
+lengths (each step adds one, a compaction sets W + floor(r (B - W))), so it never has to read them back.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dynts.kv.cache import BudgetedCache, StepPlan
+
+
+class StaticBudgetedCache(BudgetedCache):
+    def preallocate(self, kv_heads: int, head_dim: int, dtype: torch.dtype) -> None:
+        """Allocate every layer's keys, values and buffers now, instead of at the first forward."""
+        probe = torch.empty(1, kv_heads, 0, head_dim, dtype=dtype, device=self.device)
+        for layer in self.layers:
+            layer.lazy_initialization(probe, probe)
+        self._heads = torch.arange(kv_heads, device=self.device)
+
+    def plan_static_decode(self, write_slots: torch.Tensor) -> None:
+        """Every later decode forward writes row b at slot write_slots[b] and sees the whole capacity."""
+        rows = torch.arange(self.rows_allocated, device=self.device)
+        self.plan = StepPlan(row_index=rows, write_slots=write_slots, kv_len=self.capacity)
+
+    def advance(self) -> None:
+        """Host bookkeeping for one decode step (the device lengths advance inside the step itself)."""
+        self.lengths = [n + 1 for n in self.lengths]
+        self.next_position = [p + 1 for p in self.next_position]
+
+    def compact_rows(self, rows: list[int], row_index: torch.Tensor, keep: torch.Tensor) -> None:
+        """Move the kept slots of several rows to their fronts at once, with no host sync.
+
+        row_index: the rows as a device tensor [m]; keep: sorted slots [m, kept] shared by all layers and heads,
+        or [m, layers, kv_heads, kept]. Same result as BudgetedCache.compact_row for each row.
+        """
+        kept = keep.shape[-1]
+        shared = keep.dim() == 2
+        r, h = row_index[:, None, None], self._heads[None, :, None]
+        for i, layer in enumerate(self.layers):
+            slots = keep[:, None, :] if shared else keep[:, i]  # [m, 1 or kv_heads, kept]
+            layer.keys[row_index, :, :kept] = layer.keys[r, h, slots]
+            layer.values[row_index, :, :kept] = layer.values[r, h, slots]
+            for name, buf in layer.slot.items():
+                buf[row_index, :, :kept] = buf[r, h, slots]
+                buf[row_index, :, kept:] = self.layer_slot_specs[name][1]
+        first = keep if shared else keep[:, 0, 0]  # shared buffers follow layer 0, head 0 (as compact_row)
+        for name, buf in self.slot.items():
+            buf[row_index, :kept] = buf[row_index[:, None], first]
+            buf[row_index, kept:] = self.slot_fill[name]
+        for row in rows:
+            self.lengths[row] = kept

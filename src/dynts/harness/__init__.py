@@ -1,0 +1,1 @@
+"""The evaluation harness: datasets, prompts, grading, metrics, the resumable result store, reports."""

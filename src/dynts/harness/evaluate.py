@@ -1,0 +1,245 @@
+"""`dynts eval`: benchmarks -> engine -> result store -> report.
+
+Every finished sample is appended to OUT/samples.jsonl as its batch finishes; a rerun skips what is stored.
+Each sample's sampler is seeded from (seed, dataset, id, sample index), so a sample's text does not depend
+on batching, on what was already done, on how many samples were asked for, or on where it was generated.
+
+A run is: plan -> the pending work units (batches of samples not yet stored) -> an executor that yields
+finished units -> this driver, which grades each sample and appends it to the store. The local executor runs
+the units here; `dynts.distributed.RayExecutor` runs the same units on Ray workers (executor.py).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable
+
+from dynts import __version__
+from dynts.harness.datasets import Problem, load_dataset
+from dynts.errors import DynTSError
+from dynts.runtime.executor import EngineSpec, LocalExecutor, Task
+from dynts.harness.prompts import DEFAULT_SHUFFLE_SEED, question_text
+from dynts.harness.report import write_report
+from dynts.harness.store import ResultStore, build_record
+
+if TYPE_CHECKING:
+    from dynts.engine.engine import Engine
+
+
+def sample_seed(seed: int, problem: Problem, sample: int) -> int:
+    return zlib.crc32(f"{seed}:{problem.dataset}:{problem.id}:{sample}".encode())
+
+
+def file_digest(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+@dataclass
+class EvalPlan:
+    datasets: list[str]
+    samples: int = 5
+    limit: int | None = None
+    data_dir: str | None = None
+    split: str | None = None
+    shuffle_seed: int = DEFAULT_SHUFFLE_SEED
+
+    def __post_init__(self):
+        if self.samples < 1:
+            raise DynTSError(f"--samples must be at least 1, got {self.samples}")
+        if self.limit is not None and self.limit < 1:
+            raise DynTSError(f"--limit must be at least 1, got {self.limit}")
+        if not self.datasets:
+            raise DynTSError("--datasets names no dataset")
+
+    def load(self) -> list[Problem]:
+        problems: list[Problem] = []
+        for name in self.datasets:
+            problems += load_dataset(name, data_dir=self.data_dir, limit=self.limit, split=self.split)
+        return problems
+
+
+def manifest_for(engine: Engine, plan: EvalPlan) -> dict:
+    """What defines the results of a run; a resume must match it (see store.py for the fields that may differ)."""
+    policy = engine.policy
+    head = getattr(policy, "head", None)
+    head_info = None
+    if head is not None:
+        head_info = {"hidden": list(head.config.layers), "base_model": head.config.base_model,
+                     "digest": hashlib.sha256(b"".join(p.detach().cpu().numpy().tobytes()
+                                                       for p in head.parameters())).hexdigest()[:16]}
+    budget = engine.budget
+    return {
+        "model": engine.loaded.name,
+        "policy": {"name": policy.name, "registry_name": engine.policy_name, "budget": budget.budget,
+                   "window": budget.window if budget.compresses else None,
+                   "ratio": budget.ratio if budget.compresses else None},
+        "head": head_info,
+        "sampling": engine.sampling.to_dict(),
+        "seed": engine.sampling.seed,
+        "shuffle_seed": plan.shuffle_seed,
+        "dtype": str(engine.loaded.dtype).replace("torch.", ""),
+        "datasets": plan.datasets,
+        "split": plan.split,
+        "samples": plan.samples,
+        "limit": plan.limit,
+        "data_dir": str(Path(plan.data_dir).resolve()) if plan.data_dir else None,
+        "data_source": "local" if plan.data_dir else "env-or-hub",
+        "batch_size": engine.batch_size,
+        "device": str(engine.device),
+        "package_version": __version__,
+    }
+
+
+@dataclass
+class EvalJob:
+    """One run directory to fill: an engine configuration, the problems and samples, and where to store them."""
+
+    engine: EngineSpec
+    plan: EvalPlan
+    out_dir: Path
+    extra_manifest: dict | None = None
+
+
+@dataclass(frozen=True)
+class WorkItem:
+    """One (problem, sample) to generate, with its prompt and its own sampler seed."""
+
+    problem: Problem
+    sample: int
+    prompt_ids: tuple[int, ...]
+    seed: int
+
+
+def prepare_runs(host, jobs: list[tuple[EngineSpec, EvalPlan, list[Problem]]]) -> tuple[list[dict], list[dict]]:
+    """Task: per job, the manifest and the encoded prompts; raises when a prompt does not fit a job's budget.
+
+    Runs wherever the model is (this process, or a worker), so the driver never needs a model of its own."""
+    encoded: dict = {}
+    manifests, prompts = [], []
+    for spec, plan, problems in jobs:
+        engine = host.engine(spec)
+        ids = {}
+        for p in problems:
+            key = (p.dataset, p.id, plan.shuffle_seed)
+            if key not in encoded:
+                encoded[key] = engine.encode(question_text(p, plan.shuffle_seed))
+            ids[p.dataset, p.id] = encoded[key]
+        engine.check_prompts(list(ids.values()))  # bad budgets fail before anything is written
+        manifests.append(manifest_for(engine, plan))
+        prompts.append(ids)
+    return manifests, prompts
+
+
+def generate_unit(host, spec: EngineSpec, prompts: list[list[int]], seeds: list[int]) -> list[dict]:
+    """Task: decode one batch; per sequence its text, token ids and statistics."""
+    engine = host.engine(spec)
+    try:
+        output = engine.generate(prompts, seeds=seeds)
+    finally:
+        engine.last_cache = None  # a cached engine must not pin the KV memory of its last batch
+    return [{"text": r.text, "token_ids": r.token_ids, "stats": r.stats.to_dict()} for r in output.results]
+
+
+def run_eval(engine: Engine | EngineSpec, plan: EvalPlan, out_dir: str | Path, progress: bool = True,
+             extra_manifest: dict | None = None, executor=None,
+             on_record: Callable[[dict], None] | None = None) -> dict:
+    """Run (or resume) an evaluation into out_dir and return the metrics.
+
+    engine: a built Engine (runs here), or an EngineSpec run by executor (e.g. dynts.distributed.RayExecutor).
+    on_record(record) is called after each sample is stored."""
+    if not isinstance(engine, EngineSpec):
+        if executor is not None:
+            raise DynTSError("run_eval takes an executor with an EngineSpec, not with a built Engine")
+        spec = EngineSpec.of(engine)
+        executor = LocalExecutor(engine.loaded, engines={spec: engine})
+        engine = spec
+    if executor is None:
+        raise DynTSError("run_eval with an EngineSpec needs an executor")
+    job = EvalJob(engine, plan, Path(out_dir), extra_manifest)
+    return run_evals([job], executor, progress=progress, on_record=on_record)[0]
+
+
+def run_evals(jobs: list[EvalJob], executor, progress: bool = True,
+              on_record: Callable[[dict], None] | None = None,
+              on_done: Callable[[int, dict], None] | None = None) -> list[dict]:
+    """Run (or resume) several evaluations through one executor; returns each job's metrics.
+
+    Plan -> pending work units (the samples not yet stored, in batches of batch_size) -> the executor yields
+    finished units in any order -> this driver grades and appends each sample to its job's store. A sample
+    already stored is never written twice. on_done(job index, metrics) is called when a job's last sample is
+    stored (its report is written by then)."""
+    from tqdm import tqdm
+
+    problems: list[list[Problem]] = []
+    by_plan: dict[int, list[Problem]] = {}
+    for job in jobs:  # a sweep's jobs share one plan: its datasets load once
+        if id(job.plan) not in by_plan:
+            by_plan[id(job.plan)] = job.plan.load()
+        problems.append(by_plan[id(job.plan)])
+    manifests, prompt_ids = executor.call(prepare_runs, [(job.engine, job.plan, ps) for job, ps in zip(jobs, problems)])
+    stores: list[ResultStore] = []
+    metrics: list[dict | None] = [None] * len(jobs)
+    try:
+        for job, manifest in zip(jobs, manifests):
+            stores.append(ResultStore(job.out_dir, {**manifest, **(job.extra_manifest or {})}))
+        tasks, remaining, total, finished, correct = [], [0] * len(jobs), 0, 0, 0
+        for j, (job, store) in enumerate(zip(jobs, stores)):
+            done = store.done_keys()
+            wanted = {(p.dataset, p.id, s) for p in problems[j] for s in range(job.plan.samples)}
+            stored = [r for r in store.records() if (r["dataset"], r["id"], r["sample"]) in wanted]
+            total, finished = total + len(wanted), finished + len(stored)
+            correct += sum(bool(r["correct"]) for r in stored)
+            seed = job.engine.sampling.seed
+            todo = [WorkItem(p, s, tuple(prompt_ids[j][p.dataset, p.id]), sample_seed(seed, p, s))
+                    for p in problems[j] for s in range(job.plan.samples) if (p.dataset, p.id, s) not in done]
+            size = job.engine.batch_size
+            for start in range(0, len(todo), size):
+                items = todo[start:start + size]
+                tasks.append(Task(generate_unit, (job.engine, [list(i.prompt_ids) for i in items],
+                                                  [i.seed for i in items]), tag=(j, items)))
+                remaining[j] += 1
+
+        def finish(j: int) -> None:
+            stores[j].close()
+            metrics[j] = write_report(jobs[j].out_dir)
+            if on_done is not None:
+                on_done(j, metrics[j])
+
+        for j in range(len(jobs)):
+            if not remaining[j]:
+                finish(j)
+        bar = tqdm(total=total, initial=finished, unit="sample", desc="eval", disable=not progress or None,
+                   dynamic_ncols=True)
+        live = {"tokens": 0, "time": 0.0}
+        for task, results in executor.run(tasks):
+            j, items = task.tag
+            for item, result in zip(items, results):
+                record = build_record(item.problem, item.sample, result["text"], result["stats"],
+                                      shuffle_seed=jobs[j].plan.shuffle_seed)
+                record["token_ids"] = result["token_ids"]
+                record["prompt_ids"] = list(item.prompt_ids)
+                if not stores[j].append(record):
+                    continue  # a unit that ran twice (its first worker died after finishing it)
+                correct += bool(record["correct"])
+                live["tokens"] += result["stats"]["generated_tokens"]
+                live["time"] += result["stats"]["time_share_s"]
+                bar.update(1)
+                tps = live["tokens"] / live["time"] if live["time"] else 0.0
+                bar.set_postfix(acc=f"{correct / max(bar.n, 1):.3f}", tps=f"{tps:.1f}")
+                if on_record is not None:
+                    on_record(record)
+            remaining[j] -= 1
+            if not remaining[j]:
+                finish(j)
+        bar.close()
+    finally:
+        for store in stores:
+            store.close()
+    return metrics

@@ -1,0 +1,263 @@
+"""`dynts label`: per-token importance labels from how much the final answer attends to each thinking token.
+
+For each kept trace the frozen model runs once over prompt + generated tokens. At every layer the attention
+function hands the queries and keys to an `AnswerAttention` observer, which computes attention rows for the
+answer queries only (in chunks, never the full L x L map), zeroes each query's attention to itself, and adds
+the rows up. label[j] = mean over layers, query heads and answer queries of the attention paid to token j.
+
+Answer span: after the last end-of-thinking marker (`</think>`) when the model has one. Otherwise (a model
+without think markers, such as the embedded one) the answer is the final sentence of the response that holds
+its last `\\boxed{...}`, or the final sentence when there is no box; everything generated before it counts as
+thinking. A trace without an answer span, or without thinking tokens, is skipped.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from dynts.kv.attention import StepContext, use_dynts_attention
+from dynts.errors import DynTSError
+from dynts.models.loading import LoadedModel
+
+INDEX_FILE = "index.json"
+SENTENCE_ENDS = (". ", "! ", "? ", "\n")
+ANSWER_RULE = ("after the last </think>; without think markers: the final sentence holding the last \\boxed{}, "
+               "else the final sentence")
+
+
+@dataclass(frozen=True)
+class Spans:
+    """Token positions within one trace (prompt + generated)."""
+
+    prompt_len: int
+    think_start: int
+    think_end: int  # thinking tokens are [think_start, think_end)
+    answer_start: int  # answer queries are [answer_start, length)
+
+    def as_list(self) -> list[int]:
+        return [self.prompt_len, self.think_start, self.think_end, self.answer_start]
+
+
+def _find_last(seq: list[int], pattern: list[int], start: int) -> int:
+    for i in range(len(seq) - len(pattern), start - 1, -1):
+        if seq[i : i + len(pattern)] == pattern:
+            return i
+    return -1
+
+
+def find_spans(token_ids: list[int], prompt_len: int, tokenizer, think_end_ids=(), think_start_ids=()) -> Spans | None:
+    """Thinking and answer spans of a trace, or None when it has no usable answer or no thinking."""
+    length = len(token_ids)
+    think_start = prompt_len
+    if think_start_ids:
+        opened = _find_last(token_ids[: prompt_len + 8], list(think_start_ids), 0)
+        if opened >= 0:
+            think_start = max(prompt_len, opened + len(think_start_ids))
+    if think_end_ids:
+        closed = _find_last(token_ids, list(think_end_ids), prompt_len)
+        if closed >= 0:
+            answer_start = closed + len(think_end_ids)
+            spans = Spans(prompt_len, think_start, closed, answer_start)
+            return spans if answer_start < length and closed > think_start else None
+    answer_start = _final_sentence_start(token_ids[prompt_len:], tokenizer)
+    if answer_start is None:
+        return None
+    answer_start += prompt_len
+    if answer_start <= think_start or answer_start >= length:
+        return None
+    return Spans(prompt_len, think_start, answer_start, answer_start)
+
+
+def _final_sentence_start(generated: list[int], tokenizer) -> int | None:
+    """Index (within generated) of the first token of the answer sentence."""
+    pieces = [tokenizer.decode([t]) for t in generated]
+    text = "".join(pieces)
+    if not text.strip():
+        return None
+    box = text.rfind("\\boxed")
+    anchor = box if box >= 0 else len(text.rstrip()) - 1
+    starts = [text.rfind(sep, 0, anchor) for sep in SENTENCE_ENDS]
+    start = max((s + len(sep) for s, sep in zip(starts, SENTENCE_ENDS) if s >= 0), default=0)
+    consumed = 0
+    for i, piece in enumerate(pieces):
+        consumed += len(piece)
+        if consumed > start:
+            return i
+    return None
+
+
+class AnswerAttention:
+    """Attention observer summing, per key, the attention of answer queries (diagonal zeroed)."""
+
+    observes_attention = True
+    wants_probs = False
+
+    def __init__(self, length: int, answer_start: int, chunk: int = 128, device="cpu"):
+        self.length, self.answer_start, self.chunk = length, answer_start, chunk
+        self.total = torch.zeros(length, dtype=torch.float64, device=device)
+        self.rows = 0  # (layer, head, query) rows summed
+
+    def observe_attention(self, layer_idx, query, key, probs, ctx) -> None:
+        _, heads, _, dim = query.shape
+        kv_heads = key.shape[1]
+        keys = key[0].float()  # [kvh, L, d]
+        positions = torch.arange(self.length, device=key.device)
+        for start in range(self.answer_start, self.length, self.chunk):
+            end = min(start + self.chunk, self.length)
+            q = query[0, :, start:end].float().reshape(kv_heads, heads // kv_heads, end - start, dim)
+            scores = torch.matmul(q, keys.unsqueeze(1).transpose(-1, -2)) * dim**-0.5  # [kvh, g, A, L]
+            rows = torch.arange(start, end, device=key.device)
+            scores = scores.masked_fill(positions[None, :] > rows[:, None], float("-inf"))
+            attn = scores.softmax(dim=-1)
+            attn[..., torch.arange(end - start), rows] = 0.0  # no credit for attending to oneself
+            self.total += attn.sum(dim=(0, 1, 2)).double()
+            self.rows += heads * (end - start)
+
+    def labels(self) -> torch.Tensor:
+        return (self.total / max(self.rows, 1)).float()
+
+
+@torch.no_grad()
+def label_trace(loaded: LoadedModel, token_ids: list[int], answer_start: int, chunk: int = 128):
+    """(labels [L] float32, last hidden states [L, hidden]) for one full trace."""
+    device = loaded.device
+    tokens = torch.tensor([token_ids], device=device)
+    observer = AnswerAttention(len(token_ids), answer_start, chunk=chunk, device=device)
+    ctx = StepContext(prefill_row=0, observer=observer)
+    use_dynts_attention(loaded.model)
+    hidden = loaded.model.get_decoder()(input_ids=tokens, position_ids=torch.arange(len(token_ids), device=device)[None],
+                                        use_cache=False, dynts_ctx=ctx).last_hidden_state[0]
+    return observer.labels().cpu(), hidden.cpu()
+
+
+def select_traces(records: list[dict], correct_only: bool) -> list[dict]:
+    """All traces, or the first correct sample of each problem."""
+    records = [r for r in records if r.get("token_ids") and r.get("prompt_ids")]
+    if not correct_only:
+        return records
+    chosen: dict[tuple, dict] = {}
+    for r in sorted(records, key=lambda r: r["sample"]):
+        if r.get("correct") and (r["dataset"], r["id"]) not in chosen:
+            chosen[r["dataset"], r["id"]] = r
+    return list(chosen.values())
+
+
+LABEL_UNIT = 16  # traces per work unit: small enough to keep several workers busy on a few hundred traces
+
+
+def label_traces(host, traces: list[dict]) -> list[dict | None]:
+    """Task: label each trace (prompt_ids, token_ids, key); None for a trace without thinking or answer span."""
+    loaded = host.loaded
+    think_end, think_start = loaded.think_end_ids, think_start_ids(loaded)
+    out: list[dict | None] = []
+    for trace in traces:
+        ids = list(trace["prompt_ids"]) + list(trace["token_ids"])
+        spans = find_spans(ids, len(trace["prompt_ids"]), loaded.tokenizer, think_end, think_start)
+        if spans is None:
+            out.append(None)
+            continue
+        labels, hidden = label_trace(loaded, ids, spans.answer_start)
+        supervised = torch.zeros_like(labels, dtype=torch.bool)
+        supervised[spans.think_start : spans.think_end] = True
+        out.append({"ids": ids, "spans": spans.as_list(), "labels": labels * supervised,
+                    "features": hidden.to(torch.float16), "key": list(trace["key"])})
+    return out
+
+
+def model_info(host) -> dict:
+    """Task: the name and hidden size of the model the labels come from."""
+    return {"name": host.loaded.name, "hidden_size": host.loaded.hidden_size}
+
+
+def label_store(loaded: LoadedModel | None, trace_dir: str | Path, shard_size: int = 64,
+                correct_only: bool | None = None, progress: bool = True, executor=None) -> dict:
+    """Label every kept trace of a `dynts collect` directory into trace_dir/labels/; returns the index.
+
+    The traces are labelled in units of LABEL_UNIT by `executor` (default: here, on `loaded`); this driver
+    puts the results back in trace order and writes every shard itself, so shards do not depend on where
+    or in which order the units ran."""
+    from safetensors.torch import save_file
+    from tqdm import tqdm
+
+    from dynts.runtime.executor import LocalExecutor, Task
+    from dynts.harness.store import read_manifest, read_records
+
+    trace_dir = Path(trace_dir)
+    if not (trace_dir / "run.json").is_file():
+        raise DynTSError(f"{trace_dir} is not a trace directory written by `dynts collect` (no run.json)")
+    if shard_size < 1:
+        raise DynTSError(f"--shard-size must be at least 1, got {shard_size}")
+    manifest = read_manifest(trace_dir)
+    if correct_only is None:
+        correct_only = bool(manifest.get("correct_only", False))
+    traces = select_traces(read_records(trace_dir), correct_only)
+    if not traces:
+        raise DynTSError(f"{trace_dir} holds no usable traces" + (" (none is correct; collect without "
+                         "--correct-only to keep every trace)" if correct_only else ""))
+    executor = executor or LocalExecutor(loaded)
+    model = executor.call(model_info)
+    if manifest.get("model") != model["name"]:
+        raise DynTSError(f"traces in {trace_dir} were generated by model {manifest.get('model')!r}, "
+                         f"not {model['name']!r}: label them with the model that wrote them")
+    out = trace_dir / "labels"
+    out.mkdir(exist_ok=True)
+    for stale in out.glob("labels-*.safetensors"):
+        stale.unlink()
+    shards, buffer, kept, tokens, skipped = [], [], 0, 0, 0
+
+    def flush():
+        nonlocal buffer
+        if not buffer:
+            return
+        name = f"labels-{len(shards):05d}.safetensors"
+        offsets = [0]
+        for item in buffer:
+            offsets.append(offsets[-1] + len(item["ids"]))
+        tensors = {
+            "token_ids": torch.tensor([t for item in buffer for t in item["ids"]], dtype=torch.int32),
+            "offsets": torch.tensor(offsets, dtype=torch.int64),
+            "spans": torch.tensor([item["spans"] for item in buffer], dtype=torch.int64),
+            "labels": torch.cat([item["labels"] for item in buffer]),
+            "features": torch.cat([item["features"] for item in buffer]).to(torch.float16),
+        }
+        keys = [item["key"] for item in buffer]
+        save_file(tensors, str(out / name), metadata={"model": model["name"], "keys": json.dumps(keys)})
+        shards.append(name)
+        buffer = []
+
+    units = [[{"prompt_ids": r["prompt_ids"], "token_ids": r["token_ids"], "key": (r["dataset"], r["id"], r["sample"])}
+              for r in traces[start:start + LABEL_UNIT]] for start in range(0, len(traces), LABEL_UNIT)]
+    arrived: dict[int, list] = {}
+    next_unit = 0
+    bar = tqdm(total=len(traces), desc="label", unit="trace", disable=not progress or None)
+    for task, results in executor.run(Task(label_traces, (unit,), tag=i) for i, unit in enumerate(units)):
+        arrived[task.tag] = results
+        bar.update(len(results))
+        while next_unit in arrived:  # shards fill in trace order, whatever order the units finish in
+            for item in arrived.pop(next_unit):
+                if item is None:
+                    skipped += 1
+                    continue
+                buffer.append(item)
+                kept += 1
+                tokens += len(item["ids"])
+                if len(buffer) >= shard_size:
+                    flush()
+            next_unit += 1
+    bar.close()
+    flush()
+    if kept == 0:
+        raise DynTSError(f"no trace in {trace_dir} has both thinking tokens and an answer span ({ANSWER_RULE})")
+    index = {"model": model["name"], "hidden_size": model["hidden_size"], "shards": shards, "traces": kept,
+             "skipped": skipped, "tokens": tokens, "answer_rule": ANSWER_RULE, "correct_only": correct_only}
+    (out / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+    return index
+
+
+def think_start_ids(loaded: LoadedModel) -> tuple[int, ...]:
+    vocab = loaded.tokenizer.get_vocab() if hasattr(loaded.tokenizer, "get_vocab") else {}
+    return (vocab["<think>"],) if "<think>" in vocab else ()

@@ -1,0 +1,1 @@
+"""Where work runs: a model host and its tasks, in this process or on Ray workers."""

@@ -1,0 +1,107 @@
+"""Where work runs: a model host, the tasks it runs, and the local executor.
+
+Why it works this way: `dynts eval`, `collect`, `label` and `sweep` split their work into *tasks* — a
+module-level function called as ``fn(host, *args)`` with a `ModelHost` (one loaded model) as its first
+argument. The driver plans the tasks, an executor runs them and yields each result as it finishes, and the
+driver alone writes files. `LocalExecutor` runs tasks one after another in this process;
+`dynts.distributed.RayExecutor` deals the same tasks to Ray actors, each holding its own `ModelHost`. Since a
+task's result depends only on its arguments and the model (per-sample seeds travel with the task), where it
+runs does not change what is stored.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Iterator
+
+from dynts.config import BudgetConfig, SamplingConfig
+
+ENGINE_CACHE_SIZE = 4  # engines kept per host: a sweep's cells alternate, but each engine's settings are small
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    """Everything an Engine is built from besides the model: hashable, picklable, sent with each task."""
+
+    policy: str = "full"
+    budget: BudgetConfig = field(default_factory=BudgetConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    batch_size: int = 8
+    head_path: str | None = None
+    trace_steps: bool = False
+    fast: bool | None = None  # the static fast decode path; None: on with CUDA (dynts.api.make_engine)
+
+    @classmethod
+    def of(cls, engine) -> EngineSpec:
+        """The spec of an already built engine (its head is whatever that engine holds)."""
+        return cls(engine.policy_name, engine.budget, engine.sampling, engine.batch_size,
+                   trace_steps=engine.trace_steps)
+
+
+@dataclass(frozen=True)
+class Task:
+    """One unit of work: ``fn(host, *args)``; tag stays with the driver (it is never sent to a worker)."""
+
+    fn: Callable[..., Any]
+    args: tuple = ()
+    tag: Any = None
+
+
+class ModelHost:
+    """One loaded model plus the engines and importance heads built on it, reused across tasks."""
+
+    def __init__(self, loaded, engines: dict | None = None):
+        self.loaded = loaded
+        self._engines: OrderedDict = OrderedDict(engines or {})
+        self._pinned = set(self._engines)  # engines handed in by the caller are never evicted
+        self._heads: dict = {}
+
+    def engine(self, spec: EngineSpec):
+        """The engine for spec, built on first use (least recently used ones beyond a few are dropped)."""
+        from dynts.api import make_engine
+
+        if spec in self._engines:
+            self._engines.move_to_end(spec)
+            return self._engines[spec]
+        head = self.head(spec.head_path) if needs_head(spec.policy) else None
+        engine = make_engine(self.loaded, spec.policy, spec.budget, spec.sampling, spec.batch_size, head=head,
+                             head_path=spec.head_path, trace_steps=spec.trace_steps, fast=spec.fast)
+        self._engines[spec] = engine
+        unpinned = [key for key in self._engines if key not in self._pinned]
+        for key in unpinned[:-ENGINE_CACHE_SIZE]:
+            del self._engines[key]
+        return engine
+
+    def head(self, path: str | None):
+        """The importance head at path (None: the one shipped for the model), loaded once per host."""
+        if path not in self._heads:
+            from dynts.models.importance_head import resolve_head
+
+            self._heads[path] = resolve_head(path, self.loaded)
+        return self._heads[path]
+
+
+def needs_head(policy: str) -> bool:
+    """True for the dynts policies, which score tokens with an importance head."""
+    from dynts.policies import POLICIES
+    from dynts.policies.dynts import DynTSPolicy
+
+    return policy in POLICIES and issubclass(POLICIES[policy][0], DynTSPolicy)
+
+
+class LocalExecutor:
+    """Runs tasks in this process, in the order given, on one model."""
+
+    def __init__(self, loaded, engines: dict | None = None):
+        self.host = ModelHost(loaded, engines)
+
+    def call(self, fn: Callable[..., Any], *args) -> Any:
+        return fn(self.host, *args)
+
+    def run(self, tasks: Iterable[Task]) -> Iterator[tuple[Task, Any]]:
+        for task in tasks:
+            yield task, task.fn(self.host, *task.args)
+
+    def close(self) -> None:
+        pass
