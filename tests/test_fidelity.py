@@ -5,9 +5,14 @@ import json
 import pytest
 
 from dynts.experiments import fidelity
-from dynts.experiments.fidelity import Trace, measure
+from dynts.experiments.fidelity import Trace, build_engines, measure_engines
 from dynts.models.importance_head import random_head
 from dynts.policies import POLICIES
+
+
+def measure(loaded, traces, policies, budgets, window, ratio, head=None, progress=False, share_prefix=True):
+    engines = build_engines(loaded, policies, budgets, window, ratio, head=head)
+    return measure_engines(loaded, traces, engines, progress=progress, share_prefix=share_prefix)
 
 
 def encode(smollm, text):

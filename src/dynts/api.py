@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 from dynts.config import SamplingConfig
 from dynts.engine.engine import Engine, GenerationOutput
@@ -26,12 +26,14 @@ def make_engine(loaded: LoadedModel, policy="full", budget=None, sampling: Sampl
 def generate(model: str | LoadedModel, prompts: Sequence[str | Sequence[int]], policy: str = "full",
              budget: int | None = None, window: int = 0, ratio: float = 1.0, sampling: SamplingConfig | None = None,
              batch_size: int = 8, head=None, device: str | None = None, dtype: str | None = None,
-             seeds: Sequence[int] | None = None, chat: bool = True, fast: bool | None = None) -> GenerationOutput:
+             seeds: Sequence[int] | None = None, chat: bool = True, fast: bool | None = None,
+             policy_options: Mapping[str, Any] | None = None) -> GenerationOutput:
     """One call from a model name (or a loaded model) and prompts to texts, token ids and statistics.
-    fast: the static fast decode path; None = on with CUDA."""
+    fast: the static fast decode path; None = on with CUDA. policy_options: the policy's settings by name
+    (`dynts policies` lists them), e.g. {"observation": 16} for snapkv."""
     loaded = model if isinstance(model, LoadedModel) else load_model(model, device=device, dtype=dtype)
     budget_config = budget_for(policy, budget, window, ratio)
     is_path = isinstance(head, (str, os.PathLike))  # a checkpoint path, else a loaded ImportanceHead (or None)
     engine = make_engine(loaded, policy, budget_config, sampling, batch_size, head=None if is_path else head,
-                         head_path=head if is_path else None, fast=fast)
+                         head_path=head if is_path else None, fast=fast, policy_options=policy_options)
     return engine.generate(prompts, seeds=seeds, chat=chat)

@@ -1,4 +1,4 @@
-"""Small self-validating configs shared by the engine, the policies and the CLI."""
+"""Small self-validating configs shared by the engine, the policies and the CLI, and the paper's defaults."""
 
 from __future__ import annotations
 
@@ -7,10 +7,15 @@ from dataclasses import asdict, dataclass
 
 from dynts.errors import DynTSError
 
+# The paper's frame for R1-Qwen (R1-Llama runs r=0.3) and its evaluation protocol.
+PAPER_BUDGET, PAPER_WINDOW, PAPER_RATIO = 5000, 2000, 0.4
+PAPER_MAX_NEW_TOKENS, PAPER_SAMPLES = 16384, 5
+THINK_END = "</think>"  # the end-of-thinking marker of reasoning models: the answer follows it
+
 
 @dataclass(frozen=True)
 class BudgetConfig:
-    """The B / W / r frame of DESIGN §1.
+    """The B / W / r frame every policy compresses in.
 
     budget: a sequence compresses when its cache holds this many tokens (None: never).
     window: the most recent tokens that are always kept.
@@ -46,6 +51,10 @@ class BudgetConfig:
     def compresses(self) -> bool:
         return self.budget is not None
 
+    def reached(self, length: int) -> bool:
+        """The compression trigger: a sequence compresses when its own cache holds B tokens."""
+        return self.budget is not None and length >= self.budget
+
     def selected_count(self, length: int) -> int:
         """k = floor(r * (L - W)): how many of the older tokens a compression keeps."""
         return int(math.floor(self.ratio * (length - self.window) + 1e-9))
@@ -76,7 +85,7 @@ class BudgetConfig:
 
 @dataclass(frozen=True)
 class SamplingConfig:
-    """Protocol defaults of DESIGN §5; greedy ignores temperature/top-p/top-k."""
+    """The paper's sampling protocol by default; greedy ignores temperature/top-p/top-k."""
 
     greedy: bool = False
     temperature: float = 0.6

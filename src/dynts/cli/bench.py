@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 
+from dynts.cli.args import add_frame_flags, add_policy_opt_flag
+from dynts.fast.attention import KERNELS
+from dynts.models.shapes import SHAPES
+
 
 def register(subparsers) -> None:
-    from dynts.cli.main import PAPER_BUDGET, PAPER_RATIO, PAPER_WINDOW
-    from dynts.fast.attention import KERNELS
     from dynts.policies import POLICIES
-    from dynts.models.shapes import SHAPES
 
     b = subparsers.add_parser(
         "bench", help="decode throughput of the fast path against the memory-bandwidth bound (random weights)",
@@ -32,14 +33,13 @@ def register(subparsers) -> None:
     g = b.add_argument_group("workload")
     g.add_argument("--batch", default="20", help="sequences decoded together, or 'max': the largest that fits "
                    "(CUDA) (default 20)")
-    g.add_argument("--budget", type=int, default=PAPER_BUDGET, help=f"B (default {PAPER_BUDGET})")
-    g.add_argument("--window", type=int, default=PAPER_WINDOW, help=f"W (default {PAPER_WINDOW})")
-    g.add_argument("--ratio", type=float, default=PAPER_RATIO, help=f"r (default {PAPER_RATIO})")
+    add_frame_flags(g)
     g.add_argument("--prompt-len", type=int, default=128, help="random prompt tokens per sequence (default 128)")
     g.add_argument("--new-tokens", type=int, default=8192, help="forced generation length (default 8192)")
     g.add_argument("--policy", default="dynts", choices=list(POLICIES), metavar="POLICY",
                    help="eviction policy (default dynts, with a random importance head of the paper's size "
                    "8192,2048 for large models, 512,128 for small ones)")
+    add_policy_opt_flag(g)
     g.add_argument("--head-layers", default=None, help="importance head widths, e.g. 8192,2048")
     g.add_argument("--seed", type=int, default=0)
     g = b.add_argument_group("engine")
@@ -63,10 +63,17 @@ def register(subparsers) -> None:
 
 def cmd_bench(args) -> int:
     from dynts.experiments.bench import BenchConfig, format_report, parse_batch, parse_layers, run_bench
+    from dynts.policies import policy_config
+    from dynts.policies.options import parse_assignments
+    from dynts.runtime.executor import options_key
+
+    options = parse_assignments(args.policy_opt)
+    policy_config(args.policy, options)
 
     config = BenchConfig(shape=args.shape, random_weights=args.random_weights, batch=parse_batch(args.batch),
                          budget=args.budget, window=args.window, ratio=args.ratio, prompt_len=args.prompt_len,
-                         new_tokens=args.new_tokens, policy=args.policy, compare_eager=args.compare_eager,
+                         new_tokens=args.new_tokens, policy=args.policy,
+                         policy_options=options_key(options), compare_eager=args.compare_eager,
                          device=args.device, dtype=args.dtype, bandwidth_gbps=args.bandwidth, fast=args.fast,
                          kernel=args.kernel, graphs=args.graphs, check_every=args.check_every, compile=args.compile,
                          head_layers=parse_layers(args.head_layers), seed=args.seed)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from dynts.cli.args import add_model_flags, add_policy_opt_flag, add_ray_flags, add_sampling_flags, sampling_from_args
+from dynts.config import PAPER_MAX_NEW_TOKENS, PAPER_RATIO, PAPER_SAMPLES, PAPER_WINDOW
 from dynts.errors import DynTSError
 
 PAPER_DATASETS = "aime24,aime25,amc23,gpqa_d"
@@ -17,11 +19,9 @@ DEMO_DEFAULTS = {"policies": "full,window,rkv", "datasets": "demo", "budgets": "
 
 
 def paper_defaults() -> dict:
-    from dynts.cli.main import PAPER_RATIO, PAPER_WINDOW
-
     return {"policies": "full,rkv", "datasets": PAPER_DATASETS, "budgets": PAPER_BUDGETS,
-            "windows": str(PAPER_WINDOW), "ratios": str(PAPER_RATIO), "samples": 5, "limit": None,
-            "max_new_tokens": 16384}
+            "windows": str(PAPER_WINDOW), "ratios": str(PAPER_RATIO), "samples": PAPER_SAMPLES, "limit": None,
+            "max_new_tokens": PAPER_MAX_NEW_TOKENS}
 
 
 def sweep_defaults(model: str, head: str | None) -> dict:
@@ -41,7 +41,6 @@ def sweep_defaults(model: str, head: str | None) -> dict:
 
 def register(subparsers) -> None:
     """Add `sweep` and `plot` to the dynts subcommands."""
-    from dynts.cli.main import add_model_flags, add_ray_flags, add_sampling_flags
     from dynts.policies import POLICIES
     from dynts.experiments.plots import KINDS
 
@@ -50,11 +49,13 @@ def register(subparsers) -> None:
         description="Run every cell of the grid through the evaluation harness into SWEEP/cells/<cell>/, skip "
         "finished cells, and write SWEEP/summary.csv. Flags left out take the demo grid for the embedded model "
         f"({', '.join(f'{k}={v}' for k, v in DEMO_DEFAULTS.items())}) and the paper's grid for any other model "
-        f"(policies=full,rkv, datasets={PAPER_DATASETS}, budgets={PAPER_BUDGETS}, windows=2000, ratios=0.4, "
-        "samples=5, max-new-tokens=16384); dynts joins the default policies when an importance head is available.")
+        f"(policies=full,rkv, datasets={PAPER_DATASETS}, budgets={PAPER_BUDGETS}, windows={PAPER_WINDOW}, "
+        f"ratios={PAPER_RATIO}, samples={PAPER_SAMPLES}, max-new-tokens={PAPER_MAX_NEW_TOKENS}); dynts joins the default policies when an importance head is available.")
     grid = sw.add_argument_group("grid")
     grid.add_argument("--policies", default=None,
-                      help=f"comma-separated from: {', '.join(POLICIES)}; 'full' runs once, budget-independent")
+                      help=f"comma-separated from: {', '.join(POLICIES)}; 'full' runs once, budget-independent; "
+                      "NAME:KEY=VALUE sets a policy option (e.g. h2o:scope=shared)")
+    add_policy_opt_flag(grid, "every policy of the grid that has KEY")
     grid.add_argument("--budgets", default=None,
                       help="KV budgets B: comma list and/or inclusive ranges start:stop:step, e.g. 2500:5000:500")
     grid.add_argument("--windows", default=None, help="windows W, same syntax (e.g. 1000,2000)")
@@ -80,7 +81,7 @@ def register(subparsers) -> None:
     add_sampling_flags(sw, max_new_tokens=None)
     for action in sw._actions:
         if action.dest == "max_new_tokens":
-            action.help = "default: 128 for the embedded model's demo grid, else 16384"
+            action.help = f"default: 128 for the embedded model's demo grid, else {PAPER_MAX_NEW_TOKENS}"
     add_ray_flags(sw)
     sw.set_defaults(func=cmd_sweep)
 
@@ -97,8 +98,8 @@ def register(subparsers) -> None:
 
 def spec_from_args(args):
     """Build and check a SweepSpec from parsed `dynts sweep` flags (no model is loaded)."""
-    from dynts.config import SamplingConfig
     from dynts.experiments.sweep import SweepSpec, parse_float_list, parse_int_list, parse_names
+    from dynts.policies.options import parse_assignments
 
     defaults = sweep_defaults(args.model, args.head)
     given = lambda name: getattr(args, name) if getattr(args, name) is not None else defaults[name]  # noqa: E731
@@ -108,13 +109,13 @@ def spec_from_args(args):
     ratios = parse_float_list(given("ratios"), "--ratios")
     datasets = parse_names(given("datasets"), "--datasets")
     limit = args.limit if args.limit is not None else defaults["limit"]
-    sampling = SamplingConfig(greedy=args.greedy, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                              seed=args.seed, max_new_tokens=given("max_new_tokens"))
+    sampling = sampling_from_args(args, max_new_tokens=given("max_new_tokens"))
     return SweepSpec(model=args.model, policies=policies, budgets=budgets, windows=windows, ratios=ratios,
                      datasets=datasets, samples=given("samples"), limit=limit, data_dir=args.data_dir,
                      sampling=sampling, batch_size=args.batch_size, device=args.device, dtype=args.dtype,
                      head=args.head, trace_steps=args.trace_steps, probe_tokens=args.probe_tokens,
-                     probe_batch=args.probe_batch, skip_invalid=args.skip_invalid, fast=args.fast)
+                     probe_batch=args.probe_batch, skip_invalid=args.skip_invalid, fast=args.fast,
+                     policy_options=parse_assignments(args.policy_opt))
 
 
 def cmd_sweep(args) -> int:

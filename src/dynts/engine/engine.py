@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
@@ -101,7 +101,10 @@ class Engine:
 
     def __init__(self, loaded: LoadedModel, policy: str | Policy = "full", budget: BudgetConfig | None = None,
                  sampling: SamplingConfig | None = None, batch_size: int = 8, head=None, head_path=None,
-                 trace_steps: bool = False, on_step: Callable[[int], None] | None = None):
+                 trace_steps: bool = False, on_step: Callable[[int], None] | None = None,
+                 policy_options: Mapping[str, Any] | None = None):
+        """policy: a registered name (built with policy_options, head / head_path for the dynts policies) or a
+        built Policy."""
         if batch_size < 1:
             raise DynTSError(f"--batch-size must be at least 1, got {batch_size}")
         self.loaded = loaded
@@ -117,7 +120,8 @@ class Engine:
             cls = policy_class(policy)
             if budget is None or not cls.compresses:
                 budget = BudgetConfig(None)
-            self.policy = make_policy(policy, budget, head=head, head_path=head_path, seed=self.sampling.seed)
+            self.policy = make_policy(policy, budget, policy_options, head=head, head_path=head_path,
+                                      seed=self.sampling.seed)
         self.budget = self.policy.budget
         if self.budget.compresses and self.budget.window == 0 and not self.policy.allows_zero_window:
             raise DynTSError(f"--window 0 is only meaningful for the dynts ablation, not for policy {self.policy.name}")

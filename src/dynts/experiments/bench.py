@@ -13,12 +13,19 @@ from __future__ import annotations
 import resource
 import time
 from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 
-from dynts.config import BudgetConfig, SamplingConfig
+from dynts.config import PAPER_BUDGET, PAPER_RATIO, PAPER_WINDOW, BudgetConfig, SamplingConfig
+from dynts.engine.engine import Engine
 from dynts.errors import DynTSError
 from dynts.experiments.roofline import kv_bytes_per_token, measure_bandwidth, parameter_bytes, roofline
+from dynts.fast.fast_engine import FastConfig, FastEngine
+from dynts.models.importance_head import random_head
+from dynts.models.loading import default_device, load_model, resolve_dtype
+from dynts.models.shapes import SHAPES, random_model
+from dynts.policies import budget_for, make_policy
 
 PAPER_HEAD_LAYERS = (8192, 2048)
 SMALL_HEAD_LAYERS = (512, 128)  # the size of the head shipped for the embedded model
@@ -31,12 +38,13 @@ class BenchConfig:
     shape: str = "smollm2-135m"
     random_weights: bool = True
     batch: int | None = 20  # None: the largest batch that fits (CUDA only)
-    budget: int = 5000
-    window: int = 2000
-    ratio: float = 0.4
+    budget: int = PAPER_BUDGET
+    window: int = PAPER_WINDOW
+    ratio: float = PAPER_RATIO
     prompt_len: int = 128
     new_tokens: int = 8192
     policy: str = "dynts"
+    policy_options: tuple[tuple[str, Any], ...] = ()  # sorted (key, value) pairs
     compare_eager: bool = False
     device: str | None = None
     dtype: str | None = None
@@ -50,9 +58,6 @@ class BenchConfig:
     seed: int = 0
 
     def __post_init__(self):
-        from dynts.fast.fast_engine import FastConfig
-        from dynts.policies import make_policy
-
         if self.batch is not None and self.batch < 1:
             raise DynTSError(f"--batch must be at least 1 (or 'max'), got {self.batch}")
         if self.prompt_len < 1:
@@ -62,16 +67,12 @@ class BenchConfig:
         if self.bandwidth_gbps is not None and not self.bandwidth_gbps > 0:
             raise DynTSError(f"--bandwidth must be positive GB/s, got {self.bandwidth_gbps}")
         budget = self.budget_config()
-        budget.check_prompt(self.prompt_len, make_policy(self.policy, budget).protects_prompt)
+        policy = make_policy(self.policy, budget, dict(self.policy_options))
+        budget.check_prompt(self.prompt_len, policy.protects_prompt)
         FastConfig(kernel=self.kernel, check_every=self.check_every)
 
     def budget_config(self) -> BudgetConfig:
-        from dynts.policies import policy_class
-
-        cls = policy_class(self.policy)
-        if not cls.compresses:
-            return BudgetConfig(None)
-        return BudgetConfig(self.budget, self.window, self.ratio, allow_zero_window=cls.allows_zero_window)
+        return budget_for(self.policy, self.budget, self.window, self.ratio)
 
 
 def peak_memory(device: torch.device) -> tuple[int, str]:
@@ -104,8 +105,6 @@ def largest_batch(loaded, config: BenchConfig, reserve_bytes: int = 3 * 2**30) -
 
 
 def build_model(config: BenchConfig):
-    from dynts.models.loading import default_device, load_model, resolve_dtype
-    from dynts.models.shapes import SHAPES, random_model
 
     device = config.device or default_device()
     if str(device).startswith("cuda") and not torch.cuda.is_available():
@@ -118,7 +117,6 @@ def build_model(config: BenchConfig):
 
 
 def importance_head(loaded, config: BenchConfig):
-    from dynts.models.importance_head import random_head
 
     if not config.policy.startswith("dynts"):
         return None
@@ -161,8 +159,6 @@ def eager_transformers_loop(loaded, prompts: list[list[int]], new_tokens: int) -
 
 def run_bench(config: BenchConfig) -> dict:
     """Run the benchmark and return every figure (see format_report for the printed form)."""
-    from dynts.engine.engine import Engine
-    from dynts.fast.fast_engine import FastConfig, FastEngine
 
     loaded = build_model(config)
     device = loaded.device
@@ -177,9 +173,11 @@ def run_bench(config: BenchConfig) -> dict:
     fast_config = FastConfig(graphs=config.graphs, kernel=config.kernel, check_every=config.check_every,
                              compile=config.compile)
     if config.fast:
-        engine = FastEngine(loaded, config.policy, budget, sampling, batch, head=head, fast=fast_config)
+        engine = FastEngine(loaded, config.policy, budget, sampling, batch, head=head, fast=fast_config,
+                            policy_options=dict(config.policy_options))
     else:
-        engine = Engine(loaded, config.policy, budget, sampling, batch, head=head)
+        engine = Engine(loaded, config.policy, budget, sampling, batch, head=head,
+                        policy_options=dict(config.policy_options))
     engine.sampling = replace(sampling, max_new_tokens=min(config.new_tokens, 8))  # warm-up: kernels, graphs
     engine.generate(prompts)
     engine.sampling = sampling

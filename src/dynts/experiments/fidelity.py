@@ -15,13 +15,20 @@ from pathlib import Path
 
 import torch
 
-from dynts.config import BudgetConfig, SamplingConfig
+from tqdm import tqdm
+
+from dynts.config import SamplingConfig
 from dynts.engine.engine import Engine
-from dynts.errors import DynTSError
-from dynts.predictor.labels import find_spans, think_start_ids
-from dynts.models.loading import LoadedModel
-from dynts.policies import policy_class
 from dynts.engine.replay import replay
+from dynts.errors import DynTSError
+from dynts.harness.datasets import load_dataset
+from dynts.harness.prompts import question_text
+from dynts.harness.store import MANIFEST_FILE, read_manifest, read_records
+from dynts.models.loading import LoadedModel
+from dynts.policies import budget_for, policy_class
+from dynts.policies.options import format_spec, parse_spec
+from dynts.policies.registry import check_common_options, resolve_spec
+from dynts.predictor.labels import find_spans, think_start_ids
 
 
 @dataclass
@@ -34,6 +41,7 @@ class Trace:
 @dataclass
 class FidelityRecord:
     policy: str
+    options: dict  # the policy options that differ from its defaults
     budget: int | None
     window: int | None
     ratio: float | None
@@ -66,10 +74,8 @@ class _Sums:
 
 
 def traces_from_store(directory: str | Path, loaded: LoadedModel, limit: int | None = None) -> list[Trace]:
-    from dynts.harness.store import read_manifest, read_records
-
     directory = Path(directory)
-    if not (directory / "run.json").is_file():
+    if not (directory / MANIFEST_FILE).is_file():
         raise DynTSError(f"--traces {directory} is not a trace directory written by `dynts collect`")
     model = read_manifest(directory).get("model")
     if model != loaded.name:
@@ -91,11 +97,6 @@ def make_trace(loaded: LoadedModel, prompt_ids: list[int], token_ids: list[int])
 def traces_from_dataset(loaded: LoadedModel, dataset: str, limit: int, max_new_tokens: int, data_dir=None,
                         batch_size: int = 8, progress: bool = True) -> list[Trace]:
     """Reference traces generated here with the full cache, greedily."""
-    from tqdm import tqdm
-
-    from dynts.harness.datasets import load_dataset
-    from dynts.harness.prompts import question_text
-
     problems = load_dataset(dataset, data_dir=data_dir, limit=limit)
     engine = Engine(loaded, "full", None, SamplingConfig(greedy=True, max_new_tokens=max_new_tokens), batch_size)
     prompts = [engine.encode(question_text(p)) for p in problems]
@@ -106,16 +107,20 @@ def traces_from_dataset(loaded: LoadedModel, dataset: str, limit: int, max_new_t
 
 
 def build_engines(loaded: LoadedModel, policies: list[str], budgets: list[int], window: int, ratio: float,
-                  head=None, head_path: str | None = None) -> dict[tuple, Engine]:
-    """One greedy engine per (policy, budget config); policies that never compress get one, with config None."""
+                  head=None, head_path: str | None = None, policy_options: dict | None = None) -> dict[tuple, Engine]:
+    """One greedy engine per (policy, budget config), keyed (label, config); policies that never compress get one,
+    with config None. policies: NAME or NAME:KEY=VALUE... (the label keeps the options that differ from the
+    policy's defaults); policy_options (--policy-opt) apply to every policy that has the option."""
     greedy = SamplingConfig(greedy=True, max_new_tokens=1)
     engines = {}
-    for name in policies:
-        cls = policy_class(name)
-        configs = [BudgetConfig(b, window, ratio, allow_zero_window=cls.allows_zero_window) for b in budgets] \
-            if cls.compresses else [None]
+    entries = [resolve_spec(text, policy_options) for text in policies]
+    check_common_options(policy_options or {}, [name for name, _ in entries])
+    for name, options in dict.fromkeys(entries):
+        label = format_spec(name, dict(options))
+        configs = [budget_for(name, b, window, ratio) for b in budgets] if policy_class(name).compresses else [None]
         for config in configs:
-            engines[name, config] = Engine(loaded, name, config, greedy, batch_size=1, head=head, head_path=head_path)
+            engines[label, config] = Engine(loaded, name, config, greedy, batch_size=1, head=head, head_path=head_path,
+                                            policy_options=dict(options))
     return engines
 
 
@@ -138,15 +143,6 @@ def check_traces(engines: dict[tuple, Engine], traces: list[Trace]) -> None:
         engine.check_prompts([t.prompt_ids for t in traces])
 
 
-def measure(loaded: LoadedModel, traces: list[Trace], policies: list[str], budgets: list[int], window: int,
-            ratio: float, head_path: str | None = None, progress: bool = True, head=None,
-            max_chunk: int = 512, share_prefix: bool = True) -> list[dict]:
-    """One FidelityRecord (as a dict) per policy and budget (`full` once); every prompt must fit every budget."""
-    engines = build_engines(loaded, policies, budgets, window, ratio, head=head, head_path=head_path)
-    check_traces(engines, traces)
-    return measure_engines(loaded, traces, engines, progress=progress, max_chunk=max_chunk, share_prefix=share_prefix)
-
-
 def measure_engines(loaded: LoadedModel, traces: list[Trace], engines: dict[tuple, Engine], progress: bool = True,
                     max_chunk: int = 512, share_prefix: bool = True) -> list[dict]:
     """Every trace is replayed once with the full cache for the reference distributions, then once per engine in
@@ -156,8 +152,6 @@ def measure_engines(loaded: LoadedModel, traces: list[Trace], engines: dict[tupl
     runs up to each budget are recorded and admitted by the policies instead of recomputed; those positions count
     with KL 0 and agreement 1, which is what computing them gives (a test checks both ways agree).
     """
-    from tqdm import tqdm
-
     reference_engine = Engine(loaded, "full", None, SamplingConfig(greedy=True, max_new_tokens=1), batch_size=1)
     budgets = sorted({config.budget for _, config in engines if config is not None})
 
@@ -212,17 +206,18 @@ def measure_engines(loaded: LoadedModel, traces: list[Trace], engines: dict[tupl
     bar.close()
 
     records = []
-    for (name, config), cell in sums.items():
+    for (label, config), cell in sums.items():
+        name, options = parse_spec(label)
         kl_answer, top1_answer = cell["answer"].means()
         kl_after, top1_after = cell["after"].means()
         kl_all, top1_all = cell["all"].means()
         compressing = config is not None
         records.append(asdict(FidelityRecord(
-            policy=name, budget=config.budget if compressing else None, window=config.window if compressing else None,
+            policy=name, options=options, budget=config.budget if compressing else None, window=config.window if compressing else None,
             ratio=config.ratio if compressing else None, traces=len(traces), kl_answer=kl_answer, kl_after=kl_after,
             top1_answer=top1_answer, top1_after=top1_after, kl_all=kl_all or 0.0, top1_all=top1_all or 0.0,
             positions_answer=cell["answer"].count, positions_after=cell["after"].count,
-            positions_all=cell["all"].count, compressions=compressions[name, config])))
+            positions_all=cell["all"].count, compressions=compressions[label, config])))
     return records
 
 
@@ -233,7 +228,7 @@ def format_table(records: list[dict]) -> str:
     header = f"{'policy':<18}{'B':>6}{'KL answer':>11}{'KL after':>10}{'top1 ans':>10}{'top1 after':>11}{'compr':>7}"
     lines = [header, "-" * len(header)]
     for r in records:
-        lines.append(f"{r['policy']:<18}{r['budget'] if r['budget'] else '-':>6}{f(r['kl_answer']):>11}"
+        lines.append(f"{format_spec(r['policy'], r.get('options') or {}):<18}{r['budget'] if r['budget'] else '-':>6}{f(r['kl_answer']):>11}"
                      f"{f(r['kl_after']):>10}{f(r['top1_answer'], 3):>10}{f(r['top1_after'], 3):>11}"
                      f"{r['compressions']:>7}")
     return "\n".join(lines)
@@ -248,7 +243,8 @@ def plot_kl(records: list[dict], out_dir: Path) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [r for r in records if r["budget"] is not None and r["kl_after"] is not None]
+    rows = [{**r, "policy": format_spec(r["policy"], r.get("options") or {})} for r in records
+            if r["budget"] is not None and r["kl_after"] is not None]
     fig, ax = plt.subplots(figsize=(6, 4))
     for policy in dict.fromkeys(r["policy"] for r in rows):
         mine = sorted((r["budget"], r["kl_after"]) for r in rows if r["policy"] == policy)
@@ -278,7 +274,7 @@ def write_outputs(records: list[dict], out_dir: str | Path, manifest: dict) -> P
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(records, indent=2) + "\n")
     tmp.replace(path)
-    (out / "run.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    (out / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
     (out / "fidelity.md").write_text("```\n" + format_table(records) + "\n```\n")
     try:
         plot_kl(records, out)

@@ -39,19 +39,30 @@ import math
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
+
+from tqdm import tqdm
 
 from dynts.config import BudgetConfig, SamplingConfig
+from dynts.engine.engine import Engine
 from dynts.errors import DynTSError
-from dynts.runtime.executor import needs_head
-from dynts.harness.store import read_manifest, write_json_atomic, write_text_atomic
+from dynts.harness.datasets import load_dataset
+from dynts.harness.evaluate import EvalJob, EvalPlan, run_evals
+from dynts.harness.prompts import DEFAULT_SHUFFLE_SEED, question_text
+from dynts.harness.report import METRICS_FILE
+from dynts.harness.store import MANIFEST_FILE, read_manifest, write_json_atomic, write_text_atomic
+from dynts.models.importance_head import shipped_head_path
+from dynts.models.loading import load_model
+from dynts.policies import budget_for, make_policy, policy_class, policy_config
+from dynts.policies.options import as_dict, format_spec, parse_spec
+from dynts.policies.registry import check_common_options, resolve_spec
+from dynts.runtime.executor import EngineSpec, LocalExecutor, Task
 
 SWEEP_FILE = "sweep.json"
 SUMMARY_FILE = "summary.csv"
 CELLS_DIR = "cells"
 STEPS_FILE = "steps.jsonl"
 PROBE_FILE = "probe.json"
-METRICS_FILE = "metrics.json"
 SWEEP_FORMAT = 1
 
 SUMMARY_COLUMNS = (
@@ -136,30 +147,33 @@ def format_ratio(ratio: float) -> str:
 
 @dataclass(frozen=True)
 class Cell:
-    """One evaluation of the grid: a policy and, for compressing policies, its B / W / r."""
+    """One evaluation of the grid: a policy with its options and, for compressing policies, its B / W / r."""
 
     policy: str
     budget: int | None = None
     window: int | None = None
     ratio: float | None = None
+    options: tuple[tuple[str, Any], ...] = ()  # the policy options that differ from its defaults, sorted
 
     @property
     def compresses(self) -> bool:
         return self.budget is not None
 
     @property
+    def label(self) -> str:
+        """The policy and its non-default options, as written in --policies: NAME or NAME:KEY=VALUE..."""
+        return format_spec(self.policy, dict(self.options))
+
+    @property
     def name(self) -> str:
+        """The cell's directory name: NAME[+KEY=VALUE...][-B<b>-W<w>-r<r>]."""
+        head = "+".join([self.policy, *(f"{k}={v}" for k, v in parse_spec(self.label)[1].items())])
         if not self.compresses:
-            return self.policy
-        return f"{self.policy}-B{self.budget}-W{self.window}-r{format_ratio(self.ratio)}"
+            return head
+        return f"{head}-B{self.budget}-W{self.window}-r{format_ratio(self.ratio)}"
 
     def budget_config(self) -> BudgetConfig:
-        from dynts.policies import policy_class
-
-        if not self.compresses:
-            return BudgetConfig(None)
-        cls = policy_class(self.policy)
-        return BudgetConfig(self.budget, self.window, self.ratio, allow_zero_window=cls.allows_zero_window)
+        return budget_for(self.policy, self.budget, self.window, self.ratio)
 
 
 @dataclass
@@ -168,7 +182,7 @@ class SweepSpec:
     prompts against budgets, the importance head, sweep.json) before anything is written."""
 
     model: str
-    policies: list[str]
+    policies: list[str]  # NAME or NAME:KEY=VALUE... (policy options)
     budgets: list[int]
     windows: list[int]
     ratios: list[float]
@@ -188,12 +202,10 @@ class SweepSpec:
     skip_invalid: bool = False
     fast: bool | None = None  # the static fast decode path; None: on with CUDA
     shuffle_seed: int | None = None
+    policy_options: dict[str, Any] = field(default_factory=dict)  # --policy-opt: for every policy that has the key
     skipped: list[str] = field(default_factory=list)  # invalid cells dropped by skip_invalid
 
     def __post_init__(self):
-        from dynts.harness.evaluate import EvalPlan
-        from dynts.harness.prompts import DEFAULT_SHUFFLE_SEED
-
         if self.shuffle_seed is None:
             self.shuffle_seed = DEFAULT_SHUFFLE_SEED
         EvalPlan(datasets=list(self.datasets), samples=self.samples, limit=self.limit)  # same checks as eval
@@ -209,22 +221,21 @@ class SweepSpec:
     # -- grid ----------------------------------------------------------------------------------
     def cells(self) -> list[Cell]:
         """The cells of the grid; raises one DynTSError naming every invalid cell (unless skip_invalid)."""
-        from dynts.policies import policy_class
-
         self.skipped = []
         cells: list[Cell] = []
         invalid: list[str] = []
-        for policy in self.policies:
-            cls = policy_class(policy)  # unknown policy: DynTSError listing the valid ones
-            if not cls.compresses:
-                cells.append(Cell(policy))
+        entries = [resolve_spec(text, self.policy_options) for text in self.policies]
+        check_common_options(self.policy_options, [name for name, _ in entries])
+        for policy, options in dict.fromkeys(entries):
+            if not policy_class(policy).compresses:
+                cells.append(Cell(policy, options=options))
                 continue
             if not self.budgets or not self.windows or not self.ratios:
                 raise DynTSError(f"policy {policy} compresses: give --budgets, --windows and --ratios")
             for budget in self.budgets:
                 for window in self.windows:
                     for ratio in self.ratios:
-                        cell = Cell(policy, int(budget), int(window), float(ratio))
+                        cell = Cell(policy, int(budget), int(window), float(ratio), options)
                         try:
                             cell.budget_config()
                         except DynTSError as exc:
@@ -279,7 +290,9 @@ class SweepSpec:
         }
 
     def grid(self) -> dict:
-        return {"policies": list(self.policies), "budgets": list(self.budgets), "windows": list(self.windows),
+        labels = [format_spec(name, dict(options)) for name, options in
+                  (resolve_spec(text, self.policy_options) for text in self.policies)]
+        return {"policies": list(dict.fromkeys(labels)), "budgets": list(self.budgets), "windows": list(self.windows),
                 "ratios": list(self.ratios), "datasets": list(self.datasets)}
 
 
@@ -399,21 +412,15 @@ def run_sweep(spec: SweepSpec, out_dir: str | Path, loaded=None, load: Callable 
     dynts.models.load_model with the spec's model/device/dtype). Each is called only when some cell still has
     work to do.
     """
-    from tqdm import tqdm
-
-    from dynts.harness.evaluate import EvalJob, EvalPlan, run_evals
-    from dynts.runtime.executor import LocalExecutor, Task
-
     out = Path(out_dir)
     cells = spec.cells()  # grid mistakes: before anything else
     stored = read_sweep_file(out)
     shared = spec.shared(cells, stored["shared"] if stored else None)
     _check_sweep_file(out, stored, shared)
-    if any(needs_head(c.policy) for c in cells) and spec.head is None:
-        from dynts.models.importance_head import shipped_head_path
-
+    if any(policy_class(c.policy).uses_head for c in cells) and spec.head is None:
         if shipped_head_path(spec.model) is None:
-            raise DynTSError(f"policy {', '.join(sorted({c.policy for c in cells if needs_head(c.policy)}))} needs "
+            uses = sorted({c.policy for c in cells if policy_class(c.policy).uses_head})
+            raise DynTSError(f"policy {', '.join(uses)} needs "
                              f"an importance head and none ships for model {spec.model!r}: pass --head PATH or "
                              "leave the dynts policies out of --policies")
     if spec.head is not None and not Path(spec.head).exists():
@@ -482,8 +489,6 @@ def _probe_problem(spec: SweepSpec, stored: dict | None, problems):
     for problem in problems:
         if (problem.dataset, problem.id) == (ref.get("dataset"), ref.get("id")):
             return problem
-    from dynts.harness.datasets import load_dataset
-
     for problem in load_dataset(ref["dataset"], data_dir=spec.data_dir, split=spec.split):
         if problem.id == ref.get("id"):
             return problem
@@ -492,8 +497,6 @@ def _probe_problem(spec: SweepSpec, stored: dict | None, problems):
 
 def _default_loader(spec: SweepSpec) -> Callable:
     def load():
-        from dynts.models.loading import load_model
-
         return load_model(spec.model, device=spec.device, dtype=spec.dtype)
     return load
 
@@ -502,11 +505,7 @@ def check_cells(host, spec: SweepSpec, cells: list[Cell], problems) -> tuple[dic
     """Task: checks that need the tokenizer or the head: every prompt must fit every remaining cell.
 
     Returns the encoded prompts, the invalid cells' messages, the cells those are, and the longest prompt."""
-    from dynts.engine.engine import Engine
-    from dynts.policies import make_policy
-    from dynts.harness.prompts import question_text
-
-    head = host.head(spec.head) if any(needs_head(c.policy) for c in cells) else None
+    head = host.head(spec.head) if any(policy_class(c.policy).uses_head for c in cells) else None
     encoder = Engine(host.loaded, "full", None, spec.sampling, 1)
     prompt_ids = {(p.dataset, p.id): encoder.encode(question_text(p, spec.shuffle_seed)) for p in problems}
     longest = max(len(ids) for ids in prompt_ids.values())
@@ -515,7 +514,8 @@ def check_cells(host, spec: SweepSpec, cells: list[Cell], problems) -> tuple[dic
         if not cell.compresses:
             continue
         budget = cell.budget_config()
-        policy = make_policy(cell.policy, budget, head=head, head_path=spec.head, seed=spec.sampling.seed)
+        policy = make_policy(cell.policy, budget, dict(cell.options), head=head, head_path=spec.head,
+                             seed=spec.sampling.seed)
         try:  # the longest prompt is the binding one for both constraints (prompt + W < B, prompt <= r(B-W))
             budget.check_prompt(longest, policy.protects_prompt)
         except DynTSError as exc:
@@ -527,8 +527,6 @@ def check_cells(host, spec: SweepSpec, cells: list[Cell], problems) -> tuple[dic
 def _validate_against_model(spec: SweepSpec, cells: list[Cell], model, problems) -> tuple[dict, set]:
     """check_cells on a loaded model or through an executor; invalid cells fail (or are skipped, with
     --skip-invalid). Returns the encoded prompts and the cells left out."""
-    from dynts.runtime.executor import LocalExecutor
-
     executor = model if hasattr(model, "run") else LocalExecutor(model)
     prompt_ids, invalid, unfit, longest = executor.call(check_cells, spec, cells, problems)
     spec._report_invalid(invalid, f"for the prompts of {', '.join(spec.datasets)} (longest: {longest} tokens)")
@@ -536,10 +534,8 @@ def _validate_against_model(spec: SweepSpec, cells: list[Cell], model, problems)
 
 
 def _engine_spec(spec: SweepSpec, cell: Cell, sampling: SamplingConfig, batch_size: int, trace_steps: bool = False):
-    from dynts.runtime.executor import EngineSpec
-
     return EngineSpec(cell.policy, cell.budget_config(), sampling, batch_size, head_path=spec.head,
-                      trace_steps=trace_steps, fast=spec.fast)
+                      trace_steps=trace_steps, fast=spec.fast, policy_options=cell.options)
 
 
 def probe_unit(host, engine_spec, prompt: list[int]) -> dict:
@@ -560,7 +556,7 @@ def write_probe(cell: Cell, result: dict, directory: Path, prompt_ref: dict | No
     """Write a probe's steps.jsonl and probe.json into the cell directory."""
     directory.mkdir(parents=True, exist_ok=True)
     write_text_atomic(directory / STEPS_FILE, steps_jsonl(result["steps"]))
-    probe = {"cell": cell.name, "policy": cell.policy, "budget": cell.budget, "window": cell.window,
+    probe = {"cell": cell.name, "policy": cell.label, "budget": cell.budget, "window": cell.window,
              "ratio": cell.ratio, "prompt": prompt_ref, "prompt_tokens": result["prompt_tokens"],
              "tokens": result["sampling"]["max_new_tokens"], "batch": result["batch"], "sampling": result["sampling"],
              "device": result["device"], "stats": result["stats"]}
@@ -590,7 +586,7 @@ class CellResult:
     name: str
     directory: Path
     model: str
-    policy: str
+    policy: str  # the policy as run: NAME, or NAME:KEY=VALUE... for options that differ from its defaults
     budget: int | None
     window: int | None
     ratio: float | None
@@ -635,7 +631,7 @@ def load_cells(sweep_dir: str | Path) -> list[CellResult]:
         return []
     results = []
     for directory in sorted(p for p in root.iterdir() if p.is_dir()):
-        if not (directory / METRICS_FILE).is_file() or not (directory / "run.json").is_file():
+        if not (directory / METRICS_FILE).is_file() or not (directory / MANIFEST_FILE).is_file():
             continue
         manifest = read_manifest(directory)
         try:
@@ -644,14 +640,24 @@ def load_cells(sweep_dir: str | Path) -> list[CellResult]:
             continue
         policy = manifest.get("policy") or {}
         budget = policy.get("budget")
+        name = str(policy.get("registry_name") or policy.get("name"))
         results.append(CellResult(
             name=directory.name, directory=directory, model=str(manifest.get("model")),
-            policy=str(policy.get("registry_name") or policy.get("name")),
+            policy=_label(name, policy.get("options") or {}),
             budget=int(budget) if budget is not None else None,
             window=policy.get("window") if budget is not None else None,
             ratio=policy.get("ratio") if budget is not None else None,
             metrics=metrics, manifest=manifest))
     return results
+
+
+def _label(policy: str, options: dict) -> str:
+    """NAME:KEY=VALUE... for the options that differ from the policy's defaults (NAME for an unknown policy)."""
+    try:
+        default = as_dict(policy_config(policy))
+    except DynTSError:
+        return policy
+    return format_spec(policy, {k: v for k, v in sorted(options.items()) if k in default and default[k] != v})
 
 
 def summary_rows(cells: list[CellResult]) -> list[dict]:

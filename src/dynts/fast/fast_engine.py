@@ -28,8 +28,6 @@ from dynts.fast.attention import KERNELS, resolve_kernel, static_attention
 from dynts.engine.engine import Engine, GenerationResult, RunStats, SequenceStats
 from dynts.errors import DynTSError
 from dynts.models.loading import LoadedModel
-from dynts.policies.dynts import DynTSPolicy
-from dynts.policies.full import FullPolicy
 from dynts.policies.h2o import H2OPolicy
 from dynts.policies.rkv import RKVPolicy
 from dynts.policies.sepllm import SepLLMPolicy
@@ -38,11 +36,6 @@ from dynts.policies.streaming import StreamingPolicy
 from dynts.policies.window import WindowPolicy
 from dynts.fast.static_cache import StaticBudgetedCache
 from dynts.fast.step import DecodeState, StaticStep
-
-# Policies whose per-token hooks and scoring are known to be capturable (no host reads inside a step).
-FAST_POLICIES = (FullPolicy, WindowPolicy, StreamingPolicy, SepLLMPolicy, H2OPolicy, SnapKVPolicy, RKVPolicy,
-                 DynTSPolicy)
-
 
 @dataclass(frozen=True)
 class FastConfig:
@@ -142,12 +135,12 @@ class FastEngine(Engine):
 
     def __init__(self, loaded: LoadedModel, policy="full", budget: BudgetConfig | None = None,
                  sampling: SamplingConfig | None = None, batch_size: int = 8, head=None, head_path=None,
-                 trace_steps: bool = False, on_step=None, fast: FastConfig | None = None):
+                 trace_steps: bool = False, on_step=None, fast: FastConfig | None = None, policy_options=None):
         super().__init__(loaded, policy, budget, sampling, batch_size, head=head, head_path=head_path,
-                         trace_steps=trace_steps, on_step=on_step)
+                         trace_steps=trace_steps, on_step=on_step, policy_options=policy_options)
         self.fast = (fast or FastConfig()).for_device(self.device, loaded.dtype)
         self.fallback_reason: str | None = None
-        if type(self.policy) not in FAST_POLICIES:
+        if not self.policy.is_capturable():
             self.fallback_reason = f"policy {self.policy.name!r} ({type(self.policy).__name__}) is not known to " \
                                    "be capturable"
         self.last_profile: DecodeProfile | None = None
@@ -229,8 +222,6 @@ class FastEngine(Engine):
 
         profile.capture_s += step.capture_s
         profile.captures += step.captures
-        overflow = int(step.overflow)
-        policy.protected_overflow += overflow
         return self._finish_batch(prompts, generated, stats, run, bytes_per_token)
 
     @staticmethod

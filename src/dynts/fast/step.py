@@ -22,7 +22,7 @@ from dynts.fast.host_sync import HostSyncGuard
 from dynts.policies import Policy, TokenBatch
 from dynts.fast.static_cache import StaticBudgetedCache
 from dynts.fast.sampling import choose_tokens, seed_words
-from dynts.policies.selection import select_keep
+from dynts.policies.selection import keep_slots
 
 
 @dataclass
@@ -65,7 +65,6 @@ class StaticStep:
         self.observer = policy if policy.observes_attention else None
         self.think_end = torch.tensor(think_end, dtype=torch.long, device=self.device) if think_end else None
         self.graphs, self.warmup_steps, self.sync_check = graphs, warmup_steps, sync_check
-        self.overflow = torch.zeros((), dtype=torch.long, device=self.device)
         self.capture_s, self.captures = 0.0, 0
         self._forward = torch.compile(self.forward, dynamic=False) if compile_forward else self.forward
         self._reset_shape()
@@ -180,7 +179,7 @@ class StaticStep:
                 index = torch.tensor(rows, dtype=torch.long).pin_memory().to(self.device, non_blocking=True)
             else:
                 index = torch.tensor(rows, dtype=torch.long, device=self.device)
-            keep = select_keep(self.policy, self.cache, rows, self.overflow)
+            keep = keep_slots(self.policy, self.cache, rows)
             self.cache.compact_rows(rows, index, keep)
             self.state.lengths.index_fill_(0, index, keep.shape[-1])
 

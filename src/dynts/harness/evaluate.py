@@ -15,30 +15,21 @@ import hashlib
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 from dynts import __version__
-from dynts.harness.datasets import Problem, load_dataset
+from dynts.engine.engine import Engine
 from dynts.errors import DynTSError
-from dynts.runtime.executor import EngineSpec, LocalExecutor, Task
+from dynts.harness.datasets import Problem, load_dataset
 from dynts.harness.prompts import DEFAULT_SHUFFLE_SEED, question_text
 from dynts.harness.report import write_report
 from dynts.harness.store import ResultStore, build_record
-
-if TYPE_CHECKING:
-    from dynts.engine.engine import Engine
+from dynts.policies.options import as_dict
+from dynts.runtime.executor import EngineSpec, LocalExecutor, Task
 
 
 def sample_seed(seed: int, problem: Problem, sample: int) -> int:
     return zlib.crc32(f"{seed}:{problem.dataset}:{problem.id}:{sample}".encode())
-
-
-def file_digest(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()[:16]
 
 
 @dataclass
@@ -79,7 +70,7 @@ def manifest_for(engine: Engine, plan: EvalPlan) -> dict:
         "model": engine.loaded.name,
         "policy": {"name": policy.name, "registry_name": engine.policy_name, "budget": budget.budget,
                    "window": budget.window if budget.compresses else None,
-                   "ratio": budget.ratio if budget.compresses else None},
+                   "ratio": budget.ratio if budget.compresses else None, "options": as_dict(policy.config)},
         "head": head_info,
         "sampling": engine.sampling.to_dict(),
         "seed": engine.sampling.seed,

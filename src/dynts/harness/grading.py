@@ -33,10 +33,10 @@ import threading
 import time
 from fractions import Fraction
 
+from dynts.config import THINK_END
 from dynts.errors import DynTSError
 
 KINDS = ("math", "choice")
-THINK_END = "</think>"
 DEFAULT_TIMEOUT_S = 5.0
 
 # Startup (importing sympy) is not counted against a comparison's time limit.
@@ -104,11 +104,6 @@ def last_boxed(text: str) -> str | None:
         if content is not None and content.strip():
             found = content.strip()
     return found
-
-
-def shutdown_worker() -> None:
-    """Stop the Math-Verify worker process (it restarts on the next comparison)."""
-    _VERIFIER.stop()
 
 
 # --------------------------------------------------------------------------- #

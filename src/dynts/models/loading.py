@@ -15,12 +15,12 @@ from pathlib import Path
 
 import torch
 
+from dynts.config import THINK_END
 from dynts.errors import DynTSError
 
 EMBEDDED_MODEL = "smollm2-135m"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SUPPORTED_TYPES = ("llama", "qwen2", "qwen3", "mistral")
-THINK_END = "</think>"
 
 
 @dataclass

@@ -1,10 +1,12 @@
 """What every eviction policy shares: when to compress and how many tokens survive.
 
 A compression of a sequence holding L tokens keeps its most recent W tokens and the k = floor(r (L - W)) best
-of the older ones, in their original order (DESIGN §1). A policy only says what "best" means by scoring the
+of the older ones, in their original order (selection.py). A policy only says what "best" means by scoring the
 older slots, either one score per slot (one index set for all layers and heads) or one per layer and KV head.
 Slots scored +inf are protected; if more are protected than fit, the newest of them are kept and the event is
 counted in `protected_overflow`.
+
+What a policy can do is declared here, once, as class attributes; its settings are its `Config` dataclass.
 """
 
 from __future__ import annotations
@@ -14,8 +16,10 @@ from typing import ClassVar
 
 import torch
 
-from dynts.kv.cache import BudgetedCache
 from dynts.config import BudgetConfig
+from dynts.kv.cache import BudgetedCache
+from dynts.policies.options import NoOptions
+from dynts.policies.selection import keep_slots
 
 
 @dataclass
@@ -33,25 +37,35 @@ class TokenBatch:
 
 
 class Policy:
-    """Base eviction policy. Subclasses set the class flags and implement `score_older`."""
+    """Base eviction policy. Subclasses set the class attributes and implement `score_older`."""
 
     name: ClassVar[str] = "base"
+    summary: ClassVar[str] = ""  # one line on what a compression keeps (`dynts policies`)
+    Config: ClassVar[type] = NoOptions  # the policy's settings, a frozen dataclass (options.py)
     compresses: ClassVar[bool] = True
-    per_head: ClassVar[bool] = False  # one index set per layer and KV head instead of one for all
-    protects_prompt: ClassVar[bool] = False  # the whole prompt must fit in what a compression keeps
+    per_head: bool = False  # one index set per layer and KV head instead of one for all
+    protects_prompt: bool = False  # the whole prompt must fit in what a compression keeps
     observes_attention: ClassVar[bool] = False  # wants observe_attention calls from the attention function
     wants_probs: ClassVar[bool] = False  # ... with attention probabilities computed
     allows_zero_window: ClassVar[bool] = False
-    count_overflow: bool = True  # count protected overflows (a host sync per compression; fast paths turn it off)
+    uses_head: ClassVar[bool] = False  # scores tokens with an importance head
+    capturable: ClassVar[bool] = False  # no host reads in its hooks: the fast path may capture it (see is_capturable)
 
-    def __init__(self, budget: BudgetConfig):
+    def __init__(self, budget: BudgetConfig, config=None):
         self.budget = budget
-        self.protected_overflow = 0
+        self.config = config if config is not None else self.Config()
+        self._overflow: torch.Tensor | None = None
 
     @classmethod
-    def create(cls, budget: BudgetConfig, **options) -> "Policy":
-        """Registry entry point; options a policy does not use (head, seed, ...) are ignored."""
-        return cls(budget)
+    def create(cls, budget: BudgetConfig, config, **context) -> "Policy":
+        """Registry entry point; context (head, head_path, seed) reaches the policies that use it."""
+        return cls(budget, config)
+
+    @classmethod
+    def is_capturable(cls) -> bool:
+        """Whether the fast path may capture this policy's hooks in CUDA graphs. Only a class's own declaration
+        counts: a subclass changes hooks, so it must say again that they read nothing back to the host."""
+        return bool(cls.__dict__.get("capturable", False))
 
     # --- lifecycle hooks (all optional) -------------------------------------------------------
     def bind(self, loaded) -> None:
@@ -72,28 +86,18 @@ class Policy:
         raise NotImplementedError
 
     def select(self, cache: BudgetedCache, row: int) -> torch.Tensor:
-        """Sorted slot indices to keep for one row."""
-        length = cache.lengths[row]
-        window = self.budget.window
-        older = length - window
-        k = self.budget.selected_count(length)
-        device = cache.device
-        recent = torch.arange(older, length, device=device)
-        scores = self.score_older(cache, row, older).float()
-        if self.per_head:
-            chosen = scores.topk(k, dim=-1).indices.sort(dim=-1).values
-            return torch.cat([chosen, recent.expand(*chosen.shape[:-1], window)], dim=-1)
-        # Protected slots outrank every score and, among themselves, newer beats older: when more are protected
-        # than fit, the newest are kept. Ranking on the device needs no host sync.
-        protected = torch.isposinf(scores)
-        scores = scores.double()
-        ceiling = scores.masked_fill(protected, float("-inf")).max().nan_to_num(0.0, 0.0, 0.0)
-        slot_rank = torch.arange(older, device=device, dtype=torch.float64)
-        ranked = torch.where(protected, ceiling + 1.0 + slot_rank, scores)
-        chosen = ranked.topk(k).indices.sort().values
-        if self.count_overflow:
-            self.protected_overflow += int(protected.sum()) > k
-        return torch.cat([chosen, recent])
+        """Sorted slot indices to keep for one row (selection.keep_slots for a single row)."""
+        return keep_slots(self, cache, [row])[0]
+
+    def note_overflow(self, overflowed: torch.Tensor) -> None:
+        """Count rows whose protected tokens did not all fit, on the device (read only when asked for)."""
+        count = overflowed.sum()
+        self._overflow = count if self._overflow is None else self._overflow + count
+
+    @property
+    def protected_overflow(self) -> int:
+        """Compressions so far that could not keep every protected token (a host read)."""
+        return 0 if self._overflow is None else int(self._overflow)
 
 
 def slot_index_scores(older: int, device) -> torch.Tensor:

@@ -11,43 +11,47 @@ from dataclasses import dataclass
 import torch
 
 from dynts.errors import DynTSError
+from dynts.models.importance_head import resolve_head
 from dynts.policies.base import Policy
+from dynts.policies.options import option_help
 
 SELECTIONS = ("top", "random", "bottom")
 
 
 @dataclass(frozen=True)
 class DynTSConfig:
-    head: str | None = None  # checkpoint path; None: the head shipped for the model, if any
-    selection: str = "top"
-    protect_prompt: bool = True
-    seed: int = 0
+    selection: str = option_help("which older thinking tokens survive: top (by the head), random or bottom "
+                                 "(ablations)", default="top")
+    protect_prompt: bool = option_help("the prompt is never evicted (false: the no-question ablation)",
+                                       default=True)
 
     def __post_init__(self):
         if self.selection not in SELECTIONS:
-            raise DynTSError(f"dynts: selection must be one of {SELECTIONS}, got {self.selection!r}")
+            raise DynTSError(f"selection must be one of {', '.join(SELECTIONS)}, got {self.selection!r}")
 
 
 class DynTSPolicy(Policy):
     name = "dynts"
+    summary = "the prompt, the answer after </think>, and the top thinking tokens by the importance head"
+    Config = DynTSConfig
     allows_zero_window = True
+    uses_head = True
+    capturable = True
 
-    def __init__(self, budget, config: DynTSConfig = DynTSConfig(), head=None):
-        super().__init__(budget)
-        self.config = config
+    def __init__(self, budget, config=None, head=None, head_path=None, seed=0):
+        super().__init__(budget, config)
         self.head = head
-        self.protects_prompt = config.protect_prompt
+        self.head_path = head_path  # checkpoint; None: the head shipped for the model, if any
+        self.seed = seed  # the random ablation's
+        self.protects_prompt = self.config.protect_prompt
 
     @classmethod
-    def create(cls, budget, head=None, head_path=None, seed=0, selection="top", protect_prompt=True, **_):
-        return cls(budget, DynTSConfig(head=head_path, selection=selection, protect_prompt=protect_prompt, seed=seed),
-                   head=head)
+    def create(cls, budget, config, head=None, head_path=None, seed=0, **_):
+        return cls(budget, config, head=head, head_path=head_path, seed=seed)
 
     def bind(self, loaded):
-        from dynts.models.importance_head import resolve_head
-
         if self.head is None:
-            self.head = resolve_head(self.config.head, loaded)
+            self.head = resolve_head(self.head_path, loaded)
         if self.head.config.hidden_size != loaded.hidden_size:
             raise DynTSError(f"importance head expects hidden size {self.head.config.hidden_size}, "
                              f"model {loaded.name} has {loaded.hidden_size}")
@@ -73,7 +77,7 @@ class DynTSPolicy(Policy):
         if self.config.selection == "random":
             # Seeded by the sequence's own progress, not a generator shared by the batch: a sequence draws the same
             # selection whether it is decoded alone or next to others.
-            generator = torch.Generator().manual_seed(self.config.seed * 1_000_003 + cache.next_position[row])
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + cache.next_position[row])
             scores = torch.rand(older, generator=generator).to(scores.device)
         else:
             scores = -scores

@@ -5,4 +5,6 @@ from dynts.policies.base import Policy
 
 class FullPolicy(Policy):
     name = "full"
+    summary = "everything: no budget, the cache grows with the sequence"
     compresses = False
+    capturable = True

@@ -8,7 +8,9 @@ from dynts.policies.base import Policy
 
 class H2OPolicy(Policy):
     name = "h2o"
+    summary = "per layer and KV head: the tokens that received the most attention so far"
     per_head = True
+    capturable = True
     observes_attention = True
     wants_probs = True
 

@@ -12,12 +12,10 @@ class RecentQueries:
     """Mixin for policies that score by the attention of an observation window of recent queries."""
 
     observes_attention = True
-    observation: int = 32
 
-    def __init__(self, budget, config):
-        super().__init__(budget)
-        self.config = config
-        self.observation = config.observation
+    def __init__(self, budget, config=None):
+        super().__init__(budget, config)
+        self.observation = self.config.observation
 
     def setup(self, cache):
         n = self.observation

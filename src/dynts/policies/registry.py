@@ -1,7 +1,12 @@
 """Policy registry: a name maps to a Policy class and the preset options it runs with.
 
-Adding a policy: write one file with a Policy subclass (and its config dataclass), add one line below.
+Adding a policy: write one file with a Policy subclass (its `Config` dataclass holds its options), add one line
+below; `dynts policies` then lists it with its options.
 """
+
+from __future__ import annotations
+
+from typing import Any, Mapping
 
 from dynts.config import BudgetConfig
 from dynts.errors import DynTSError
@@ -9,13 +14,14 @@ from dynts.policies.base import Policy
 from dynts.policies.dynts import DynTSPolicy
 from dynts.policies.full import FullPolicy
 from dynts.policies.h2o import H2OPolicy
+from dynts.policies.options import as_dict, build_config, describe, parse_spec
 from dynts.policies.rkv import RKVPolicy
 from dynts.policies.sepllm import SepLLMPolicy
 from dynts.policies.snapkv import SnapKVPolicy
 from dynts.policies.streaming import StreamingPolicy
 from dynts.policies.window import WindowPolicy
 
-POLICIES: dict[str, tuple[type[Policy], dict]] = {
+POLICIES: dict[str, tuple[type[Policy], dict[str, Any]]] = {
     "full": (FullPolicy, {}),
     "window": (WindowPolicy, {}),
     "streaming": (StreamingPolicy, {}),
@@ -36,10 +42,16 @@ def policy_class(name: str) -> type[Policy]:
     return POLICIES[name][0]
 
 
-def make_policy(name: str, budget, **options) -> Policy:
-    """Build a policy; options (head, head_path, seed) reach the policies that use them."""
-    cls, preset = POLICIES[name] if name in POLICIES else (policy_class(name), {})
-    return cls.create(budget, **preset, **options)
+def policy_config(name: str, options: Mapping[str, Any] | None = None):
+    """The config policy `name` runs with: its class defaults, then its preset, then `options` (text values are
+    converted; an unknown option or a bad value raises a DynTSError naming the valid options)."""
+    cls = policy_class(name)
+    return build_config(name, cls.Config, POLICIES[name][1], options or {})
+
+
+def make_policy(name: str, budget: BudgetConfig, options: Mapping[str, Any] | None = None, **context) -> Policy:
+    """Build a policy; context (head, head_path, seed) reaches the policies that use it."""
+    return policy_class(name).create(budget, policy_config(name, options), **context)
 
 
 def budget_for(name: str, budget: int | None, window: int = 0, ratio: float = 1.0) -> BudgetConfig:
@@ -48,3 +60,26 @@ def budget_for(name: str, budget: int | None, window: int = 0, ratio: float = 1.
     if not cls.compresses or budget is None:
         return BudgetConfig(None)
     return BudgetConfig(budget, window, ratio, allow_zero_window=cls.allows_zero_window)
+
+
+def resolve_spec(text: str, common: Mapping[str, Any] | None = None) -> tuple[str, tuple[tuple[str, Any], ...]]:
+    """A policy as written in a list of policies (NAME or NAME:KEY=VALUE...), plus the common options (--policy-opt)
+    its policy has -> (name, the options that differ from its defaults, sorted). Unknown options and bad values
+    raise a DynTSError naming the valid ones."""
+    name, given = parse_spec(text)
+    known = option_names(name)
+    config = policy_config(name, {**{k: v for k, v in (common or {}).items() if k in known}, **given})
+    default = as_dict(policy_config(name))
+    return name, tuple(sorted((k, v) for k, v in as_dict(config).items() if default[k] != v))
+
+
+def check_common_options(common: Mapping[str, Any], names: list[str]) -> None:
+    """Options given for a list of policies must belong to at least one of them."""
+    unused = [k for k in common if not any(k in option_names(name) for name in names)]
+    if unused:
+        raise DynTSError(f"--policy-opt {', '.join(unused)}: no policy of {', '.join(dict.fromkeys(names))} has "
+                         "such an option (see dynts policies)")
+
+
+def option_names(name: str) -> set[str]:
+    return {field for field, *_ in describe(policy_class(name).Config)}

@@ -15,21 +15,23 @@ import torch.nn.functional as F
 
 from dynts.errors import DynTSError
 from dynts.policies.base import Policy
+from dynts.policies.options import option_help
 from dynts.policies.recent_queries import RecentQueries
 
 
 @dataclass(frozen=True)
 class RKVConfig:
-    observation: int = 8
-    kernel: int = 7
-    lam: float = 0.1
-    threshold: float = 0.5
+    observation: int = option_help("the last queries whose attention gives the importance", default=8)
+    kernel: int = option_help("width of the 1-D max pooling over the importance (odd)", default=7)
+    lam: float = option_help("weight of importance against redundancy: lam * importance - (1 - lam) * redundancy",
+                             default=0.1)
+    threshold: float = option_help("cosine similarity above which two keys count as near-duplicates", default=0.5)
 
     def __post_init__(self):
         if self.observation < 1 or self.kernel < 1 or self.kernel % 2 == 0:
-            raise DynTSError(f"rkv: observation must be >= 1 and kernel odd and >= 1, got {self}")
+            raise DynTSError(f"observation must be >= 1 and kernel odd and >= 1, got {self}")
         if not 0 <= self.lam <= 1:
-            raise DynTSError(f"rkv: lambda must be in [0, 1], got {self.lam}")
+            raise DynTSError(f"lambda must be in [0, 1], got {self.lam}")
 
 
 def redundancy(keys: torch.Tensor, threshold: float) -> torch.Tensor:
@@ -48,10 +50,10 @@ def redundancy(keys: torch.Tensor, threshold: float) -> torch.Tensor:
 
 class RKVPolicy(RecentQueries, Policy):
     name = "rkv"
+    summary = "per layer and KV head: tokens important to the last queries and not redundant"
+    Config = RKVConfig
     per_head = True
-
-    def __init__(self, budget, config: RKVConfig = RKVConfig()):
-        super().__init__(budget, config)
+    capturable = True
 
     def score_older(self, cache, row, older):
         k, lam = self.config.kernel, self.config.lam

@@ -1,9 +1,10 @@
-"""Which slots a compression keeps, for several rows at once, without reading anything back to the host.
+"""Which slots a compression keeps: the one rule every decode path uses (eager, static, replay).
 
-The rule and the ranking are Policy.select's (W recent + the best floor(r (L - W)) older slots; protected
-(+inf) slots rank above the row's best real score, newer above older, so that when more are protected than fit
-the newest are kept), applied to all rows that reach the budget at the same step with one top-k. Policy.select
-counts protected overflows with a host read; here they are counted in a device tensor read once per batch.
+A row holding L tokens keeps its newest W slots and the k = floor(r (L - W)) best older slots by the policy's
+scores, in their original order. Protected (+inf) slots rank above the row's best real score and, among
+themselves, newer above older, so when more are protected than fit the newest are kept and the row counts as an
+overflow. Ranking happens on the device: nothing is read back to the host, so the fast path can run it between
+captured steps. Rows compressed together must hold the same number of tokens (they reach the budget together).
 """
 
 from __future__ import annotations
@@ -11,10 +12,8 @@ from __future__ import annotations
 import torch
 
 
-def select_keep(policy, cache, rows: list[int], overflow: torch.Tensor) -> torch.Tensor:
-    """Sorted kept slots for `rows`, which all hold the same number of tokens: [m, kept], or
-    [m, layers, kv_heads, kept] for per-head policies. overflow (a 0-dim device tensor) counts rows whose
-    protected tokens did not all fit."""
+def keep_slots(policy, cache, rows: list[int]) -> torch.Tensor:
+    """Sorted kept slots for `rows`: [m, kept], or [m, layers, kv_heads, kept] for per-head policies."""
     length = cache.lengths[rows[0]]
     if any(cache.lengths[r] != length for r in rows):
         raise ValueError("rows compacted together must hold the same number of tokens")
@@ -32,5 +31,5 @@ def select_keep(policy, cache, rows: list[int], overflow: torch.Tensor) -> torch
     slot_rank = torch.arange(older, device=scores.device, dtype=torch.float64)
     ranked = torch.where(protected, ceiling + 1.0 + slot_rank, scores)
     chosen = ranked.topk(k, dim=-1).indices.sort(dim=-1).values
-    overflow += (protected.sum(dim=-1) > k).sum()
+    policy.note_overflow(protected.sum(dim=-1) > k)
     return torch.cat([chosen, recent.expand(len(rows), window)], dim=-1)

@@ -11,17 +11,18 @@ import torch
 
 from dynts.errors import DynTSError
 from dynts.policies.base import Policy, slot_index_scores
+from dynts.policies.options import option_help
 
 SEPARATOR_CHARS = set(".,;:!?\n")
 
 
 @dataclass(frozen=True)
 class SepLLMConfig:
-    sinks: int = 4
+    sinks: int = option_help("tokens at the start of the sequence (attention sinks) that are never evicted", default=4)
 
     def __post_init__(self):
         if self.sinks < 0:
-            raise DynTSError(f"sepllm: sinks must be >= 0, got {self.sinks}")
+            raise DynTSError(f"sinks must be >= 0, got {self.sinks}")
 
 
 @lru_cache(maxsize=8)
@@ -41,11 +42,13 @@ def separator_ids(tokenizer) -> tuple[int, ...]:
 
 class SepLLMPolicy(Policy):
     name = "sepllm"
+    summary = "attention sinks + separator tokens (punctuation, newlines) + the newest tokens"
+    Config = SepLLMConfig
+    capturable = True
     SEPARATOR_BONUS = 1e7  # above any slot index, so separators win over plain recency
 
-    def __init__(self, budget, config: SepLLMConfig = SepLLMConfig()):
-        super().__init__(budget)
-        self.config = config
+    def __init__(self, budget, config=None):
+        super().__init__(budget, config)
         self._is_separator: torch.Tensor | None = None
 
     def bind(self, loaded):

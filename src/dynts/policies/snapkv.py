@@ -9,25 +9,26 @@ import torch.nn.functional as F
 
 from dynts.errors import DynTSError
 from dynts.policies.base import Policy
+from dynts.policies.options import option_help
 from dynts.policies.recent_queries import RecentQueries
 
 
 @dataclass(frozen=True)
 class SnapKVConfig:
-    observation: int = 32
-    kernel: int = 7
+    observation: int = option_help("the last queries whose attention scores the older tokens", default=32)
+    kernel: int = option_help("width of the 1-D average pooling over the scores (odd)", default=7)
 
     def __post_init__(self):
         if self.observation < 1 or self.kernel < 1 or self.kernel % 2 == 0:
-            raise DynTSError(f"snapkv: observation must be >= 1 and kernel odd and >= 1, got {self}")
+            raise DynTSError(f"observation must be >= 1 and kernel odd and >= 1, got {self}")
 
 
 class SnapKVPolicy(RecentQueries, Policy):
     name = "snapkv"
+    summary = "per layer and KV head: the tokens the last queries attend to most (pooled)"
+    Config = SnapKVConfig
     per_head = True
-
-    def __init__(self, budget, config: SnapKVConfig = SnapKVConfig()):
-        super().__init__(budget, config)
+    capturable = True
 
     def score_older(self, cache, row, older):
         per_layer = []

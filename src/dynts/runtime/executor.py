@@ -15,7 +15,11 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator
 
+from dynts.api import make_engine
 from dynts.config import BudgetConfig, SamplingConfig
+from dynts.models.importance_head import resolve_head
+from dynts.policies import policy_class
+from dynts.policies.options import as_dict
 
 ENGINE_CACHE_SIZE = 4  # engines kept per host: a sweep's cells alternate, but each engine's settings are small
 
@@ -31,12 +35,22 @@ class EngineSpec:
     head_path: str | None = None
     trace_steps: bool = False
     fast: bool | None = None  # the static fast decode path; None: on with CUDA (dynts.api.make_engine)
+    policy_options: tuple[tuple[str, Any], ...] = ()  # (key, value) pairs, sorted: hashable
 
     @classmethod
     def of(cls, engine) -> EngineSpec:
         """The spec of an already built engine (its head is whatever that engine holds)."""
         return cls(engine.policy_name, engine.budget, engine.sampling, engine.batch_size,
-                   trace_steps=engine.trace_steps)
+                   trace_steps=engine.trace_steps, policy_options=options_key(as_dict(engine.policy.config)))
+
+    @property
+    def options(self) -> dict[str, Any]:
+        return dict(self.policy_options)
+
+
+def options_key(options: dict[str, Any] | None) -> tuple[tuple[str, Any], ...]:
+    """Policy options as sorted (key, value) pairs, the hashable form an EngineSpec holds."""
+    return tuple(sorted((options or {}).items()))
 
 
 @dataclass(frozen=True)
@@ -59,14 +73,13 @@ class ModelHost:
 
     def engine(self, spec: EngineSpec):
         """The engine for spec, built on first use (least recently used ones beyond a few are dropped)."""
-        from dynts.api import make_engine
-
         if spec in self._engines:
             self._engines.move_to_end(spec)
             return self._engines[spec]
-        head = self.head(spec.head_path) if needs_head(spec.policy) else None
+        head = self.head(spec.head_path) if policy_class(spec.policy).uses_head else None
         engine = make_engine(self.loaded, spec.policy, spec.budget, spec.sampling, spec.batch_size, head=head,
-                             head_path=spec.head_path, trace_steps=spec.trace_steps, fast=spec.fast)
+                             head_path=spec.head_path, trace_steps=spec.trace_steps, fast=spec.fast,
+                             policy_options=spec.options)
         self._engines[spec] = engine
         unpinned = [key for key in self._engines if key not in self._pinned]
         for key in unpinned[:-ENGINE_CACHE_SIZE]:
@@ -76,18 +89,8 @@ class ModelHost:
     def head(self, path: str | None):
         """The importance head at path (None: the one shipped for the model), loaded once per host."""
         if path not in self._heads:
-            from dynts.models.importance_head import resolve_head
-
             self._heads[path] = resolve_head(path, self.loaded)
         return self._heads[path]
-
-
-def needs_head(policy: str) -> bool:
-    """True for the dynts policies, which score tokens with an importance head."""
-    from dynts.policies import POLICIES
-    from dynts.policies.dynts import DynTSPolicy
-
-    return policy in POLICIES and issubclass(POLICIES[policy][0], DynTSPolicy)
 
 
 class LocalExecutor:
