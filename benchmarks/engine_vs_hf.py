@@ -16,8 +16,8 @@ import time
 import torch
 
 from dynts.config import BudgetConfig, SamplingConfig
-from dynts.harness.datasets import load_dataset
 from dynts.engine.engine import Engine
+from dynts.harness.datasets import load_dataset
 from dynts.models.importance_head import random_head, shipped_head_path
 from dynts.models.loading import load_model
 
@@ -29,8 +29,13 @@ def hf_tps(loaded, prompts: list[list[int]], new_tokens: int) -> float:
     model = loaded.model
     model.generate(**batch, max_new_tokens=2, do_sample=False, pad_token_id=tokenizer.pad_token_id)  # warm-up
     start = time.perf_counter()
-    out = model.generate(**batch, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                         pad_token_id=tokenizer.pad_token_id)
+    out = model.generate(
+        **batch,
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+        do_sample=False,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     elapsed = time.perf_counter() - start
     generated = (out.shape[1] - batch["input_ids"].shape[1]) * len(prompts)
     return generated / elapsed
@@ -38,8 +43,13 @@ def hf_tps(loaded, prompts: list[list[int]], new_tokens: int) -> float:
 
 def our_tps(loaded, prompts, new_tokens: int, policy: str, budget: BudgetConfig, head=None) -> float:
     sampling = SamplingConfig(greedy=True, max_new_tokens=new_tokens, ignore_eos=True)
-    Engine(loaded, policy, BudgetConfig(None) if policy == "full" else budget,
-           SamplingConfig(greedy=True, max_new_tokens=2), head=head).generate(prompts[:2])  # warm-up
+    Engine(
+        loaded,
+        policy,
+        BudgetConfig(None) if policy == "full" else budget,
+        SamplingConfig(greedy=True, max_new_tokens=2),
+        head=head,
+    ).generate(prompts[:2])  # warm-up
     engine = Engine(loaded, policy, budget, sampling, batch_size=len(prompts), head=head)
     start = time.perf_counter()
     out = engine.generate(prompts)
@@ -71,8 +81,10 @@ def main() -> None:
     budget = BudgetConfig(256, 64, 0.5)
     ours_budget = our_tps(loaded, prompts, args.budget_tokens, "dynts", budget, head=head)
     theirs_budget = hf_tps(loaded, prompts, args.budget_tokens)
-    print(f"(b) dynts B=256 W=64 r=0.5, {args.budget_tokens} tokens: dynts {ours_budget:.1f} TPS, "
-          f"transformers {theirs_budget:.1f} TPS")
+    print(
+        f"(b) dynts B=256 W=64 r=0.5, {args.budget_tokens} tokens: dynts {ours_budget:.1f} TPS, "
+        f"transformers {theirs_budget:.1f} TPS"
+    )
     print(f"ratio full={ours_full / theirs_full:.2f} budget={ours_budget / theirs_budget:.2f}")
 
 

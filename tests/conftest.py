@@ -24,18 +24,31 @@ def smollm():
 
 def tiny_model(kind: str = "llama", vocab_size: int = 128, seed: int = 0, name: str | None = None, tokenizer=None):
     """A tiny random causal LM (hidden 64, 2 layers, 4 heads, 2 KV heads) wrapped for the engine, without EOS."""
-    from transformers import (LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config,
-                              Qwen3ForCausalLM)
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
     from dynts.models.loading import prepare_model
     from dynts.models.shapes import NullTokenizer
 
-    classes = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM),
-               "qwen3": (Qwen3Config, Qwen3ForCausalLM)}
+    classes = {
+        "llama": (LlamaConfig, LlamaForCausalLM),
+        "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+        "qwen3": (Qwen3Config, Qwen3ForCausalLM),
+    }
     config_cls, model_cls = classes[kind]
-    config = config_cls(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
-                        bos_token_id=None, eos_token_id=None, pad_token_id=None, tie_word_embeddings=False)
+    config = config_cls(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=512,
+        bos_token_id=None,
+        eos_token_id=None,
+        pad_token_id=None,
+        tie_word_embeddings=False,
+    )
     torch.manual_seed(seed)
     model = model_cls(config).float()
     model.generation_config.eos_token_id = None

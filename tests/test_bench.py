@@ -15,8 +15,28 @@ from dynts.cli.main import main
 from dynts.config import BudgetConfig
 from dynts.experiments.roofline import cached_tokens_per_step, kv_bytes_per_token, parameter_bytes, roofline
 
-TINY_ARGS = ["--batch", "2", "--budget", "24", "--window", "4", "--ratio", "0.5", "--prompt-len", "6",
-             "--new-tokens", "30", "--policy", "dynts", "--head-layers", "16,8", "--bandwidth", "5", "--device", "cpu"]
+TINY_ARGS = [
+    "--batch",
+    "2",
+    "--budget",
+    "24",
+    "--window",
+    "4",
+    "--ratio",
+    "0.5",
+    "--prompt-len",
+    "6",
+    "--new-tokens",
+    "30",
+    "--policy",
+    "dynts",
+    "--head-layers",
+    "16,8",
+    "--bandwidth",
+    "5",
+    "--device",
+    "cpu",
+]
 
 
 @pytest.fixture(scope="module")
@@ -25,8 +45,16 @@ def tiny_shape(tmp_path_factory):
     from transformers import LlamaConfig
 
     path = tmp_path_factory.mktemp("tiny-shape")
-    LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                num_key_value_heads=2, head_dim=16, max_position_embeddings=512).save_pretrained(path)
+    LlamaConfig(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=512,
+    ).save_pretrained(path)
     return str(path)
 
 
@@ -40,8 +68,15 @@ def test_roofline_reproduces_the_issue(shape, issue_bound):
     config = shape_config(shape)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
-    bound = roofline(parameter_bytes(model), kv_bytes_per_token(config, torch.bfloat16), 20, 128, 8192,
-                     BudgetConfig(5000, 2000, 0.4), 3000.0)
+    bound = roofline(
+        parameter_bytes(model),
+        kv_bytes_per_token(config, torch.bfloat16),
+        20,
+        128,
+        8192,
+        BudgetConfig(5000, 2000, 0.4),
+        3000.0,
+    )
     assert bound.tps_bound_at_max == pytest.approx(issue_bound, rel=0.01)
     assert bound.max_cached_tokens == 5000
     assert 3000 < bound.mean_cached_tokens < 5000  # the schedule's mean: the bound it gives is higher
@@ -56,13 +91,29 @@ def test_length_schedule():
 
 def test_bench_command_prints_every_figure(tiny_shape):
     env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS=os.environ.get("DYNTS_TEST_THREADS", "1"))
-    proc = subprocess.run([sys.executable, "-m", "dynts", "bench", "--shape", tiny_shape, *TINY_ARGS,
-                           "--compare-eager"], capture_output=True, text=True, timeout=300, env=env)
+    proc = subprocess.run(
+        [sys.executable, "-m", "dynts", "bench", "--shape", tiny_shape, *TINY_ARGS, "--compare-eager"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
-    for figure in ("end-to-end TPS (decode)", "forward-only TPS", "ms per step", "peak memory (process max RSS)",
-                   "roofline: bytes/step", "-> bound", "of the bound", "issue's convention", "transformers eager",
-                   "ratio", "eviction + scoring", "compressions"):
+    for figure in (
+        "end-to-end TPS (decode)",
+        "forward-only TPS",
+        "ms per step",
+        "peak memory (process max RSS)",
+        "roofline: bytes/step",
+        "-> bound",
+        "of the bound",
+        "issue's convention",
+        "transformers eager",
+        "ratio",
+        "eviction + scoring",
+        "compressions",
+    ):
         assert figure in out, figure
 
 
@@ -70,8 +121,17 @@ def test_bench_json(tiny_shape, capsys):
     assert main(["bench", "--shape", tiny_shape, *TINY_ARGS, "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     ours = report["ours"]
-    for key in ("tps", "tps_forward", "tps_with_prefill", "ms_per_step", "peak_memory_bytes", "shares",
-                "eviction_scoring_share", "kernel", "graphs"):
+    for key in (
+        "tps",
+        "tps_forward",
+        "tps_with_prefill",
+        "ms_per_step",
+        "peak_memory_bytes",
+        "shares",
+        "eviction_scoring_share",
+        "kernel",
+        "graphs",
+    ):
         assert key in ours, key
     assert ours["generated_tokens"] == 2 * 30 and ours["compressions"] >= 2
     assert set(ours["shares"]) == {"forward", "scoring", "sampling", "eviction"}
@@ -80,15 +140,18 @@ def test_bench_json(tiny_shape, capsys):
     assert report["eager"] is None and report["batch"] == 2 and ours["kernel"] == "sdpa" and not ours["graphs"]
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--shape", "no-such-shape"], "unknown shape"),
-    (["--window", "30"], "--window (30) must be smaller than --budget (24)"),
-    (["--batch", "max"], "--batch max needs a CUDA device"),
-    (["--batch", "lots"], "--batch takes"),
-    (["--new-tokens", "1"], "--new-tokens must be at least 2"),
-    (["--prompt-len", "20"], "does not fit under --budget"),
-    (["--kernel", "flash"], "flash"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--shape", "no-such-shape"], "unknown shape"),
+        (["--window", "30"], "--window (30) must be smaller than --budget (24)"),
+        (["--batch", "max"], "--batch max needs a CUDA device"),
+        (["--batch", "lots"], "--batch takes"),
+        (["--new-tokens", "1"], "--new-tokens must be at least 2"),
+        (["--prompt-len", "20"], "does not fit under --budget"),
+        (["--kernel", "flash"], "flash"),
+    ],
+)
 def test_bench_bad_input_is_one_line(tiny_shape, capsys, args, message):
     argv = ["bench", "--shape", tiny_shape, *TINY_ARGS, *args]
     assert main(argv) == 2

@@ -15,8 +15,9 @@ PROMPTS = ["Count from one to one hundred: one, two, three,", "The following is 
 def run_cli(*args, timeout=300):
     env = dict(os.environ, PYTHONWARNINGS="ignore")
     env.setdefault("OMP_NUM_THREADS", os.environ.get("DYNTS_TEST_THREADS", "1"))  # see conftest.py
-    return subprocess.run([sys.executable, "-m", "dynts", *args], capture_output=True, text=True,
-                          timeout=timeout, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "dynts", *args], capture_output=True, text=True, timeout=timeout, env=env
+    )
 
 
 @pytest.fixture
@@ -28,9 +29,28 @@ def prompts_file(tmp_path):
 
 @pytest.mark.slow
 def test_generate_json(prompts_file, smollm):
-    proc = run_cli("generate", "--prompts-file", str(prompts_file), "--policy", "h2o", "--budget", "24",
-                   "--window", "4", "--ratio", "0.5", "--greedy", "--max-new-tokens", "24", "--raw", "--json",
-                   "--batch-size", "2", "--device", "cpu")
+    proc = run_cli(
+        "generate",
+        "--prompts-file",
+        str(prompts_file),
+        "--policy",
+        "h2o",
+        "--budget",
+        "24",
+        "--window",
+        "4",
+        "--ratio",
+        "0.5",
+        "--greedy",
+        "--max-new-tokens",
+        "24",
+        "--raw",
+        "--json",
+        "--batch-size",
+        "2",
+        "--device",
+        "cpu",
+    )
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
     assert len(lines) == len(PROMPTS)
@@ -70,8 +90,19 @@ def bad_argv(case, prompts_file):
     args = BAD[case]
     source = [] if "--prompts-file" in args else ["--prompts-file", str(prompts_file)]
     base = ["--budget", "64", "--window", "16", "--ratio", "0.5"]
-    return ["generate", *source, *base, *args, "--greedy", "--max-new-tokens", "4", "--raw", "--json", "--device",
-            "cpu"]
+    return [
+        "generate",
+        *source,
+        *base,
+        *args,
+        "--greedy",
+        "--max-new-tokens",
+        "4",
+        "--raw",
+        "--json",
+        "--device",
+        "cpu",
+    ]
 
 
 def check_one_line_error(code, out, err):

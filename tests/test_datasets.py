@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from dynts.harness.datasets import DATA_DIR_ENV, DATASET_NAMES, Problem, gsm8k_gold, load_dataset
 from dynts.errors import DynTSError
+from dynts.harness.datasets import DATA_DIR_ENV, DATASET_NAMES, Problem, gsm8k_gold, load_dataset
 from dynts.harness.prompts import build_messages, choice_gold_letter, gold_for_grading, render_prompt
 
 # The repository is cloned beside shared/: <parent>/main/tests -> <parent>/shared/data
@@ -152,8 +152,16 @@ def test_hub_rows_are_mapped(monkeypatch):
     fake = types.ModuleType("datasets")
     tables = {
         "openai/gsm8k": [{"question": "Two plus two?", "answer": "2+2=4\n#### 4"}],
-        "Idavidrein/gpqa": [{"Record ID": "r1", "Question": " Q? ", "Correct Answer": "yes",
-                             "Incorrect Answer 1": "a", "Incorrect Answer 2": "b", "Incorrect Answer 3": "c"}],
+        "Idavidrein/gpqa": [
+            {
+                "Record ID": "r1",
+                "Question": " Q? ",
+                "Correct Answer": "yes",
+                "Incorrect Answer 1": "a",
+                "Incorrect Answer 2": "b",
+                "Incorrect Answer 3": "c",
+            }
+        ],
         "math-ai/amc23": [{"id": 0, "question": "Q?", "answer": 27.0}],
     }
     fake.load_dataset = lambda path, config=None, split=None: tables[path]

@@ -23,11 +23,22 @@ RAW_PROMPTS = ["Count from one to one hundred: one, two, three,", "The following
 
 def make_engine(lm, name, budget=BUDGET, window=WINDOW, ratio=RATIO, new_tokens=NEW_TOKENS, batch_size=2, **kw):
     cls = POLICIES[name][0]
-    config = BudgetConfig(budget, window, ratio, allow_zero_window=cls.allows_zero_window) if cls.compresses \
+    config = (
+        BudgetConfig(budget, window, ratio, allow_zero_window=cls.allows_zero_window)
+        if cls.compresses
         else BudgetConfig(None)
+    )
     head = random_head(lm.hidden_size) if name.startswith("dynts") else None
-    return Engine(lm, name, config, SamplingConfig(greedy=True, max_new_tokens=new_tokens), batch_size, head=head,
-                  trace_steps=True, **kw)
+    return Engine(
+        lm,
+        name,
+        config,
+        SamplingConfig(greedy=True, max_new_tokens=new_tokens),
+        batch_size,
+        head=head,
+        trace_steps=True,
+        **kw,
+    )
 
 
 def expected_compressions(prompt_len, fed, budget, window, ratio):
@@ -98,8 +109,14 @@ def test_full_matches_transformers_generate(smollm):
     input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in ids])
     attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in ids])
     with torch.no_grad():
-        hf = lm.model.generate(input_ids=input_ids, attention_mask=attention_mask, do_sample=False, max_new_tokens=64,
-                               pad_token_id=pad, eos_token_id=list(lm.eos_token_ids))
+        hf = lm.model.generate(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            do_sample=False,
+            max_new_tokens=64,
+            pad_token_id=pad,
+            eos_token_id=list(lm.eos_token_ids),
+        )
     eos = set(lm.eos_token_ids)
     for row, result in enumerate(out.results):
         expected = []
@@ -165,7 +182,7 @@ def test_policy_budget_batching_and_invariance(smollm, name, monkeypatch):
         if engine.policy.protects_prompt:
             assert kept[: len(prompts[seq])] == list(range(len(prompts[seq])))
         if name == "window":
-            assert kept == before[-len(kept):]
+            assert kept == before[-len(kept) :]
         if name == "streaming":
             assert kept[:10] == list(range(10))
     final = [i for i in range(2) if lengths[i] == max(lengths)]  # the rows still in the last cache
@@ -234,8 +251,10 @@ def test_tiny_qwen_models_compress(smollm, make_tiny, kind, name):
 
 
 # --- bad input ------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("budget,window,ratio", [(32, 32, 0.5), (32, 40, 0.5), (32, 4, 0.0), (32, 4, -0.1),
-                                                 (32, 4, 1.5), (32, 4, float("nan")), (0, 0, 0.5)])
+@pytest.mark.parametrize(
+    "budget,window,ratio",
+    [(32, 32, 0.5), (32, 40, 0.5), (32, 4, 0.0), (32, 4, -0.1), (32, 4, 1.5), (32, 4, float("nan")), (0, 0, 0.5)],
+)
 def test_bad_budget_frame(budget, window, ratio):
     with pytest.raises(DynTSError):
         BudgetConfig(budget, window, ratio)
@@ -342,8 +361,11 @@ def test_finished_sequences_leave_the_batch_cleanly(make_tiny, name):
     reference = make_engine(lm, name, budget=24, window=4, new_tokens=40, batch_size=3).generate(prompts).results
     # a token the middle sequence produces mid-way and the others never do becomes the end-of-sequence token
     others = set(reference[0].token_ids) | set(reference[2].token_ids)
-    stop_at = next(i for i, t in enumerate(reference[1].token_ids)
-                   if i >= 5 and t not in others and t not in reference[1].token_ids[:i])
+    stop_at = next(
+        i
+        for i, t in enumerate(reference[1].token_ids)
+        if i >= 5 and t not in others and t not in reference[1].token_ids[:i]
+    )
     stop = reference[1].token_ids[stop_at]
     lm = dataclasses.replace(lm, eos_token_ids=(stop,))
     out = make_engine(lm, name, budget=24, window=4, new_tokens=40, batch_size=3).generate(prompts).results

@@ -11,8 +11,22 @@ from pathlib import Path
 import pytest
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-EVAL = [sys.executable, "-m", "dynts", "eval", "--model", "smollm2-135m", "--policy", "streaming",
-        "--budget", "96", "--window", "16", "--ratio", "0.5"]
+EVAL = [
+    sys.executable,
+    "-m",
+    "dynts",
+    "eval",
+    "--model",
+    "smollm2-135m",
+    "--policy",
+    "streaming",
+    "--budget",
+    "96",
+    "--window",
+    "16",
+    "--ratio",
+    "0.5",
+]
 
 
 def run(args, **kw):
@@ -25,8 +39,20 @@ def read_samples(out: Path) -> list[dict]:
 
 def test_eval_resumes_after_sigkill_without_duplicates(tmp_path):
     out = tmp_path / "run"
-    cmd = EVAL + ["--datasets", "demo", "--limit", "3", "--samples", "2", "--max-new-tokens", "40",
-                  "--batch-size", "1", "--out", str(out)]
+    cmd = EVAL + [
+        "--datasets",
+        "demo",
+        "--limit",
+        "3",
+        "--samples",
+        "2",
+        "--max-new-tokens",
+        "40",
+        "--batch-size",
+        "1",
+        "--out",
+        str(out),
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     samples = out / "samples.jsonl"
     deadline = time.time() + 300
@@ -54,9 +80,29 @@ def test_eval_resumes_after_sigkill_without_duplicates(tmp_path):
     assert metrics["datasets"]["demo"]["n_samples"] == 6
 
     # the same OUT with another configuration is refused, and nothing is written
-    other = run(EVAL[:-6] + ["--policy", "window", "--budget", "96", "--window", "16", "--ratio", "0.5",
-                             "--datasets", "demo", "--limit", "3", "--samples", "2", "--max-new-tokens", "40",
-                             "--out", str(out)])
+    other = run(
+        EVAL[:-6]
+        + [
+            "--policy",
+            "window",
+            "--budget",
+            "96",
+            "--window",
+            "16",
+            "--ratio",
+            "0.5",
+            "--datasets",
+            "demo",
+            "--limit",
+            "3",
+            "--samples",
+            "2",
+            "--max-new-tokens",
+            "40",
+            "--out",
+            str(out),
+        ]
+    )
     assert other.returncode == 2
     assert other.stderr.strip().splitlines()[-1].startswith("dynts: error:")
     assert read_samples(out) == after
@@ -66,13 +112,27 @@ def test_eval_resumes_after_sigkill_without_duplicates(tmp_path):
 def test_eval_aime24_metrics_match_samples(tmp_path):
     out = tmp_path / "aime"
     cmd = [a if a != "96" else "224" for a in EVAL]  # AIME prompts are ~160 tokens with the chat template
-    done = run(cmd + ["--datasets", "aime24", "--limit", "2", "--samples", "2", "--max-new-tokens", "32",
-                       "--data-dir", str(DATA), "--out", str(out)])
+    done = run(
+        cmd
+        + [
+            "--datasets",
+            "aime24",
+            "--limit",
+            "2",
+            "--samples",
+            "2",
+            "--max-new-tokens",
+            "32",
+            "--data-dir",
+            str(DATA),
+            "--out",
+            str(out),
+        ]
+    )
     assert done.returncode == 0, done.stderr
     assert "aime24" in done.stdout and "pass@1" in done.stdout
     records = read_samples(out)
-    assert sorted((r["id"], r["sample"]) for r in records) == sorted(
-        {(r["id"], s) for r in records for s in (0, 1)})
+    assert sorted((r["id"], r["sample"]) for r in records) == sorted({(r["id"], s) for r in records for s in (0, 1)})
     assert len(records) == 4
     metrics = json.loads((out / "metrics.json").read_text())["datasets"]["aime24"]
     assert metrics["pass@1"] == pytest.approx(sum(r["correct"] for r in records) / 4)

@@ -13,20 +13,20 @@ import textwrap
 import pytest
 import torch
 
-from dynts.config import BudgetConfig, SamplingConfig
-from dynts.fast.attention import static_attention
-from dynts.engine.engine import Engine
-from dynts.errors import DynTSError
 from dynts.api import make_engine
+from dynts.config import BudgetConfig, SamplingConfig
+from dynts.engine.engine import Engine
+from dynts.engine.sampling import filter_logits
+from dynts.errors import DynTSError
+from dynts.fast.attention import static_attention
 from dynts.fast.fast_engine import FastConfig, FastEngine
-from dynts.models.importance_head import random_head
 from dynts.fast.host_sync import HostSyncError, HostSyncGuard
+from dynts.fast.sampling import choose_tokens, seed_words
+from dynts.fast.static_cache import StaticBudgetedCache
+from dynts.fast.step import DecodeState, StaticStep
+from dynts.models.importance_head import random_head
 from dynts.policies import POLICIES
 from dynts.policies.window import WindowPolicy
-from dynts.engine.sampling import filter_logits
-from dynts.fast.static_cache import StaticBudgetedCache
-from dynts.fast.sampling import choose_tokens, seed_words
-from dynts.fast.step import DecodeState, StaticStep
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 PROMPTS = [[5, 17, 3, 99, 42, 8, 61], [7, 8, 9], [10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20]]
@@ -34,8 +34,11 @@ PROMPTS = [[5, 17, 3, 99, 42, 8, 61], [7, 8, 9], [10, 11, 12, 13, 14, 15, 16, 17
 
 def budget_for(name, budget=28, window=4, ratio=0.5):
     cls = POLICIES[name][0]
-    return BudgetConfig(budget, window, ratio, allow_zero_window=cls.allows_zero_window) if cls.compresses \
+    return (
+        BudgetConfig(budget, window, ratio, allow_zero_window=cls.allows_zero_window)
+        if cls.compresses
         else BudgetConfig(None)
+    )
 
 
 def pair(lm, name, sampling, budget=None, fast=None, batch_size=3):
@@ -43,8 +46,9 @@ def pair(lm, name, sampling, budget=None, fast=None, batch_size=3):
     budget = budget or budget_for(name)
     head = random_head(lm.hidden_size) if name.startswith("dynts") else None
     eager = Engine(lm, name, budget, sampling, batch_size, head=head, trace_steps=True)
-    fast = FastEngine(lm, name, budget, sampling, batch_size, head=head, trace_steps=True,
-                      fast=fast or FastConfig(sync_check=True))
+    fast = FastEngine(
+        lm, name, budget, sampling, batch_size, head=head, trace_steps=True, fast=fast or FastConfig(sync_check=True)
+    )
     return eager, fast
 
 
@@ -56,8 +60,11 @@ def assert_same_run(a, b):
             assert getattr(y.stats, key) == getattr(x.stats, key), key
     keys = ("step", "active", "kv_tokens", "compressed")
     assert [{k: s[k] for k in keys} for s in b.stats.steps] == [{k: s[k] for k in keys} for s in a.stats.steps]
-    assert (b.stats.compressions, b.stats.peak_kv_tokens, b.stats.protected_overflow) == \
-        (a.stats.compressions, a.stats.peak_kv_tokens, a.stats.protected_overflow)
+    assert (b.stats.compressions, b.stats.peak_kv_tokens, b.stats.protected_overflow) == (
+        a.stats.compressions,
+        a.stats.peak_kv_tokens,
+        a.stats.protected_overflow,
+    )
 
 
 def assert_same_cache(eager_cache, fast_cache, atol=1e-4):
@@ -75,12 +82,24 @@ def assert_same_cache(eager_cache, fast_cache, atol=1e-4):
 
 
 # --- exactness against the eager engine -----------------------------------------------------------------
-ALL_FAST = ["full", "window", "streaming", "sepllm", "h2o", "snapkv", "rkv", "dynts", "dynts-bottom", "dynts-random",
-            "dynts-noquestion"]
+ALL_FAST = [
+    "full",
+    "window",
+    "streaming",
+    "sepllm",
+    "h2o",
+    "snapkv",
+    "rkv",
+    "dynts",
+    "dynts-bottom",
+    "dynts-random",
+    "dynts-noquestion",
+]
 
 
-@pytest.mark.parametrize("kind, name", [("qwen2", n) for n in ALL_FAST] + [("qwen3", n) for n in ("window", "dynts",
-                                                                                                 "snapkv")])
+@pytest.mark.parametrize(
+    "kind, name", [("qwen2", n) for n in ALL_FAST] + [("qwen3", n) for n in ("window", "dynts", "snapkv")]
+)
 def test_tiny_models_match_eager(make_tiny, kind, name):
     lm = make_tiny(kind)
     budget = budget_for(name)
@@ -99,8 +118,11 @@ def test_embedded_model_matches_eager(smollm, name):
     """Budget 32, window 8, r 0.6 on the real model: rows of different prompt lengths compress at different steps
     (the longest prompt twice), and a row that stops at once (EOS) leaves the batch."""
     lm = smollm
-    texts = ["Count from one to one hundred: one, two, three,", "The following is a list of fruits:",
-             "Question: what is seven times six? Answer:"]
+    texts = [
+        "Count from one to one hundred: one, two, three,",
+        "The following is a list of fruits:",
+        "Question: what is seven times six? Answer:",
+    ]
     prompts = [lm.tokenizer.encode(t) for t in texts]
     assert len({len(p) for p in prompts}) == 3
     eager, fast = pair(lm, name, SamplingConfig(greedy=True, max_new_tokens=30), budget_for(name, 32, 8, 0.6))
@@ -175,8 +197,12 @@ def test_guarded_step_rejects_a_syncing_policy(make_tiny):
         def on_tokens(self, cache, batch):
             float(batch.hidden.sum())
 
-    engine = FastEngine(lm, Reading(budget_for("window")), sampling=SamplingConfig(greedy=True, max_new_tokens=8),
-                        fast=FastConfig(sync_check=True))
+    engine = FastEngine(
+        lm,
+        Reading(budget_for("window")),
+        sampling=SamplingConfig(greedy=True, max_new_tokens=8),
+        fast=FastConfig(sync_check=True),
+    )
     engine.fallback_reason = None  # force the fast path for this test
     with pytest.raises(HostSyncError, match="scoring"):
         engine.generate(PROMPTS)
@@ -198,8 +224,16 @@ def test_step_and_compaction_read_nothing_back(make_tiny, name, greedy):
     engine.policy.setup(cache)
     cache.preallocate(2, 16, torch.float32)
     cache.lengths, cache.next_position = [28, 10, 28], [40, 10, 28]
-    step = StaticStep(engine.decoder, engine.lm_head, engine.policy, cache, DecodeState.start(cache, [1, 2, 3], 50),
-                      sampling, "sdpa", think_end=(5, 6))
+    step = StaticStep(
+        engine.decoder,
+        engine.lm_head,
+        engine.policy,
+        cache,
+        DecodeState.start(cache, [1, 2, 3], 50),
+        sampling,
+        "sdpa",
+        think_end=(5, 6),
+    )
     with static_attention(lm.model), torch.no_grad():
         hidden, logits = step.forward()
         step.score(hidden)
@@ -265,8 +299,15 @@ def test_counter_sampling_distribution_and_determinism():
 
 def test_sampled_generation_is_batch_invariant(make_tiny):
     lm = make_tiny("qwen2")
-    engine = FastEngine(lm, "dynts", budget_for("dynts"), SamplingConfig(max_new_tokens=30), 3,
-                        head=random_head(lm.hidden_size), fast=FastConfig(sync_check=True))
+    engine = FastEngine(
+        lm,
+        "dynts",
+        budget_for("dynts"),
+        SamplingConfig(max_new_tokens=30),
+        3,
+        head=random_head(lm.hidden_size),
+        fast=FastConfig(sync_check=True),
+    )
     together = engine.generate(PROMPTS, seeds=[4, 5, 6])
     again = engine.generate(PROMPTS, seeds=[4, 5, 6])
     assert [r.token_ids for r in again.results] == [r.token_ids for r in together.results]
@@ -315,11 +356,16 @@ TRITON_SCRIPT = textwrap.dedent("""
 
 def test_triton_split_k_kernel_interpreted():
     pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS=os.environ.get("DYNTS_TEST_THREADS", "1"),
-               PYTHONWARNINGS="ignore")
+    env = dict(
+        os.environ,
+        TRITON_INTERPRET="1",
+        OMP_NUM_THREADS=os.environ.get("DYNTS_TEST_THREADS", "1"),
+        PYTHONWARNINGS="ignore",
+    )
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    proc = subprocess.run([sys.executable, "-c", TRITON_SCRIPT], capture_output=True, text=True, timeout=300, env=env,
-                          cwd=root)
+    proc = subprocess.run(
+        [sys.executable, "-c", TRITON_SCRIPT], capture_output=True, text=True, timeout=300, env=env, cwd=root
+    )
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]
 
 
@@ -332,8 +378,12 @@ def test_cuda_graphs_match_eager_fp32(make_tiny, kernel, name):
         pytest.importorskip("triton")
     lm = make_tiny("qwen2")
     lm.model.to("cuda")
-    eager, fast = pair(lm, name, SamplingConfig(greedy=True, max_new_tokens=45, ignore_eos=True),
-                       fast=FastConfig(graphs=True, kernel=kernel, check_every=16, sync_check=True))
+    eager, fast = pair(
+        lm,
+        name,
+        SamplingConfig(greedy=True, max_new_tokens=45, ignore_eos=True),
+        fast=FastConfig(graphs=True, kernel=kernel, check_every=16, sync_check=True),
+    )
     a, b = eager.generate(PROMPTS), fast.generate(PROMPTS)
     assert fast.last_profile.captures == 1
     assert_same_run(a, b)
@@ -346,8 +396,13 @@ def test_cuda_graphs_bf16_close_to_eager(make_tiny, kernel):
     """bf16: the first tokens agree and the caches agree within bf16 rounding."""
     lm = make_tiny("llama")
     lm.model.to("cuda", torch.bfloat16)
-    eager, fast = pair(lm, "dynts", SamplingConfig(greedy=True, max_new_tokens=24, ignore_eos=True),
-                       budget_for("dynts", 16, 4, 0.5), fast=FastConfig(graphs=True, kernel=kernel))
+    eager, fast = pair(
+        lm,
+        "dynts",
+        SamplingConfig(greedy=True, max_new_tokens=24, ignore_eos=True),
+        budget_for("dynts", 16, 4, 0.5),
+        fast=FastConfig(graphs=True, kernel=kernel),
+    )
     a, b = eager.generate(PROMPTS), fast.generate(PROMPTS)
     for x, y in zip(a.results, b.results):
         assert y.token_ids[:12] == x.token_ids[:12]

@@ -20,12 +20,19 @@ def encode(smollm, text):
 
 
 def test_no_drift_without_eviction(smollm):
-    tok = smollm.tokenizer
     prompt = encode(smollm, "Question: what is two plus two?\nAnswer:")
     body = encode(smollm, " Two plus two is four, because adding two and two gives four. So the answer is 4.")
     trace = Trace(prompt, body, answer_start=len(body) - 6)
-    records = measure(smollm, [trace], list(POLICIES), budgets=[256], window=16, ratio=0.5,
-                      head=random_head(smollm.hidden_size), progress=False)
+    records = measure(
+        smollm,
+        [trace],
+        list(POLICIES),
+        budgets=[256],
+        window=16,
+        ratio=0.5,
+        head=random_head(smollm.hidden_size),
+        progress=False,
+    )
     assert {r["policy"] for r in records} == set(POLICIES)
     for r in records:
         assert r["compressions"] == 0
@@ -38,12 +45,23 @@ def test_no_drift_without_eviction(smollm):
 def test_window_drifts_more_than_a_policy_keeping_the_copied_token(smollm, tmp_path):
     """The answer copies a code word from the prompt; Window must evict it, DynTS protects the prompt."""
     prompt = encode(smollm, "Remember this secret code word: Zanzibar. Now read the story.\n")
-    filler = encode(smollm, " The river ran past the old mill, and the miller's children played on its banks"
-                            " every summer while the wheel turned slowly and the birds sang in the trees." * 2)
+    filler = encode(
+        smollm,
+        " The river ran past the old mill, and the miller's children played on its banks"
+        " every summer while the wheel turned slowly and the birds sang in the trees." * 2,
+    )
     answer = encode(smollm, " The secret code word is Zanzibar.")
     trace = Trace(prompt, filler + answer, answer_start=len(filler))
-    records = measure(smollm, [trace], ["window", "dynts"], budgets=[64], window=8, ratio=0.5,
-                      head=random_head(smollm.hidden_size), progress=False)
+    records = measure(
+        smollm,
+        [trace],
+        ["window", "dynts"],
+        budgets=[64],
+        window=8,
+        ratio=0.5,
+        head=random_head(smollm.hidden_size),
+        progress=False,
+    )
     by_policy = {r["policy"]: r for r in records}
     assert by_policy["window"]["compressions"] >= 1 and by_policy["dynts"]["compressions"] >= 1
     assert by_policy["window"]["kl_answer"] > by_policy["dynts"]["kl_answer"]
@@ -60,17 +78,56 @@ def test_cli_skips_short_traces_and_unfit_prompts(tmp_path, capsys):
     from dynts.cli.main import main
 
     traces = tmp_path / "traces"
-    assert main(["collect", "--dataset", "demo", "--limit", "3", "--greedy", "--max-new-tokens", "24",
-                 "--out", str(traces), "--device", "cpu", "--dtype", "fp32"]) == 0
+    assert (
+        main(
+            [
+                "collect",
+                "--dataset",
+                "demo",
+                "--limit",
+                "3",
+                "--greedy",
+                "--max-new-tokens",
+                "24",
+                "--out",
+                str(traces),
+                "--device",
+                "cpu",
+                "--dtype",
+                "fp32",
+            ]
+        )
+        == 0
+    )
     records = [json.loads(line) for line in (traces / "samples.jsonl").read_text().splitlines()]
     prompt_lengths = sorted(len(r["prompt_ids"]) for r in records)
     capsys.readouterr()
     # A budget that the shortest prompt fits with its window and the longest does not.
     budget = prompt_lengths[0] + 10
     out = tmp_path / "fid"
-    code = main(["fidelity", "--traces", str(traces), "--policies", "full,window,h2o", "--budgets", str(budget),
-                 "--window", "8", "--ratio", "0.5", "--min-tokens", "2", "--out", str(out), "--device", "cpu",
-                 "--dtype", "fp32"])
+    code = main(
+        [
+            "fidelity",
+            "--traces",
+            str(traces),
+            "--policies",
+            "full,window,h2o",
+            "--budgets",
+            str(budget),
+            "--window",
+            "8",
+            "--ratio",
+            "0.5",
+            "--min-tokens",
+            "2",
+            "--out",
+            str(out),
+            "--device",
+            "cpu",
+            "--dtype",
+            "fp32",
+        ]
+    )
     captured = capsys.readouterr()
     fits = [n for n in prompt_lengths if n + 8 < budget]
     if len(fits) == len(prompt_lengths):
@@ -80,8 +137,23 @@ def test_cli_skips_short_traces_and_unfit_prompts(tmp_path, capsys):
     stored = json.loads((out / "fidelity.json").read_text())
     assert {r["traces"] for r in stored} == {len(fits)}
     assert json.loads((out / "run.json").read_text())["n_traces"] == len(fits)
-    code = main(["fidelity", "--traces", str(traces), "--budgets", str(budget), "--window", "8", "--ratio", "0.5",
-                 "--min-tokens", "100000", "--out", str(tmp_path / "none")])
+    code = main(
+        [
+            "fidelity",
+            "--traces",
+            str(traces),
+            "--budgets",
+            str(budget),
+            "--window",
+            "8",
+            "--ratio",
+            "0.5",
+            "--min-tokens",
+            "100000",
+            "--out",
+            str(tmp_path / "none"),
+        ]
+    )
     assert code == 2 and "too short" in capsys.readouterr().err
     assert not (tmp_path / "none").exists()
 
@@ -89,8 +161,11 @@ def test_cli_skips_short_traces_and_unfit_prompts(tmp_path, capsys):
 def test_shared_prefix_gives_the_same_figures(smollm):
     """Admitting the full-cache replay's prefix instead of recomputing it changes no figure (up to float error)."""
     prompt = encode(smollm, "Think step by step: 13 + 29 = ?\n")
-    body = encode(smollm, " First add the tens: 10 + 20 = 30. Then the ones: 3 + 9 = 12. Together 30 + 12 = 42,"
-                          " and checking again, 13 + 29 is 42 because 29 is one less than 30.</think> It is 42.")
+    body = encode(
+        smollm,
+        " First add the tens: 10 + 20 = 30. Then the ones: 3 + 9 = 12. Together 30 + 12 = 42,"
+        " and checking again, 13 + 29 is 42 because 29 is one less than 30.</think> It is 42.",
+    )
     trace = Trace(prompt, body, answer_start=len(body) - 4)
     policies = ["full", "window", "h2o", "snapkv", "dynts"]
     args = dict(budgets=[40, 56], window=8, ratio=0.5, head=random_head(smollm.hidden_size, seed=1), progress=False)

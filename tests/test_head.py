@@ -8,7 +8,14 @@ import pytest
 import torch
 
 from dynts.errors import DynTSError
-from dynts.models.importance_head import CONFIG_FILE, WEIGHTS_FILE, HeadConfig, ImportanceHead, random_head, resolve_head
+from dynts.models.importance_head import (
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    HeadConfig,
+    ImportanceHead,
+    random_head,
+    resolve_head,
+)
 
 
 def saved_head(tmp_path, hidden=32, layers=(16, 8)):
@@ -93,8 +100,9 @@ def test_weights_that_do_not_match_the_config(tmp_path):
         ImportanceHead.load(path)
 
 
-@pytest.mark.parametrize("text", ["{not json", '{"layers": [4]}', '{"hidden_size": 32, "colour": "red"}',
-                                  '{"hidden_size": -1}'])
+@pytest.mark.parametrize(
+    "text", ["{not json", '{"layers": [4]}', '{"hidden_size": 32, "colour": "red"}', '{"hidden_size": -1}']
+)
 def test_unreadable_config(tmp_path, text):
     _, path = saved_head(tmp_path)
     (path / CONFIG_FILE).write_text(text)

@@ -1,11 +1,10 @@
 """Answer-attention labels and answer-span detection (DESIGN §3.2)."""
 
-import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from dynts.predictor.labels import Spans, find_spans, label_trace, select_traces
 from dynts.models.loading import prepare_model
+from dynts.predictor.labels import Spans, find_spans, label_trace, select_traces
 
 
 class CharTokenizer:
@@ -20,8 +19,15 @@ class CharTokenizer:
 
 def tiny_llama(seed=0):
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    config = LlamaConfig(
+        vocab_size=300,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+    )
     return prepare_model(LlamaForCausalLM(config), None, "tiny-llama")
 
 
@@ -69,13 +75,13 @@ def test_final_sentence_rule_without_think_markers():
     prompt = tok.encode("Q?")
     body = "First add 2 and 3. That gives 5. So the answer is \\boxed{5}. Hope it helps."
     spans = find_spans(prompt + tok.encode(body), len(prompt), tok)
-    answer_text = body[spans.answer_start - len(prompt):]
+    answer_text = body[spans.answer_start - len(prompt) :]
     assert answer_text.startswith("So the answer is \\boxed{5}")
     assert spans.think_start == len(prompt) and spans.think_end == spans.answer_start
     # without a box: the final sentence
     body = "We count the apples.\nThere are 7 apples"
     spans = find_spans(prompt + tok.encode(body), len(prompt), tok)
-    assert body[spans.answer_start - len(prompt):] == "There are 7 apples"
+    assert body[spans.answer_start - len(prompt) :] == "There are 7 apples"
     # a single sentence leaves nothing to supervise
     assert find_spans(prompt + tok.encode("It is \\boxed{3}."), len(prompt), tok) is None
 

@@ -16,8 +16,23 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "src" / "dynts"
-RANK = {"config": 0, "errors": 0, "models": 1, "kv": 2, "policies": 3, "engine": 4, "fast": 5, "api": 6,
-        "runtime": 7, "harness": 8, "predictor": 9, "experiments": 10, "cli": 11, "__main__": 12, "__init__": 12}
+RANK = {
+    "config": 0,
+    "errors": 0,
+    "models": 1,
+    "kv": 2,
+    "policies": 3,
+    "engine": 4,
+    "fast": 5,
+    "api": 6,
+    "runtime": 7,
+    "harness": 8,
+    "predictor": 9,
+    "experiments": 10,
+    "cli": 11,
+    "__main__": 12,
+    "__init__": 12,
+}
 
 
 def modules() -> dict[str, Path]:
@@ -68,15 +83,17 @@ def test_no_module_imports_from_a_layer_above_its_own():
             if target == "dynts":  # the root is lazy (its __version__ is all anyone takes from it)
                 continue
             if RANK[layer(target)] > mine:
-                violations.append(f"{path.relative_to(PACKAGE)}:{line} ({layer(module)}) imports {target} "
-                                  f"({layer(target)})")
+                violations.append(
+                    f"{path.relative_to(PACKAGE)}:{line} ({layer(module)}) imports {target} ({layer(target)})"
+                )
     assert not violations, "imports against the layering:\n" + "\n".join(violations)
 
 
 def test_no_import_cycles():
     """Module-level imports (what runs at import time) form no cycle."""
-    graph = {m: {t for _, t in imports(p, m, top_level_only=True) if t in modules() and t != m}
-             for m, p in modules().items()}
+    graph = {
+        m: {t for _, t in imports(p, m, top_level_only=True) if t in modules() and t != m} for m, p in modules().items()
+    }
     state: dict[str, int] = {}
     stack: list[str] = []
 
@@ -85,7 +102,7 @@ def test_no_import_cycles():
         stack.append(node)
         for nxt in graph[node]:
             if state.get(nxt) == 1:
-                raise AssertionError("import cycle: " + " -> ".join(stack[stack.index(nxt):] + [nxt]))
+                raise AssertionError("import cycle: " + " -> ".join(stack[stack.index(nxt) :] + [nxt]))
             if nxt not in state:
                 visit(nxt)
         stack.pop()
@@ -111,8 +128,9 @@ def test_python_dash_m_dynts_runs():
         assert command in proc.stdout
 
 
-@pytest.mark.parametrize("folder", ["models", "kv", "policies", "engine", "fast", "runtime", "harness", "predictor",
-                                    "experiments", "cli"])
+@pytest.mark.parametrize(
+    "folder", ["models", "kv", "policies", "engine", "fast", "runtime", "harness", "predictor", "experiments", "cli"]
+)
 def test_every_folder_is_a_documented_package(folder):
     init = PACKAGE / folder / "__init__.py"
     assert init.is_file() and ast.get_docstring(ast.parse(init.read_text())), f"{folder}/__init__.py says what it holds"

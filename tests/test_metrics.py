@@ -63,15 +63,29 @@ def test_majority_vote_and_ties():
 
 def record(dataset, pid, sample, correct, extracted, **stats):
     return {
-        "dataset": dataset, "id": pid, "sample": sample, "correct": correct,
-        "extracted": extracted, "response": "", "gold": "", "kind": "math",
-        "prompt_tokens": 10, "generated_tokens": stats.get("generated_tokens"), "stats": stats,
+        "dataset": dataset,
+        "id": pid,
+        "sample": sample,
+        "correct": correct,
+        "extracted": extracted,
+        "response": "",
+        "gold": "",
+        "kind": "math",
+        "prompt_tokens": 10,
+        "generated_tokens": stats.get("generated_tokens"),
+        "stats": stats,
     }
 
 
 def test_summarize_synthetic_records():
-    stats = dict(generated_tokens=100, time_share_s=2.0, forward_share_s=1.0, latency_s=3.0,
-                 peak_kv_tokens=500, peak_kv_bytes=4000)
+    stats = dict(
+        generated_tokens=100,
+        time_share_s=2.0,
+        forward_share_s=1.0,
+        latency_s=3.0,
+        peak_kv_tokens=500,
+        peak_kv_bytes=4000,
+    )
     records = [
         # dataset a: p1 2/2 correct, p2 0/2 correct (majority "9" wrong)
         record("a", "p1", 0, True, "1", **stats),
@@ -111,7 +125,9 @@ def test_summarize_synthetic_records():
 
 def test_summarize_partial_run_uses_smallest_sample_count():
     records = [
-        record("a", "p1", 0, False, "1"), record("a", "p1", 1, True, "2"), record("a", "p1", 2, True, "2"),
+        record("a", "p1", 0, False, "1"),
+        record("a", "p1", 1, True, "2"),
+        record("a", "p1", 2, True, "2"),
         record("a", "p2", 0, True, "3"),
         record("a", "p2", 0, False, "3"),  # duplicate key: the first copy wins
     ]

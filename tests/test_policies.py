@@ -10,11 +10,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from dynts.kv.attention import StepContext, dynts_attention
-from dynts.kv.cache import BudgetedCache
 from dynts.config import BudgetConfig, SamplingConfig
 from dynts.engine.engine import Engine
 from dynts.errors import DynTSError
+from dynts.kv.attention import StepContext, dynts_attention
+from dynts.kv.cache import BudgetedCache
 from dynts.models.importance_head import random_head
 from dynts.policies import POLICIES, TokenBatch, make_policy
 from dynts.policies.rkv import redundancy
@@ -43,8 +43,9 @@ SEPARATORS = {1, 2, 3, 5, 6}
 
 def fake_loaded(q_heads=4):
     model = SimpleNamespace(config=SimpleNamespace(num_attention_heads=q_heads, vocab_size=len(PIECES)))
-    return SimpleNamespace(name="fake", model=model, tokenizer=VocabTokenizer(PIECES), device=torch.device("cpu"),
-                           hidden_size=HIDDEN)
+    return SimpleNamespace(
+        name="fake", model=model, tokenizer=VocabTokenizer(PIECES), device=torch.device("cpu"), hidden_size=HIDDEN
+    )
 
 
 class Layer:
@@ -82,13 +83,23 @@ class Driver:
         hidden = self._rand(1, n, HIDDEN) if hidden is None else hidden
         positions = torch.arange(n)[None]
         self.cache.plan_prefill(row, n)
-        self._forward(q, k, v, StepContext(prefill_row=row, observer=self.observer, cache=self.cache,
-                                           positions=positions[0]))
+        self._forward(
+            q, k, v, StepContext(prefill_row=row, observer=self.observer, cache=self.cache, positions=positions[0])
+        )
         self.cache.finish_step()
         self.cache.slot["position"][row, :n] = positions[0]
-        self.policy.on_tokens(self.cache, TokenBatch(rows=torch.tensor([row]), slots=positions, positions=positions,
-                                                     token_ids=token_ids, hidden=hidden, is_prompt=True,
-                                                     in_answer=torch.zeros(1, n, dtype=torch.bool)))
+        self.policy.on_tokens(
+            self.cache,
+            TokenBatch(
+                rows=torch.tensor([row]),
+                slots=positions,
+                positions=positions,
+                token_ids=token_ids,
+                hidden=hidden,
+                is_prompt=True,
+                in_answer=torch.zeros(1, n, dtype=torch.bool),
+            ),
+        )
 
     def step(self, *, q=None, k=None, token_ids=None, hidden=None, in_answer=None):
         """One decode token for every row."""
@@ -105,9 +116,18 @@ class Driver:
         self._forward(q, k, v, StepContext(mask=mask, observer=self.observer, cache=self.cache, positions=positions))
         self.cache.finish_step()
         self.cache.slot["position"][torch.arange(b), slots] = positions
-        self.policy.on_tokens(self.cache, TokenBatch(rows=torch.arange(b), slots=slots[:, None],
-                                                     positions=positions[:, None], token_ids=token_ids, hidden=hidden,
-                                                     is_prompt=False, in_answer=in_answer))
+        self.policy.on_tokens(
+            self.cache,
+            TokenBatch(
+                rows=torch.arange(b),
+                slots=slots[:, None],
+                positions=positions[:, None],
+                token_ids=token_ids,
+                hidden=hidden,
+                is_prompt=False,
+                in_answer=in_answer,
+            ),
+        )
 
     def compress(self, row=0):
         keep = self.policy.select(self.cache, row)
@@ -272,7 +292,7 @@ def test_h2o_matches_brute_force_attention(make_tiny):
             expected = expected.reshape(config.num_key_value_heads, groups, -1).sum(dim=1)
             got = cache.layers[layer_idx].slot["h2o"][row]
             torch.testing.assert_close(got[:, : len(fed)], expected, atol=1e-4, rtol=1e-4)
-            assert torch.all(got[:, len(fed):] == 0)
+            assert torch.all(got[:, len(fed) :] == 0)
 
 
 def test_h2o_keeps_heavy_hitters_per_head():

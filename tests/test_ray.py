@@ -21,13 +21,35 @@ from dynts.cli.main import main
 from dynts.config import BudgetConfig, SamplingConfig
 from dynts.errors import DynTSError
 from dynts.harness.evaluate import EvalPlan, run_eval
-from dynts.runtime.executor import EngineSpec
 from dynts.harness.store import manifest_differences, read_manifest, read_records
+from dynts.runtime.executor import EngineSpec
 
 # Greedy, window policy under a budget the second demo prompt (58 tokens; the first three: 51, 58, 46) reaches.
-FLAGS = ["--model", "smollm2-135m", "--device", "cpu", "--dtype", "fp32", "--policy", "window", "--budget", "72",
-         "--window", "8", "--ratio", "0.5", "--greedy", "--max-new-tokens", "16", "--batch-size", "1",
-         "--datasets", "demo", "--samples", "2"]
+FLAGS = [
+    "--model",
+    "smollm2-135m",
+    "--device",
+    "cpu",
+    "--dtype",
+    "fp32",
+    "--policy",
+    "window",
+    "--budget",
+    "72",
+    "--window",
+    "8",
+    "--ratio",
+    "0.5",
+    "--greedy",
+    "--max-new-tokens",
+    "16",
+    "--batch-size",
+    "1",
+    "--datasets",
+    "demo",
+    "--samples",
+    "2",
+]
 SPEC = EngineSpec("window", BudgetConfig(72, 8, 0.5), SamplingConfig(greedy=True, max_new_tokens=16), 1)
 PLAN = EvalPlan(datasets=["demo"], samples=2, limit=3)
 
@@ -94,8 +116,11 @@ def local_runs(tmp_path_factory):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
-    return {"partial": root / "partial", "full": root / "full",
-            "ray_imported": json.loads(done.stdout.strip().splitlines()[-1])["ray_imported"]}
+    return {
+        "partial": root / "partial",
+        "full": root / "full",
+        "ray_imported": json.loads(done.stdout.strip().splitlines()[-1])["ray_imported"],
+    }
 
 
 def test_local_run_never_imports_ray(local_runs):
@@ -109,8 +134,7 @@ def test_local_run_never_imports_ray(local_runs):
 def ray_instance():
     ray = pytest.importorskip("ray")
     # 4 logical CPUs: the module's pool (2 workers) and the CLI test's own pool (2 more) fit side by side
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, logging_level="error",
-             ignore_reinit_error=True)
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, logging_level="error", ignore_reinit_error=True)
     yield ray
     ray.shutdown()
 
@@ -162,17 +186,30 @@ class Borrowed:
 def test_ray_sweep_matches_local(tmp_path, smollm, pool):
     from dynts.experiments.sweep import SweepSpec, load_cells, read_steps, run_sweep
 
-    spec = dict(model="smollm2-135m", policies=["full", "window"], budgets=[72], windows=[8], ratios=[0.5],
-                datasets=["demo"], samples=1, limit=1, sampling=SamplingConfig(greedy=True, max_new_tokens=16),
-                batch_size=2, probe_tokens=24, device="cpu", dtype="fp32")
+    spec = dict(
+        model="smollm2-135m",
+        policies=["full", "window"],
+        budgets=[72],
+        windows=[8],
+        ratios=[0.5],
+        datasets=["demo"],
+        samples=1,
+        limit=1,
+        sampling=SamplingConfig(greedy=True, max_new_tokens=16),
+        batch_size=2,
+        probe_tokens=24,
+        device="cpu",
+        dtype="fp32",
+    )
     local = run_sweep(SweepSpec(**spec), tmp_path / "local", loaded=smollm, progress=False)
     remote = run_sweep(SweepSpec(**spec), tmp_path / "ray", progress=False, make_executor=lambda: Borrowed(pool))
     assert sorted(remote.ran) == sorted(local.ran) == ["full", "window-B72-W8-r0.5"]
     for cell in load_cells(tmp_path / "ray"):
         assert by_key(cell.directory) == by_key(tmp_path / "local" / "cells" / cell.name)
         steps, reference = read_steps(cell.directory), read_steps(tmp_path / "local" / "cells" / cell.name)
-        assert [(s["kv_tokens"], s["compressed"]) for s in steps] == \
-               [(s["kv_tokens"], s["compressed"]) for s in reference]
+        assert [(s["kv_tokens"], s["compressed"]) for s in steps] == [
+            (s["kv_tokens"], s["compressed"]) for s in reference
+        ]
     assert (tmp_path / "ray" / "summary.csv").read_text().count("\n") == 3
 
 
@@ -181,7 +218,9 @@ def test_ray_labels_match_local(tmp_path, smollm, local_runs, pool, monkeypatch)
 
     from dynts.predictor.labels import label_store
 
-    monkeypatch.setattr("dynts.predictor.labels.LABEL_UNIT", 2)  # three units for two workers: they may finish out of order
+    monkeypatch.setattr(
+        "dynts.predictor.labels.LABEL_UNIT", 2
+    )  # three units for two workers: they may finish out of order
 
     for name in ("local", "ray"):
         shutil.copytree(local_runs["full"], tmp_path / name)
@@ -189,8 +228,10 @@ def test_ray_labels_match_local(tmp_path, smollm, local_runs, pool, monkeypatch)
     remote = label_store(None, tmp_path / "ray", shard_size=2, progress=False, executor=pool)
     assert remote == local and len(local["shards"]) > 1
     for shard in local["shards"]:
-        with safe_open(tmp_path / "local" / "labels" / shard, "pt") as a, \
-                safe_open(tmp_path / "ray" / "labels" / shard, "pt") as b:
+        with (
+            safe_open(tmp_path / "local" / "labels" / shard, "pt") as a,
+            safe_open(tmp_path / "ray" / "labels" / shard, "pt") as b,
+        ):
             assert a.metadata() == b.metadata() and sorted(a.keys()) == sorted(b.keys())
             for key in a.keys():
                 assert a.get_tensor(key).equal(b.get_tensor(key)), key

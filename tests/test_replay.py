@@ -5,10 +5,10 @@ import torch
 
 from dynts.config import BudgetConfig, SamplingConfig
 from dynts.engine.engine import Engine
+from dynts.engine.replay import answer_flags, replay
 from dynts.errors import DynTSError
 from dynts.models.importance_head import random_head
 from dynts.policies import policy_class
-from dynts.engine.replay import answer_flags, replay
 
 
 def test_answer_flags_start_at_the_markers_last_token():
@@ -47,9 +47,11 @@ def replay_logits(engine, prompt, tokens, max_chunk=512):
 def test_replay_matches_token_by_token_forcing(smollm, policy):
     tok = smollm.tokenizer
     prompt = tok.encode("Q: 12 cows, buys 7 more. Total?\n", add_special_tokens=False)
-    tokens = tok.encode(" Let me think. He had 12 cows, then bought 7, and 12 plus 7 makes 19, so he has 19 cows"
-                        " in total now, which is the count.</think> The farmer has 19 cows. The answer is 19.",
-                        add_special_tokens=False)
+    tokens = tok.encode(
+        " Let me think. He had 12 cows, then bought 7, and 12 plus 7 makes 19, so he has 19 cows"
+        " in total now, which is the count.</think> The farmer has 19 cows. The answer is 19.",
+        add_special_tokens=False,
+    )
     budget = BudgetConfig(40, 8, 0.5, allow_zero_window=policy_class(policy).allows_zero_window)
     head = random_head(smollm.hidden_size, seed=3)
     engine = Engine(smollm, policy, budget, SamplingConfig(greedy=True), batch_size=1, head=head)
@@ -70,8 +72,9 @@ def test_replay_matches_token_by_token_forcing(smollm, policy):
     for layer, ref in zip(cache.layers, expected_cache.layers):  # per-head policies keep different slots per head
         assert torch.allclose(layer.keys[0, :, :n], ref.keys[0, :, :n], atol=1e-4)
     if policy == "dynts":  # the answer tokens entered protected in both runs
-        assert torch.equal(torch.isposinf(cache.slot["importance"][0, :n]),
-                           torch.isposinf(expected_cache.slot["importance"][0, :n]))
+        assert torch.equal(
+            torch.isposinf(cache.slot["importance"][0, :n]), torch.isposinf(expected_cache.slot["importance"][0, :n])
+        )
 
 
 def test_small_chunks_and_no_budget_agree(smollm):

@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from dynts.harness.datasets import Problem
 from dynts.errors import DynTSError
+from dynts.harness.datasets import Problem
 from dynts.harness.report import format_table, regrade, write_report
 from dynts.harness.store import ResultStore, build_record, read_records
 
@@ -23,12 +23,24 @@ MANIFEST = {
 
 def make_record(pid, sample, correct=True, dataset="demo"):
     return {
-        "dataset": dataset, "id": pid, "sample": sample, "kind": "math",
+        "dataset": dataset,
+        "id": pid,
+        "sample": sample,
+        "kind": "math",
         "response": r"\boxed{7}" if correct else r"\boxed{8}",
-        "extracted": "7" if correct else "8", "correct": correct, "gold": "7",
-        "prompt_tokens": 12, "generated_tokens": 5,
-        "stats": {"generated_tokens": 5, "time_share_s": 0.5, "forward_share_s": 0.25,
-                  "latency_s": 1.0, "peak_kv_tokens": 17, "peak_kv_bytes": 1024},
+        "extracted": "7" if correct else "8",
+        "correct": correct,
+        "gold": "7",
+        "prompt_tokens": 12,
+        "generated_tokens": 5,
+        "stats": {
+            "generated_tokens": 5,
+            "time_share_s": 0.5,
+            "forward_share_s": 0.25,
+            "latency_s": 1.0,
+            "peak_kv_tokens": 17,
+            "peak_kv_bytes": 1024,
+        },
     }
 
 
@@ -132,8 +144,16 @@ def test_bad_records_are_refused(tmp_path):
 
 def test_build_record_report_and_regrade(tmp_path):
     problem = Problem("demo", "demo-01", "What is 3 + 4?", "7")
-    stats = {"prompt_tokens": 9, "generated_tokens": 4, "time_share_s": 0.1, "forward_share_s": 0.05,
-             "latency_s": 0.2, "peak_kv_tokens": 13, "peak_kv_bytes": 2048, "finish_reason": "eos"}
+    stats = {
+        "prompt_tokens": 9,
+        "generated_tokens": 4,
+        "time_share_s": 0.1,
+        "forward_share_s": 0.05,
+        "latency_s": 0.2,
+        "peak_kv_tokens": 13,
+        "peak_kv_bytes": 2048,
+        "finish_reason": "eos",
+    }
     with ResultStore(tmp_path, MANIFEST) as store:
         store.append(build_record(problem, 0, "3 + 4 = 7, so \\boxed{7}", stats))
         store.append(build_record(problem, 1, "I think 8", stats))

@@ -16,8 +16,17 @@ import torch
 
 from dynts.config import SamplingConfig
 from dynts.errors import DynTSError
-from dynts.experiments.sweep import (SUMMARY_COLUMNS, SweepSpec, load_cells, parse_float_list, parse_int_list, read_csv,
-                         read_steps, run_sweep)
+from dynts.experiments.sweep import (
+    SUMMARY_COLUMNS,
+    SweepSpec,
+    load_cells,
+    parse_float_list,
+    parse_int_list,
+    read_csv,
+    read_steps,
+    run_sweep,
+)
+
 
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
@@ -29,9 +38,19 @@ def one_thread():
 
 
 def tiny_spec(**overrides) -> SweepSpec:
-    options = dict(model="smollm2-135m", policies=["full", "window"], budgets=[60, 64], windows=[8],
-                   ratios=[0.5, 0.75], datasets=["demo"], samples=1, limit=1,
-                   sampling=SamplingConfig(max_new_tokens=8), batch_size=8, probe_tokens=16)
+    options = dict(
+        model="smollm2-135m",
+        policies=["full", "window"],
+        budgets=[60, 64],
+        windows=[8],
+        ratios=[0.5, 0.75],
+        datasets=["demo"],
+        samples=1,
+        limit=1,
+        sampling=SamplingConfig(max_new_tokens=8),
+        batch_size=8,
+        probe_tokens=16,
+    )
     options.update(overrides)
     return SweepSpec(**options)
 
@@ -48,8 +67,9 @@ def stored_sweep(tmp_path_factory, smollm):
     probe compresses in every window cell."""
     out = tmp_path_factory.mktemp("sweep") / "S"
     result = run_sweep(tiny_spec(), out, loaded=smollm, progress=False)
-    assert sorted(result.ran) == sorted(["full", "window-B60-W8-r0.5", "window-B60-W8-r0.75", "window-B64-W8-r0.5",
-                                         "window-B64-W8-r0.75"])
+    assert sorted(result.ran) == sorted(
+        ["full", "window-B60-W8-r0.5", "window-B60-W8-r0.75", "window-B64-W8-r0.5", "window-B64-W8-r0.75"]
+    )
     return out
 
 
@@ -109,8 +129,13 @@ def test_prompt_that_does_not_fit_fails_before_writing(tmp_path, smollm):
 def test_cli_bad_flags_fail_before_writing(tmp_path):
     parser = build_parser()
     out = tmp_path / "S"
-    for flags in (["--budgets", "64:96"], ["--windows", "64", "--budgets", "64"], ["--policies", "full,bogus"],
-                  ["--ratios", "x"], ["--samples", "0"]):
+    for flags in (
+        ["--budgets", "64:96"],
+        ["--windows", "64", "--budgets", "64"],
+        ["--policies", "full,bogus"],
+        ["--ratios", "x"],
+        ["--samples", "0"],
+    ):
         args = parser.parse_args(["sweep", "--out", str(out), *flags])
         with pytest.raises(DynTSError):
             args.func(args)
@@ -143,8 +168,16 @@ def test_sweep_writes_cells_summary_and_traces(stored_sweep):
             assert (directory / name).is_file(), (cell.name, name)
         steps = read_steps(directory)
         assert len(steps) == 15  # 16 probe tokens: the first comes from the prefill
-        assert {"batch", "step", "active", "step_time_s", "forward_time_s", "kv_tokens", "kv_bytes",
-                "compressed"} <= set(steps[0])
+        assert {
+            "batch",
+            "step",
+            "active",
+            "step_time_s",
+            "forward_time_s",
+            "kv_tokens",
+            "kv_bytes",
+            "compressed",
+        } <= set(steps[0])
         if cell.compresses:
             assert max(s["kv_tokens"] for s in steps) <= cell.budget
             assert sum(s["compressed"] for s in steps) >= 1
@@ -175,8 +208,12 @@ def test_different_shared_flags_are_refused(stored_sweep):
     with pytest.raises(DynTSError, match=r"samples: stored 1, now 2"):
         run_sweep(tiny_spec(samples=2), stored_sweep, load=no_load, progress=False)
     with pytest.raises(DynTSError, match=r"sampling.temperature"):
-        run_sweep(tiny_spec(sampling=SamplingConfig(max_new_tokens=8, temperature=0.7)), stored_sweep,
-                  load=no_load, progress=False)
+        run_sweep(
+            tiny_spec(sampling=SamplingConfig(max_new_tokens=8, temperature=0.7)),
+            stored_sweep,
+            load=no_load,
+            progress=False,
+        )
     with pytest.raises(DynTSError, match=r"model: stored"):
         run_sweep(tiny_spec(model="other/model"), stored_sweep, load=no_load, progress=False)
     assert (stored_sweep / "sweep.json").read_text() == sweep_json
@@ -259,7 +296,7 @@ def test_plot_writes_every_kind_with_matching_csv(stored_sweep, tmp_path):
         for row, step in zip(mine, steps):
             assert int(row["step"]) == step["step"] and int(row["kv_tokens"]) == step["kv_tokens"]
             assert close(row["tps"], step["active"] / step["step_time_s"])
-            assert close(row["kv_mib"], step["kv_bytes"] / 2 ** 20)
+            assert close(row["kv_mib"], step["kv_bytes"] / 2**20)
 
 
 @pytest.mark.slow
@@ -269,8 +306,9 @@ def test_plot_cli_kinds_and_errors(stored_sweep, tmp_path):
     args = parser.parse_args(["plot", str(stored_sweep), "--kind", "budget", "--out", str(tmp_path / "f")])
     assert args.func(args) == 0
     assert sorted(p.name for p in (tmp_path / "f").iterdir()) == ["budget.csv", "budget.pdf", "budget.png"]
-    args = parser.parse_args(["plot", str(stored_sweep), "--kind", "heatmap", "--budget", "99",
-                              "--out", str(tmp_path / "g")])
+    args = parser.parse_args(
+        ["plot", str(stored_sweep), "--kind", "heatmap", "--budget", "99", "--out", str(tmp_path / "g")]
+    )
     with pytest.raises(DynTSError, match="cannot draw the heatmap"):
         args.func(args)
     args = parser.parse_args(["plot", str(tmp_path / "missing")])
@@ -293,13 +331,31 @@ def fake_cell(root: Path, model: str, policy: str, budget=None, window=None, rat
     name = f"{model.split('/')[-1]}-{Cell(policy, budget, window, ratio).name}"
     directory = root / "cells" / name
     directory.mkdir(parents=True)
-    (directory / "run.json").write_text(json.dumps({"model": model, "policy": {
-        "name": policy, "registry_name": policy, "budget": budget, "window": window, "ratio": ratio}}))
+    (directory / "run.json").write_text(
+        json.dumps(
+            {
+                "model": model,
+                "policy": {"name": policy, "registry_name": policy, "budget": budget, "window": window, "ratio": ratio},
+            }
+        )
+    )
     seed = sum(map(ord, name))
-    rows = {d: {"n_problems": 30, "samples_per_problem": 5, "complete": True, "k": 5,
-                "pass@1": (seed % 97) / 97 / (i + 1), "pass@k": 0.5, "maj@k": 0.4, "tps": 100.0 + seed % 13 + i,
-                "tps_forward": 150.0, "peak_kv_tokens": budget or 9000, "mean_generated_tokens": 5000.0}
-            for i, d in enumerate(datasets)}
+    rows = {
+        d: {
+            "n_problems": 30,
+            "samples_per_problem": 5,
+            "complete": True,
+            "k": 5,
+            "pass@1": (seed % 97) / 97 / (i + 1),
+            "pass@k": 0.5,
+            "maj@k": 0.4,
+            "tps": 100.0 + seed % 13 + i,
+            "tps_forward": 150.0,
+            "peak_kv_tokens": budget or 9000,
+            "mean_generated_tokens": 5000.0,
+        }
+        for i, d in enumerate(datasets)
+    }
     (directory / "metrics.json").write_text(json.dumps({"datasets": rows, "mean": {}}))
     return name
 

@@ -32,8 +32,9 @@ def true_score(features: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.softplus(2.0 * features.float() @ w)
 
 
-def write_label_set(root, traces=40, hidden=HIDDEN, model=MODEL, shard_size=16, seed=0, think=True,
-                    samples=1, noise=0.05):
+def write_label_set(
+    root, traces=40, hidden=HIDDEN, model=MODEL, shard_size=16, seed=0, think=True, samples=1, noise=0.05
+):
     """Write root/labels/{index.json, labels-*.safetensors} as `dynts label` does; returns the hidden weights."""
     gen = torch.Generator().manual_seed(seed)
     w = torch.randn(hidden, generator=gen)
@@ -50,12 +51,15 @@ def write_label_set(root, traces=40, hidden=HIDDEN, model=MODEL, shard_size=16, 
         target = true_score(features, w) + noise * torch.randn(length, generator=gen).abs()
         labels = torch.zeros(length)
         labels[think_start:think_end] = target[think_start:think_end] / 10000.0
-        items.append({
-            "ids": torch.randint(0, 1000, (length,), generator=gen, dtype=torch.int32),
-            "spans": [prompt_len, think_start, think_end, think_end],
-            "labels": labels, "features": features,
-            "key": ["synthetic", f"p{t // samples}", t % samples],
-        })
+        items.append(
+            {
+                "ids": torch.randint(0, 1000, (length,), generator=gen, dtype=torch.int32),
+                "spans": [prompt_len, think_start, think_end, think_end],
+                "labels": labels,
+                "features": features,
+                "key": ["synthetic", f"p{t // samples}", t % samples],
+            }
+        )
     shards = []
     for s in range(0, traces, shard_size):
         chunk = items[s : s + shard_size]
@@ -63,16 +67,26 @@ def write_label_set(root, traces=40, hidden=HIDDEN, model=MODEL, shard_size=16, 
         for item in chunk:
             offsets.append(offsets[-1] + len(item["ids"]))
         name = f"labels-{len(shards):05d}.safetensors"
-        save_file({
-            "token_ids": torch.cat([i["ids"] for i in chunk]),
-            "offsets": torch.tensor(offsets, dtype=torch.int64),
-            "spans": torch.tensor([i["spans"] for i in chunk], dtype=torch.int64),
-            "labels": torch.cat([i["labels"] for i in chunk]),
-            "features": torch.cat([i["features"] for i in chunk]),
-        }, str(out / name), metadata={"model": model, "keys": json.dumps([i["key"] for i in chunk])})
+        save_file(
+            {
+                "token_ids": torch.cat([i["ids"] for i in chunk]),
+                "offsets": torch.tensor(offsets, dtype=torch.int64),
+                "spans": torch.tensor([i["spans"] for i in chunk], dtype=torch.int64),
+                "labels": torch.cat([i["labels"] for i in chunk]),
+                "features": torch.cat([i["features"] for i in chunk]),
+            },
+            str(out / name),
+            metadata={"model": model, "keys": json.dumps([i["key"] for i in chunk])},
+        )
         shards.append(name)
-    index = {"model": model, "hidden_size": hidden, "shards": shards, "traces": traces,
-             "tokens": sum(len(i["ids"]) for i in items), "answer_rule": "synthetic"}
+    index = {
+        "model": model,
+        "hidden_size": hidden,
+        "shards": shards,
+        "traces": traces,
+        "tokens": sum(len(i["ids"]) for i in items),
+        "answer_rule": "synthetic",
+    }
     (out / "index.json").write_text(json.dumps(index))
     return w
 
@@ -176,8 +190,11 @@ def test_recency_baseline_and_split(tmp_path):
     assert not problems(train) & problems(held)  # samples of one problem stay together
     # labels rising with position: the recency baseline ranks perfectly
     label_set.labels = label_set.positions.float()
-    assert evaluate_recency(label_set, held, 0.4) == {"spearman": pytest.approx(1.0), "kendall": pytest.approx(1.0),
-                                                      "topk_recall": 1.0}
+    assert evaluate_recency(label_set, held, 0.4) == {
+        "spearman": pytest.approx(1.0),
+        "kendall": pytest.approx(1.0),
+        "topk_recall": 1.0,
+    }
 
 
 def test_missing_index_says_run_label(tmp_path):
@@ -206,9 +223,22 @@ def test_corrupt_shard_and_mismatched_model(tmp_path):
 
 def test_train_config_validation():
     TrainConfig()
-    for bad in (dict(hidden=()), dict(hidden=(0,)), dict(epochs=0), dict(lr=-1), dict(lr=math.nan),
-                dict(weight_decay=-0.1), dict(betas=(0.9, 1.0)), dict(warmup=1.0), dict(batch_tokens=0),
-                dict(transform="scale:x"), dict(heldout=0.0), dict(heldout=1.0), dict(retention=0.0),
-                dict(retention=1.5), dict(seed=1.5)):
+    for bad in (
+        dict(hidden=()),
+        dict(hidden=(0,)),
+        dict(epochs=0),
+        dict(lr=-1),
+        dict(lr=math.nan),
+        dict(weight_decay=-0.1),
+        dict(betas=(0.9, 1.0)),
+        dict(warmup=1.0),
+        dict(batch_tokens=0),
+        dict(transform="scale:x"),
+        dict(heldout=0.0),
+        dict(heldout=1.0),
+        dict(retention=0.0),
+        dict(retention=1.5),
+        dict(seed=1.5),
+    ):
         with pytest.raises(DynTSError):
             TrainConfig(**bad)

@@ -3,10 +3,14 @@
 __version__ = "0.1.0"
 
 _LAZY = {
-    "generate": "dynts.api", "make_engine": "dynts.api",
-    "Engine": "dynts.engine.engine", "GenerationOutput": "dynts.engine.engine",
-    "GenerationResult": "dynts.engine.engine", "load_model": "dynts.models.loading",
-    "BudgetConfig": "dynts.config", "SamplingConfig": "dynts.config",
+    "generate": "dynts.api",
+    "make_engine": "dynts.api",
+    "Engine": "dynts.engine.engine",
+    "GenerationOutput": "dynts.engine.engine",
+    "GenerationResult": "dynts.engine.engine",
+    "load_model": "dynts.models.loading",
+    "BudgetConfig": "dynts.config",
+    "SamplingConfig": "dynts.config",
 }
 
 

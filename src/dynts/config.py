@@ -35,8 +35,10 @@ class BudgetConfig:
         if not isinstance(self.window, int) or self.window < 0:
             raise DynTSError(f"--window must be a non-negative number of tokens, got {self.window}")
         if self.window == 0 and not self.allow_zero_window:
-            raise DynTSError("--window 0 is only allowed for the no-local-window ablation (policy dynts with window=0 is "
-                             "accepted when the policy allows it); use a window of at least 1 token")
+            raise DynTSError(
+                "--window 0 is only allowed for the no-local-window ablation (policy dynts with window=0 is "
+                "accepted when the policy allows it); use a window of at least 1 token"
+            )
         if self.window >= self.budget:
             raise DynTSError(f"--window ({self.window}) must be smaller than --budget ({self.budget})")
         if not (isinstance(self.ratio, (int, float)) and 0.0 < self.ratio <= 1.0) or math.isnan(self.ratio):

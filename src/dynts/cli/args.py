@@ -19,37 +19,69 @@ SAMPLING_DEFAULTS = SamplingConfig()
 # --- model, policy, sampling ----------------------------------------------------------------------
 def add_model_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
-    g.add_argument("--model", default="smollm2-135m",
-                   help="Hugging Face id, local directory, .gguf file, or the embedded 'smollm2-135m' (default)")
+    g.add_argument(
+        "--model",
+        default="smollm2-135m",
+        help="Hugging Face id, local directory, .gguf file, or the embedded 'smollm2-135m' (default)",
+    )
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available, else cpu)")
-    g.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"],
-                   help="weights and cache dtype (default: bf16 on CUDA, fp32 on CPU)")
+    g.add_argument(
+        "--dtype",
+        default=None,
+        choices=["fp32", "bf16", "fp16"],
+        help="weights and cache dtype (default: bf16 on CUDA, fp32 on CPU)",
+    )
 
 
 def add_policy_opt_flag(p, scope: str = "the policy") -> None:
-    p.add_argument("--policy-opt", action="append", default=[], metavar="KEY=VALUE",
-                   help=f"set an option of {scope} (repeatable); `dynts policies` lists every policy's options")
+    p.add_argument(
+        "--policy-opt",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help=f"set an option of {scope} (repeatable); `dynts policies` lists every policy's options",
+    )
 
 
 def add_policy_flags(p: argparse.ArgumentParser) -> None:
     from dynts.policies import POLICIES
 
     g = p.add_argument_group("KV budget")
-    g.add_argument("--policy", default="dynts", choices=list(POLICIES), metavar="POLICY",
-                   help=f"eviction policy: {', '.join(POLICIES)} (default: dynts; see dynts policies)")
+    g.add_argument(
+        "--policy",
+        default="dynts",
+        choices=list(POLICIES),
+        metavar="POLICY",
+        help=f"eviction policy: {', '.join(POLICIES)} (default: dynts; see dynts policies)",
+    )
     add_policy_opt_flag(g)
     add_frame_flags(g)
-    g.add_argument("--head", default=None,
-                   help="importance head checkpoint for dynts policies (default: the head shipped for the model)")
+    g.add_argument(
+        "--head",
+        default=None,
+        help="importance head checkpoint for dynts policies (default: the head shipped for the model)",
+    )
 
 
 def add_frame_flags(g, budget: int = PAPER_BUDGET, window: int = PAPER_WINDOW, ratio: float = PAPER_RATIO) -> None:
-    g.add_argument("--budget", type=int, default=budget,
-                   help=f"B: a sequence compresses when its cache holds B tokens (default {budget})")
-    g.add_argument("--window", type=int, default=window,
-                   help=f"W: most recent tokens always kept; 0 only for the dynts ablation (default {window})")
-    g.add_argument("--ratio", type=float, default=ratio,
-                   help=f"r: share of the older L-W tokens a compression keeps, in (0, 1] (default {ratio})")
+    g.add_argument(
+        "--budget",
+        type=int,
+        default=budget,
+        help=f"B: a sequence compresses when its cache holds B tokens (default {budget})",
+    )
+    g.add_argument(
+        "--window",
+        type=int,
+        default=window,
+        help=f"W: most recent tokens always kept; 0 only for the dynts ablation (default {window})",
+    )
+    g.add_argument(
+        "--ratio",
+        type=float,
+        default=ratio,
+        help=f"r: share of the older L-W tokens a compression keeps, in (0, 1] (default {ratio})",
+    )
 
 
 def add_sampling_flags(p: argparse.ArgumentParser, max_new_tokens: int | None) -> None:
@@ -62,14 +94,24 @@ def add_sampling_flags(p: argparse.ArgumentParser, max_new_tokens: int | None) -
     g.add_argument("--seed", type=int, default=d.seed, help=f"default {d.seed}")
     g.add_argument("--max-new-tokens", type=int, default=max_new_tokens, help=f"default {max_new_tokens}")
     g.add_argument("--batch-size", type=int, default=8, help="sequences decoded together (default 8)")
-    g.add_argument("--fast", action=argparse.BooleanOptionalAction, default=None,
-                   help="static fast decode path with CUDA graphs (default: on with CUDA, off on CPU); greedy output "
-                   "is the same either way, sampled output differs (counter-based noise)")
+    g.add_argument(
+        "--fast",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="static fast decode path with CUDA graphs (default: on with CUDA, off on CPU); greedy output "
+        "is the same either way, sampled output differs (counter-based noise)",
+    )
 
 
 def sampling_from_args(args, max_new_tokens: int | None = None) -> SamplingConfig:
-    return SamplingConfig(greedy=args.greedy, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                          seed=args.seed, max_new_tokens=max_new_tokens or args.max_new_tokens)
+    return SamplingConfig(
+        greedy=args.greedy,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        seed=args.seed,
+        max_new_tokens=max_new_tokens or args.max_new_tokens,
+    )
 
 
 def policy_options_from_args(args) -> dict:
@@ -99,21 +141,40 @@ def engine_spec_from_args(args):
         raise DynTSError(f"--batch-size must be at least 1, got {args.batch_size}")
     if args.head is not None and not Path(args.head).exists():
         raise DynTSError(f"--head {args.head} does not exist")
-    return EngineSpec(args.policy, budget, sampling, args.batch_size, head_path=args.head, fast=args.fast,
-                      policy_options=options_key(options))
+    return EngineSpec(
+        args.policy,
+        budget,
+        sampling,
+        args.batch_size,
+        head_path=args.head,
+        fast=args.fast,
+        policy_options=options_key(options),
+    )
 
 
 # --- where the work runs: here, or on Ray (--ray) ---------------------------------------------------
 def add_ray_flags(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("scale-out on Ray (pip install \"dynts[ray]\")")
-    g.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
-                   help="run on Ray workers; the driver alone writes the results, as a local run does. Without "
-                   "ADDRESS: start a local Ray instance; 'auto' or ray://HEAD:10001: join an existing cluster "
-                   "(before a positional argument write --ray=ADDRESS)")
-    g.add_argument("--workers", type=int, default=None, metavar="N",
-                   help="Ray workers, each holding one model replica (default 1)")
-    g.add_argument("--gpus-per-worker", type=float, default=None, metavar="G",
-                   help="GPUs each worker reserves (default: 1 when CUDA is present and --device is not cpu, else 0)")
+    g = p.add_argument_group('scale-out on Ray (pip install "dynts[ray]")')
+    g.add_argument(
+        "--ray",
+        nargs="?",
+        const="local",
+        default=None,
+        metavar="ADDRESS",
+        help="run on Ray workers; the driver alone writes the results, as a local run does. Without "
+        "ADDRESS: start a local Ray instance; 'auto' or ray://HEAD:10001: join an existing cluster "
+        "(before a positional argument write --ray=ADDRESS)",
+    )
+    g.add_argument(
+        "--workers", type=int, default=None, metavar="N", help="Ray workers, each holding one model replica (default 1)"
+    )
+    g.add_argument(
+        "--gpus-per-worker",
+        type=float,
+        default=None,
+        metavar="G",
+        help="GPUs each worker reserves (default: 1 when CUDA is present and --device is not cpu, else 0)",
+    )
 
 
 # --- small parsers ------------------------------------------------------------------------------------

@@ -5,24 +5,43 @@ from __future__ import annotations
 from contextlib import closing
 from pathlib import Path
 
-from dynts.cli.args import (add_model_flags, add_policy_flags, add_ray_flags, add_sampling_flags,
-                            engine_spec_from_args, existing_run)
+from dynts.cli.args import (
+    add_model_flags,
+    add_policy_flags,
+    add_ray_flags,
+    add_sampling_flags,
+    engine_spec_from_args,
+    existing_run,
+)
 from dynts.cli.execution import open_executor
 from dynts.config import PAPER_MAX_NEW_TOKENS, PAPER_SAMPLES
 
 
 def register(sub) -> None:
     ev = sub.add_parser("eval", help="run benchmarks and report Pass@1 (avg@k), pass@k, maj@k, TPS and KV memory")
-    ev.add_argument("--datasets", default="demo",
-                    help="comma-separated: aime24, aime25, amc23, gpqa_d, math500, gaokao2023en, gsm8k, demo "
-                         "(default: demo, a built-in arithmetic set)")
-    ev.add_argument("--samples", type=int, default=PAPER_SAMPLES,
-                    help=f"samples per problem; Pass@1 = avg@k (default {PAPER_SAMPLES})")
+    ev.add_argument(
+        "--datasets",
+        default="demo",
+        help="comma-separated: aime24, aime25, amc23, gpqa_d, math500, gaokao2023en, gsm8k, demo "
+        "(default: demo, a built-in arithmetic set)",
+    )
+    ev.add_argument(
+        "--samples",
+        type=int,
+        default=PAPER_SAMPLES,
+        help=f"samples per problem; Pass@1 = avg@k (default {PAPER_SAMPLES})",
+    )
     ev.add_argument("--limit", type=int, default=None, help="first N problems of each dataset")
-    ev.add_argument("--data-dir", default=None,
-                    help="directory of benchmark JSONL files (default: $DYNTS_DATA_DIR, else the Hugging Face hub)")
-    ev.add_argument("--out", required=True, help="run directory: run.json, samples.jsonl, metrics.json, report.md; "
-                    "rerunning the same command resumes")
+    ev.add_argument(
+        "--data-dir",
+        default=None,
+        help="directory of benchmark JSONL files (default: $DYNTS_DATA_DIR, else the Hugging Face hub)",
+    )
+    ev.add_argument(
+        "--out",
+        required=True,
+        help="run directory: run.json, samples.jsonl, metrics.json, report.md; rerunning the same command resumes",
+    )
     add_model_flags(ev)
     add_policy_flags(ev)
     add_sampling_flags(ev, max_new_tokens=PAPER_MAX_NEW_TOKENS)

@@ -12,8 +12,18 @@ def build_engine(args, trace_steps: bool = False, on_step=None):
 
     spec = engine_spec_from_args(args)
     loaded = load_model(args.model, device=args.device, dtype=args.dtype)
-    return make_engine(loaded, spec.policy, spec.budget, spec.sampling, spec.batch_size, head_path=spec.head_path,
-                       trace_steps=trace_steps, on_step=on_step, fast=spec.fast, policy_options=spec.options)
+    return make_engine(
+        loaded,
+        spec.policy,
+        spec.budget,
+        spec.sampling,
+        spec.batch_size,
+        head_path=spec.head_path,
+        trace_steps=trace_steps,
+        on_step=on_step,
+        fast=spec.fast,
+        policy_options=spec.options,
+    )
 
 
 def open_executor(args, model: str, dtype: str | None):

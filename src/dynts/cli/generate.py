@@ -17,8 +17,9 @@ def register(sub) -> None:
     src.add_argument("--prompt", help="one prompt (the model's chat template is applied)")
     src.add_argument("--prompts-file", help="one prompt per line, or a .jsonl file with a 'prompt' field per line")
     gen.add_argument("--raw", action="store_true", help="feed prompts as they are, without the chat template")
-    gen.add_argument("--json", action="store_true",
-                     help="print one JSON object per prompt: text, token_ids, prompt_tokens, stats")
+    gen.add_argument(
+        "--json", action="store_true", help="print one JSON object per prompt: text, token_ids, prompt_tokens, stats"
+    )
     add_model_flags(gen)
     add_policy_flags(gen)
     add_sampling_flags(gen, max_new_tokens=1024)

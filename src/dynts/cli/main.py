@@ -23,8 +23,11 @@ class Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = Parser(prog="dynts", description="Memory-bounded reasoning inference: budgeted KV "
-                                     "cache decoding with DynTS and baseline eviction policies.")
+    parser = Parser(
+        prog="dynts",
+        description="Memory-bounded reasoning inference: budgeted KV "
+        "cache decoding with DynTS and baseline eviction policies.",
+    )
     parser.add_argument("--version", action="version", version=f"dynts {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 

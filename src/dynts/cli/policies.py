@@ -4,9 +4,12 @@ from __future__ import annotations
 
 
 def register(sub) -> None:
-    p = sub.add_parser("policies", help="list the eviction policies, what each keeps, and their options",
-                       description="Every policy with one line on what a compression keeps and its options "
-                       "(set with --policy-opt KEY=VALUE, or NAME:KEY=VALUE in --policies).")
+    p = sub.add_parser(
+        "policies",
+        help="list the eviction policies, what each keeps, and their options",
+        description="Every policy with one line on what a compression keeps and its options "
+        "(set with --policy-opt KEY=VALUE, or NAME:KEY=VALUE in --policies).",
+    )
     p.set_defaults(func=cmd_policies)
 
 
@@ -25,10 +28,14 @@ def format_policies() -> str:
         if preset:
             lines.append(f"{name}\n    = {format_spec(base, preset)}")
             continue
-        flags = [("per layer and KV head" if cls.per_head else None), ("needs an importance head" if cls.uses_head
-                 else None), ("never compresses" if not cls.compresses else None)]
-        lines.append(f"{name}\n    keeps: {cls.summary}" + "".join(f"; {f}" for f in flags if f and f not in
-                                                                   cls.summary))
+        flags = [
+            ("per layer and KV head" if cls.per_head else None),
+            ("needs an importance head" if cls.uses_head else None),
+            ("never compresses" if not cls.compresses else None),
+        ]
+        lines.append(
+            f"{name}\n    keeps: {cls.summary}" + "".join(f"; {f}" for f in flags if f and f not in cls.summary)
+        )
         options = describe(cls.Config)
         for option, kind, default, help_text in options:
             lines.append(f"    {option}={_show(default)}  ({kind}) {help_text}")

@@ -13,14 +13,20 @@ from dynts.errors import DynTSError
 
 
 def register(sub) -> None:
-    col = sub.add_parser("collect", help="generate reasoning traces with the full cache, graded and stored "
-                         "resumably, for training an importance head")
+    col = sub.add_parser(
+        "collect",
+        help="generate reasoning traces with the full cache, graded and stored "
+        "resumably, for training an importance head",
+    )
     col.add_argument("--dataset", required=True, help="e.g. gsm8k (train split by default), math_train")
     col.add_argument("--split", default=None, help="dataset split (default: train for gsm8k)")
     col.add_argument("--samples", type=int, default=1, help="traces per problem (default 1)")
     col.add_argument("--limit", type=int, default=None, help="first N problems")
-    col.add_argument("--correct-only", action="store_true",
-                     help="label only the first correct trace of each problem (paper); off for tiny models")
+    col.add_argument(
+        "--correct-only",
+        action="store_true",
+        help="label only the first correct trace of each problem (paper); off for tiny models",
+    )
     col.add_argument("--data-dir", default=None, help="directory of dataset JSONL files (default: $DYNTS_DATA_DIR)")
     col.add_argument("--out", required=True, help="trace directory (rerunning resumes)")
     add_model_flags(col)
@@ -43,8 +49,11 @@ def register(sub) -> None:
     tr.add_argument("--hidden", default="8192,2048", help="hidden layer widths (default 8192,2048, the paper's)")
     tr.add_argument("--epochs", type=int, default=15, help="default 15")
     tr.add_argument("--lr", type=float, default=5e-4, help="AdamW learning rate (default 5e-4)")
-    tr.add_argument("--transform", default="scale:10000",
-                    help="label transform: scale:S (y = S x) or pow:P (y = 10 x^P / P) (default scale:10000)")
+    tr.add_argument(
+        "--transform",
+        default="scale:10000",
+        help="label transform: scale:S (y = S x) or pow:P (y = 10 x^P / P) (default scale:10000)",
+    )
     tr.add_argument("--retention", type=float, default=0.4, help="r for the reported top-k recall (default 0.4)")
     tr.add_argument("--seed", type=int, default=0)
     tr.add_argument("--device", default=None)
@@ -63,15 +72,21 @@ def cmd_collect(args) -> int:
     from dynts.harness.report import format_table
 
     split = args.split or ("train" if args.dataset in ("gsm8k",) else None)
-    plan = EvalPlan(datasets=[args.dataset], samples=args.samples, limit=args.limit, data_dir=args.data_dir,
-                    split=split)
+    plan = EvalPlan(
+        datasets=[args.dataset], samples=args.samples, limit=args.limit, data_dir=args.data_dir, split=split
+    )
     load_dataset(args.dataset, data_dir=args.data_dir, limit=1, split=split)
     args.policy, args.head, args.policy_opt = "full", None, []  # traces are generated with the whole cache
     args.budget = args.window = args.ratio = None
     spec = engine_spec_from_args(args)
     with closing(open_executor(args, args.model, args.dtype)) as executor:
-        metrics = run_eval(spec, plan, args.out, executor=executor,
-                           extra_manifest={"purpose": "traces", "correct_only": args.correct_only})
+        metrics = run_eval(
+            spec,
+            plan,
+            args.out,
+            executor=executor,
+            extra_manifest={"purpose": "traces", "correct_only": args.correct_only},
+        )
     print(format_table(metrics))
     print(f"\ntraces: {Path(args.out) / 'samples.jsonl'}; next: dynts label {args.out}")
     return 0
@@ -87,8 +102,10 @@ def cmd_label(args) -> int:
     model = args.model or read_manifest(run).get("model")
     with closing(open_executor(args, model, args.dtype or "fp32")) as executor:
         index = label_store(None, run, shard_size=args.shard_size, executor=executor)
-    print(f"labelled {index['traces']} traces ({index['tokens']} tokens, {index['skipped']} skipped) "
-          f"into {run / 'labels'}; next: dynts train {args.dir} --out HEAD")
+    print(
+        f"labelled {index['traces']} traces ({index['tokens']} tokens, {index['skipped']} skipped) "
+        f"into {run / 'labels'}; next: dynts train {args.dir} --out HEAD"
+    )
     return 0
 
 
@@ -99,15 +116,24 @@ def cmd_train(args) -> int:
         hidden = tuple(int(x) for x in args.hidden.split(",") if x.strip())
     except ValueError:
         raise DynTSError(f"--hidden takes comma-separated layer widths like 8192,2048, got {args.hidden!r}") from None
-    config = TrainConfig(hidden=hidden, epochs=args.epochs, lr=args.lr, transform=args.transform,
-                         retention=args.retention, seed=args.seed, device=args.device)
+    config = TrainConfig(
+        hidden=hidden,
+        epochs=args.epochs,
+        lr=args.lr,
+        transform=args.transform,
+        retention=args.retention,
+        seed=args.seed,
+        device=args.device,
+    )
     metrics = train_head(existing_run(args.dir), args.out, config)
     base = metrics.get("baseline_recency", {})
     print(f"head written to {args.out}")
     print(f"{'held-out':<18}{'head':>9}{'recency':>9}")
     for key in ("spearman", "kendall", "topk_recall"):
         mine, theirs = metrics.get(key), base.get(key)
-        print(f"{key:<18}{mine if mine is None else f'{mine:.3f}':>9}{theirs if theirs is None else f'{theirs:.3f}':>9}")
+        print(
+            f"{key:<18}{mine if mine is None else f'{mine:.3f}':>9}{theirs if theirs is None else f'{theirs:.3f}':>9}"
+        )
     return 0
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from dynts.cli.args import add_model_flags, add_policy_opt_flag, add_ray_flags, add_sampling_flags, sampling_from_args
 from dynts.config import PAPER_MAX_NEW_TOKENS, PAPER_RATIO, PAPER_SAMPLES, PAPER_WINDOW
@@ -13,15 +12,30 @@ PAPER_DATASETS = "aime24,aime25,amc23,gpqa_d"
 PAPER_BUDGETS = "2500:5000:500"
 
 # The grid `dynts sweep` runs when a flag is not given. The embedded model gets a small demo grid that
-# finishes on a CPU in minutes; any other model gets the paper's grid (DESIGN §5).
-DEMO_DEFAULTS = {"policies": "full,window,rkv", "datasets": "demo", "budgets": "96:128:16", "windows": "16",
-                 "ratios": "0.75", "samples": 2, "limit": 4, "max_new_tokens": 128}
+# finishes on a CPU in minutes; any other model gets the paper's grid.
+DEMO_DEFAULTS = {
+    "policies": "full,window,rkv",
+    "datasets": "demo",
+    "budgets": "96:128:16",
+    "windows": "16",
+    "ratios": "0.75",
+    "samples": 2,
+    "limit": 4,
+    "max_new_tokens": 128,
+}
 
 
 def paper_defaults() -> dict:
-    return {"policies": "full,rkv", "datasets": PAPER_DATASETS, "budgets": PAPER_BUDGETS,
-            "windows": str(PAPER_WINDOW), "ratios": str(PAPER_RATIO), "samples": PAPER_SAMPLES, "limit": None,
-            "max_new_tokens": PAPER_MAX_NEW_TOKENS}
+    return {
+        "policies": "full,rkv",
+        "datasets": PAPER_DATASETS,
+        "budgets": PAPER_BUDGETS,
+        "windows": str(PAPER_WINDOW),
+        "ratios": str(PAPER_RATIO),
+        "samples": PAPER_SAMPLES,
+        "limit": None,
+        "max_new_tokens": PAPER_MAX_NEW_TOKENS,
+    }
 
 
 def sweep_defaults(model: str, head: str | None) -> dict:
@@ -41,40 +55,60 @@ def sweep_defaults(model: str, head: str | None) -> dict:
 
 def register(subparsers) -> None:
     """Add `sweep` and `plot` to the dynts subcommands."""
-    from dynts.policies import POLICIES
     from dynts.experiments.plots import KINDS
+    from dynts.policies import POLICIES
 
     sw = subparsers.add_parser(
-        "sweep", help="run a policy x budget x window x ratio grid (resumable) and write SWEEP/summary.csv",
+        "sweep",
+        help="run a policy x budget x window x ratio grid (resumable) and write SWEEP/summary.csv",
         description="Run every cell of the grid through the evaluation harness into SWEEP/cells/<cell>/, skip "
         "finished cells, and write SWEEP/summary.csv. Flags left out take the demo grid for the embedded model "
         f"({', '.join(f'{k}={v}' for k, v in DEMO_DEFAULTS.items())}) and the paper's grid for any other model "
         f"(policies=full,rkv, datasets={PAPER_DATASETS}, budgets={PAPER_BUDGETS}, windows={PAPER_WINDOW}, "
-        f"ratios={PAPER_RATIO}, samples={PAPER_SAMPLES}, max-new-tokens={PAPER_MAX_NEW_TOKENS}); dynts joins the default policies when an importance head is available.")
+        f"ratios={PAPER_RATIO}, samples={PAPER_SAMPLES}, max-new-tokens={PAPER_MAX_NEW_TOKENS}); dynts joins the "
+        "default policies when an importance head is available.",
+    )
     grid = sw.add_argument_group("grid")
-    grid.add_argument("--policies", default=None,
-                      help=f"comma-separated from: {', '.join(POLICIES)}; 'full' runs once, budget-independent; "
-                      "NAME:KEY=VALUE sets a policy option (e.g. h2o:scope=shared)")
+    grid.add_argument(
+        "--policies",
+        default=None,
+        help=f"comma-separated from: {', '.join(POLICIES)}; 'full' runs once, budget-independent; "
+        "NAME:KEY=VALUE sets a policy option (e.g. h2o:scope=shared)",
+    )
     add_policy_opt_flag(grid, "every policy of the grid that has KEY")
-    grid.add_argument("--budgets", default=None,
-                      help="KV budgets B: comma list and/or inclusive ranges start:stop:step, e.g. 2500:5000:500")
+    grid.add_argument(
+        "--budgets",
+        default=None,
+        help="KV budgets B: comma list and/or inclusive ranges start:stop:step, e.g. 2500:5000:500",
+    )
     grid.add_argument("--windows", default=None, help="windows W, same syntax (e.g. 1000,2000)")
     grid.add_argument("--ratios", default=None, help="ratios r, same syntax (e.g. 0.3,0.4 or 0.2:0.5:0.1)")
-    grid.add_argument("--skip-invalid", action="store_true",
-                      help="leave out cells that cannot run (W >= B, prompt does not fit, ...) instead of failing")
-    grid.add_argument("--head", default=None,
-                      help="importance head for the dynts policies (default: the head shipped for the model)")
+    grid.add_argument(
+        "--skip-invalid",
+        action="store_true",
+        help="leave out cells that cannot run (W >= B, prompt does not fit, ...) instead of failing",
+    )
+    grid.add_argument(
+        "--head", default=None, help="importance head for the dynts policies (default: the head shipped for the model)"
+    )
     ev = sw.add_argument_group("evaluation")
     ev.add_argument("--datasets", default=None, help="comma-separated benchmark names (see dynts eval)")
     ev.add_argument("--samples", type=int, default=None, help="samples per problem; Pass@1 = avg@k")
     ev.add_argument("--limit", type=int, default=None, help="first N problems of each dataset")
     ev.add_argument("--data-dir", default=None, help="directory of benchmark JSONL files (default: $DYNTS_DATA_DIR)")
     ev.add_argument("--out", required=True, help="sweep directory; rerunning resumes, a different grid extends it")
-    ev.add_argument("--trace-steps", action=argparse.BooleanOptionalAction, default=True,
-                    help="record a per-step trace (steps.jsonl) of a fixed probe in each cell for the steps figure "
-                    "(default: on)")
-    ev.add_argument("--probe-tokens", type=int, default=None,
-                    help="tokens the probe decodes, EOS ignored (default: min(max-new-tokens, 2 x largest budget))")
+    ev.add_argument(
+        "--trace-steps",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="record a per-step trace (steps.jsonl) of a fixed probe in each cell for the steps figure (default: on)",
+    )
+    ev.add_argument(
+        "--probe-tokens",
+        type=int,
+        default=None,
+        help="tokens the probe decodes, EOS ignored (default: min(max-new-tokens, 2 x largest budget))",
+    )
     ev.add_argument("--probe-batch", type=int, default=None, help="sequences the probe decodes together (default 1)")
     ev.add_argument("--quiet", action="store_true", help="no progress bars")
     add_model_flags(sw)
@@ -87,8 +121,9 @@ def register(subparsers) -> None:
 
     pl = subparsers.add_parser("plot", help="draw the paper's figures (PNG + PDF + sidecar CSV) from sweep directories")
     pl.add_argument("sweeps", nargs="+", metavar="SWEEP", help="sweep directories written by dynts sweep")
-    pl.add_argument("--kind", default=None,
-                    help=f"comma-separated from {', '.join(KINDS)} (default: every kind the data supports)")
+    pl.add_argument(
+        "--kind", default=None, help=f"comma-separated from {', '.join(KINDS)} (default: every kind the data supports)"
+    )
     pl.add_argument("--out", default=None, help="figure directory (default: SWEEP/figures of the first SWEEP)")
     pl.add_argument("--window", type=int, default=None, help="use cells with this W (budget/methods/steps figures)")
     pl.add_argument("--ratio", type=float, default=None, help="use cells with this r (budget/methods/steps figures)")
@@ -110,30 +145,50 @@ def spec_from_args(args):
     datasets = parse_names(given("datasets"), "--datasets")
     limit = args.limit if args.limit is not None else defaults["limit"]
     sampling = sampling_from_args(args, max_new_tokens=given("max_new_tokens"))
-    return SweepSpec(model=args.model, policies=policies, budgets=budgets, windows=windows, ratios=ratios,
-                     datasets=datasets, samples=given("samples"), limit=limit, data_dir=args.data_dir,
-                     sampling=sampling, batch_size=args.batch_size, device=args.device, dtype=args.dtype,
-                     head=args.head, trace_steps=args.trace_steps, probe_tokens=args.probe_tokens,
-                     probe_batch=args.probe_batch, skip_invalid=args.skip_invalid, fast=args.fast,
-                     policy_options=parse_assignments(args.policy_opt))
+    return SweepSpec(
+        model=args.model,
+        policies=policies,
+        budgets=budgets,
+        windows=windows,
+        ratios=ratios,
+        datasets=datasets,
+        samples=given("samples"),
+        limit=limit,
+        data_dir=args.data_dir,
+        sampling=sampling,
+        batch_size=args.batch_size,
+        device=args.device,
+        dtype=args.dtype,
+        head=args.head,
+        trace_steps=args.trace_steps,
+        probe_tokens=args.probe_tokens,
+        probe_batch=args.probe_batch,
+        skip_invalid=args.skip_invalid,
+        fast=args.fast,
+        policy_options=parse_assignments(args.policy_opt),
+    )
 
 
 def cmd_sweep(args) -> int:
-    from dynts.runtime.ray_executor import ray_config_from_args
     from dynts.experiments.sweep import run_sweep
+    from dynts.runtime.ray_executor import ray_config_from_args
 
     spec = spec_from_args(args)
     spec.cells()  # grid mistakes before anything else
     config = ray_config_from_args(args)
     make_executor = None
     if config is not None:  # the units of every cell share one pool of workers
+
         def make_executor():
             from dynts.runtime.ray_executor import ModelArgs, RayExecutor
 
             return RayExecutor(config, ModelArgs(spec.model, spec.device, spec.dtype))
+
     result = run_sweep(spec, args.out, progress=not args.quiet, make_executor=make_executor)
-    print(f"sweep {result.out}: {len(result.cells)} cells ({len(result.ran)} run, {len(result.skipped_done)} "
-          f"already finished)")
+    print(
+        f"sweep {result.out}: {len(result.cells)} cells ({len(result.ran)} run, {len(result.skipped_done)} "
+        f"already finished)"
+    )
     for line in result.skipped_invalid:
         print(f"  left out: {line}")
     print(f"summary: {result.summary}; next: dynts plot {result.out}")
@@ -148,8 +203,9 @@ def cmd_plot(args) -> int:
         kinds = [k.strip() for k in args.kind.split(",") if k.strip()]
         if not kinds:
             raise DynTSError("--kind names no figure kind")
-    written = plot_sweeps(args.sweeps, out_dir=args.out, kinds=kinds, window=args.window, ratio=args.ratio,
-                          budget=args.budget)
+    written = plot_sweeps(
+        args.sweeps, out_dir=args.out, kinds=kinds, window=args.window, ratio=args.ratio, budget=args.budget
+    )
     for kind, paths in written.items():
         print(f"{kind}: {', '.join(str(p) for p in paths)}")
     return 0

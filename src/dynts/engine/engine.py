@@ -7,20 +7,20 @@ leaves the batch (its row is dropped) as soon as it stops, so finished sequences
 
 from __future__ import annotations
 
-import os
 import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 
+from dynts.config import BudgetConfig, SamplingConfig
+from dynts.engine.sampling import make_generators, next_tokens
+from dynts.errors import DynTSError
 from dynts.kv.attention import StepContext, use_dynts_attention
 from dynts.kv.cache import BudgetedCache
-from dynts.config import BudgetConfig, SamplingConfig
-from dynts.errors import DynTSError
 from dynts.models.loading import LoadedModel
 from dynts.policies import Policy, TokenBatch, make_policy, policy_class
-from dynts.engine.sampling import make_generators, next_tokens
 
 
 @dataclass
@@ -86,8 +86,12 @@ class GenerationResult:
     stats: SequenceStats
 
     def to_dict(self) -> dict:
-        return {"text": self.text, "token_ids": self.token_ids, "prompt_tokens": self.prompt_tokens,
-                "stats": self.stats.to_dict()}
+        return {
+            "text": self.text,
+            "token_ids": self.token_ids,
+            "prompt_tokens": self.prompt_tokens,
+            "stats": self.stats.to_dict(),
+        }
 
 
 @dataclass
@@ -99,10 +103,19 @@ class GenerationOutput:
 class Engine:
     """Decode batches of prompts on one model with one policy under one budget."""
 
-    def __init__(self, loaded: LoadedModel, policy: str | Policy = "full", budget: BudgetConfig | None = None,
-                 sampling: SamplingConfig | None = None, batch_size: int = 8, head=None, head_path=None,
-                 trace_steps: bool = False, on_step: Callable[[int], None] | None = None,
-                 policy_options: Mapping[str, Any] | None = None):
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        policy: str | Policy = "full",
+        budget: BudgetConfig | None = None,
+        sampling: SamplingConfig | None = None,
+        batch_size: int = 8,
+        head=None,
+        head_path=None,
+        trace_steps: bool = False,
+        on_step: Callable[[int], None] | None = None,
+        policy_options: Mapping[str, Any] | None = None,
+    ):
         """policy: a registered name (built with policy_options, head / head_path for the dynts policies) or a
         built Policy."""
         if batch_size < 1:
@@ -120,8 +133,9 @@ class Engine:
             cls = policy_class(policy)
             if budget is None or not cls.compresses:
                 budget = BudgetConfig(None)
-            self.policy = make_policy(policy, budget, policy_options, head=head, head_path=head_path,
-                                      seed=self.sampling.seed)
+            self.policy = make_policy(
+                policy, budget, policy_options, head=head, head_path=head_path, seed=self.sampling.seed
+            )
         self.budget = self.policy.budget
         if self.budget.compresses and self.budget.window == 0 and not self.policy.allows_zero_window:
             raise DynTSError(f"--window 0 is only meaningful for the dynts ablation, not for policy {self.policy.name}")
@@ -137,15 +151,22 @@ class Engine:
     def encode(self, prompt: str, chat: bool = True) -> list[int]:
         tokenizer = self.loaded.tokenizer
         if chat and getattr(tokenizer, "chat_template", None):
-            return list(tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
-                                                      add_generation_prompt=True, tokenize=True, return_dict=False))
+            return list(
+                tokenizer.apply_chat_template(
+                    [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True, return_dict=False
+                )
+            )
         return tokenizer.encode(prompt)
 
-    def generate(self, prompts: Sequence[str | Sequence[int]], seeds: Sequence[int] | None = None, chat: bool = True,
-                 on_result: Callable[[int, GenerationResult], None] | None = None,
-                 forced: Sequence[Sequence[int]] | None = None,
-                 on_logits: Callable[[list[int], list[int], torch.Tensor, list[int]], None] | None = None,
-                 ) -> GenerationOutput:
+    def generate(
+        self,
+        prompts: Sequence[str | Sequence[int]],
+        seeds: Sequence[int] | None = None,
+        chat: bool = True,
+        on_result: Callable[[int, GenerationResult], None] | None = None,
+        forced: Sequence[Sequence[int]] | None = None,
+        on_logits: Callable[[list[int], list[int], torch.Tensor, list[int]], None] | None = None,
+    ) -> GenerationOutput:
         """Generate for every prompt (text, or token ids used as they are); results keep the prompts' order.
 
         seeds[i] seeds prompt i's sampler (default: sampling seed + i). on_result(i, result) is called as each
@@ -166,11 +187,17 @@ class Engine:
             chunk = range(start, min(start + self.batch_size, len(ids)))
             batch_logits = None
             if on_logits is not None:
+
                 def batch_logits(seqs, steps, logits, compressions, offset=start):
                     on_logits([offset + s for s in seqs], steps, logits, compressions)
-            batch = self._generate_batch([ids[i] for i in chunk], [seeds[i] for i in chunk], run,
-                                         forced=[forced[i] for i in chunk] if forced is not None else None,
-                                         on_logits=batch_logits)
+
+            batch = self._generate_batch(
+                [ids[i] for i in chunk],
+                [seeds[i] for i in chunk],
+                run,
+                forced=[forced[i] for i in chunk] if forced is not None else None,
+                on_logits=batch_logits,
+            )
             for i, result in zip(chunk, batch):
                 results.append(result)
                 if on_result is not None:
@@ -189,8 +216,9 @@ class Engine:
 
     # --- one batch ------------------------------------------------------------------------------
     @torch.no_grad()
-    def _generate_batch(self, prompts: list[list[int]], seeds: list[int], run: RunStats, forced=None,
-                        on_logits=None) -> list[GenerationResult]:
+    def _generate_batch(
+        self, prompts: list[list[int]], seeds: list[int], run: RunStats, forced=None, on_logits=None
+    ) -> list[GenerationResult]:
         n = len(prompts)
         policy, budget, sampling = self.policy, self.budget, self.sampling
         limits = [len(f) for f in forced] if forced is not None else [sampling.max_new_tokens] * n
@@ -230,7 +258,7 @@ class Engine:
             for row, seq in enumerate(active):
                 token = chosen[row]
                 generated[seq].append(token)
-                if think_end and generated[seq][-len(think_end):] == think_end:
+                if think_end and generated[seq][-len(think_end) :] == think_end:
                     in_answer[seq] = True
                 if token in eos:
                     stats[seq].finish_reason = "eos"
@@ -253,17 +281,26 @@ class Engine:
             mask = cache.plan_decode()
             ctx = StepContext(mask=mask, observer=observer, cache=cache, positions=positions)
             tokens = pending[:, None]
-            hidden = self.decoder(input_ids=tokens, position_ids=positions[:, None], past_key_values=cache,
-                                  use_cache=True, dynts_ctx=ctx).last_hidden_state
+            hidden = self.decoder(
+                input_ids=tokens, position_ids=positions[:, None], past_key_values=cache, use_cache=True, dynts_ctx=ctx
+            ).last_hidden_state
             logits = self.lm_head(hidden[:, -1])
             sync()
             t1 = time.perf_counter()
             cache.finish_step()
             cache.slot["position"][torch.arange(m, device=self.device), slots] = positions
-            policy.on_tokens(cache, TokenBatch(
-                rows=torch.arange(m, device=self.device), slots=slots[:, None], positions=positions[:, None],
-                token_ids=tokens, hidden=hidden, is_prompt=False,
-                in_answer=torch.tensor([[in_answer[s]] for s in active], device=self.device)))
+            policy.on_tokens(
+                cache,
+                TokenBatch(
+                    rows=torch.arange(m, device=self.device),
+                    slots=slots[:, None],
+                    positions=positions[:, None],
+                    token_ids=tokens,
+                    hidden=hidden,
+                    is_prompt=False,
+                    in_answer=torch.tensor([[in_answer[s]] for s in active], device=self.device),
+                ),
+            )
             pending = choose(logits, active)
             total_kv = sum(cache.lengths)
             compressed = []
@@ -289,9 +326,17 @@ class Engine:
             run.forward_time_s += forward_time
             run.peak_kv_tokens = max(run.peak_kv_tokens, total_kv)
             if self.trace_steps:
-                run.steps.append({"step": step, "active": m, "step_time_s": step_time, "forward_time_s": forward_time,
-                                  "kv_tokens": total_kv, "kv_bytes": total_kv * bytes_per_token,
-                                  "compressed": [active[r] for r in compressed]})
+                run.steps.append(
+                    {
+                        "step": step,
+                        "active": m,
+                        "step_time_s": step_time,
+                        "forward_time_s": forward_time,
+                        "kv_tokens": total_kv,
+                        "kv_bytes": total_kv * bytes_per_token,
+                        "compressed": [active[r] for r in compressed],
+                    }
+                )
             step += 1
             if self.on_step is not None:
                 self.on_step(m)
@@ -332,8 +377,15 @@ class Engine:
         self.policy.setup(cache)
         return cache
 
-    def feed(self, cache: BudgetedCache, row: int, token_ids: Sequence[int], is_prompt: bool = False,
-             in_answer: Sequence[bool] | None = None, observer=None) -> torch.Tensor:
+    def feed(
+        self,
+        cache: BudgetedCache,
+        row: int,
+        token_ids: Sequence[int],
+        is_prompt: bool = False,
+        in_answer: Sequence[bool] | None = None,
+        observer=None,
+    ) -> torch.Tensor:
         """Append a run of known tokens to one row in one causal forward (a prompt, or a teacher-forced chunk);
         the policy sees them as it would token by token. observer overrides who sees the attention (default: the
         policy, if it asks). Returns the last hidden states [1, n, hidden]."""
@@ -342,8 +394,9 @@ class Engine:
         if observer is None and self.policy.observes_attention:
             observer = self.policy
         ctx = StepContext(prefill_row=row, observer=observer, cache=cache, positions=positions)
-        hidden = self.decoder(input_ids=tokens, position_ids=positions[None], past_key_values=cache, use_cache=True,
-                              dynts_ctx=ctx).last_hidden_state
+        hidden = self.decoder(
+            input_ids=tokens, position_ids=positions[None], past_key_values=cache, use_cache=True, dynts_ctx=ctx
+        ).last_hidden_state
         self.admit_run(cache, row, tokens, positions, hidden, is_prompt, in_answer)
         return hidden
 
@@ -353,21 +406,40 @@ class Engine:
         cache.plan_prefill(row, n)
         return torch.arange(first, first + n, device=self.device)
 
-    def admit_run(self, cache: BudgetedCache, row: int, tokens: torch.Tensor, positions: torch.Tensor,
-                  hidden: torch.Tensor, is_prompt: bool, in_answer: Sequence[bool] | None) -> None:
+    def admit_run(
+        self,
+        cache: BudgetedCache,
+        row: int,
+        tokens: torch.Tensor,
+        positions: torch.Tensor,
+        hidden: torch.Tensor,
+        is_prompt: bool,
+        in_answer: Sequence[bool] | None,
+    ) -> None:
         """Close a planned run whose keys are written: the row grows and the policy scores the tokens."""
         start = cache.plan.start
         n = tokens.shape[1]
         cache.finish_step()
         slots = torch.arange(start, start + n, device=self.device)
         cache.slot["position"][row, start : start + n] = positions
-        flags = torch.zeros(1, n, dtype=torch.bool, device=self.device) if in_answer is None else \
-            torch.tensor([list(in_answer)], dtype=torch.bool, device=self.device)
-        self.policy.on_tokens(cache, TokenBatch(rows=torch.tensor([row], device=self.device), slots=slots[None],
-                                                positions=positions[None], token_ids=tokens, hidden=hidden,
-                                                is_prompt=is_prompt, in_answer=flags))
+        flags = (
+            torch.zeros(1, n, dtype=torch.bool, device=self.device)
+            if in_answer is None
+            else torch.tensor([list(in_answer)], dtype=torch.bool, device=self.device)
+        )
+        self.policy.on_tokens(
+            cache,
+            TokenBatch(
+                rows=torch.tensor([row], device=self.device),
+                slots=slots[None],
+                positions=positions[None],
+                token_ids=tokens,
+                hidden=hidden,
+                is_prompt=is_prompt,
+                in_answer=flags,
+            ),
+        )
 
     def _synchronize(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-

@@ -15,14 +15,14 @@ forwards start at its first compression.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
 
 import torch
 
-from dynts.kv.attention import StepContext, attention_probs
 from dynts.engine.engine import Engine
 from dynts.errors import DynTSError
+from dynts.kv.attention import StepContext, attention_probs
 
 
 @dataclass
@@ -82,17 +82,27 @@ def admit(engine: Engine, cache, row: int, run: Run) -> None:
         keys, _ = layer.update(run.keys[i][None], run.values[i][None])
         if observer is not None:
             query = run.queries[i][None]
-            probs = attention_probs(query, keys, None, query.shape[-1] ** -0.5, causal=True) \
-                if observer.wants_probs else None
+            probs = (
+                attention_probs(query, keys, None, query.shape[-1] ** -0.5, causal=True)
+                if observer.wants_probs
+                else None
+            )
             observer.observe_attention(i, query, keys, probs, ctx)
     tokens = torch.tensor([run.token_ids], device=engine.device)
     engine.admit_run(cache, row, tokens, positions, run.hidden, run.is_prompt, run.in_answer)
 
 
 @torch.no_grad()
-def replay(engine: Engine, prompt_ids: Sequence[int], token_ids: Sequence[int],
-           on_logits: Callable[[int, torch.Tensor, int], None], max_chunk: int = 512, prefix: Sequence[Run] = (),
-           stops: Sequence[int] = (), record_until: int = 0) -> ReplayStats:
+def replay(
+    engine: Engine,
+    prompt_ids: Sequence[int],
+    token_ids: Sequence[int],
+    on_logits: Callable[[int, torch.Tensor, int], None],
+    max_chunk: int = 512,
+    prefix: Sequence[Run] = (),
+    stops: Sequence[int] = (),
+    record_until: int = 0,
+) -> ReplayStats:
     """Feed the prompt, then token_ids teacher-forced under the engine's policy and budget.
 
     on_logits(first, logits, compressions) receives the logits [n, V] that token_ids[first : first + n] are
@@ -116,16 +126,24 @@ def replay(engine: Engine, prompt_ids: Sequence[int], token_ids: Sequence[int],
 
     def run_tokens(ids, is_prompt, in_answer):
         recording = recorder is not None and cache.lengths[0] < record_until
-        hidden = engine.feed(cache, 0, ids, is_prompt=is_prompt, in_answer=in_answer,
-                             observer=recorder if recording else None)
+        hidden = engine.feed(
+            cache, 0, ids, is_prompt=is_prompt, in_answer=in_answer, observer=recorder if recording else None
+        )
         stats.forwards += 1
         if recording:
             end = cache.lengths[0]
             layers = range(len(cache.layers))
-            stats.runs.append(Run(list(ids), is_prompt, list(in_answer or [False] * len(ids)), hidden,
-                                  [cache.layers[i].keys[0, :, end - len(ids) : end].clone() for i in layers],
-                                  [cache.layers[i].values[0, :, end - len(ids) : end].clone() for i in layers],
-                                  [recorder.queries[i] for i in layers]))
+            stats.runs.append(
+                Run(
+                    list(ids),
+                    is_prompt,
+                    list(in_answer or [False] * len(ids)),
+                    hidden,
+                    [cache.layers[i].keys[0, :, end - len(ids) : end].clone() for i in layers],
+                    [cache.layers[i].values[0, :, end - len(ids) : end].clone() for i in layers],
+                    [recorder.queries[i] for i in layers],
+                )
+            )
         return hidden
 
     def compress_if_full():

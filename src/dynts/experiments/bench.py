@@ -95,8 +95,11 @@ def largest_batch(loaded, config: BenchConfig, reserve_bytes: int = 3 * 2**30) -
     budget = config.budget_config()
     capacity = budget.budget if budget.compresses else config.prompt_len + config.new_tokens
     model_config = loaded.model.config
-    per_row = capacity * (kv_bytes_per_token(model_config, loaded.dtype) + 16) + 8 * config.new_tokens \
+    per_row = (
+        capacity * (kv_bytes_per_token(model_config, loaded.dtype) + 16)
+        + 8 * config.new_tokens
         + 16 * model_config.vocab_size
+    )
     free, _ = torch.cuda.mem_get_info(device)
     rows = (free - reserve_bytes) // per_row
     if rows < 1:
@@ -151,10 +154,17 @@ def eager_transformers_loop(loaded, prompts: list[list[int]], new_tokens: int) -
     decode_s = time.perf_counter() - decode_start
     tokens = len(prompts) * new_tokens
     peak, _ = peak_memory(device)
-    return {"generated_tokens": tokens, "prefill_s": prefill_s, "decode_s": decode_s, "forward_s": forward_s,
-            "tps": tokens / decode_s, "tps_forward": tokens / forward_s,
-            "tps_with_prefill": tokens / (decode_s + prefill_s),
-            "ms_per_step": 1000 * decode_s / (new_tokens - 1), "peak_memory_bytes": peak}
+    return {
+        "generated_tokens": tokens,
+        "prefill_s": prefill_s,
+        "decode_s": decode_s,
+        "forward_s": forward_s,
+        "tps": tokens / decode_s,
+        "tps_forward": tokens / forward_s,
+        "tps_with_prefill": tokens / (decode_s + prefill_s),
+        "ms_per_step": 1000 * decode_s / (new_tokens - 1),
+        "peak_memory_bytes": peak,
+    }
 
 
 def run_bench(config: BenchConfig) -> dict:
@@ -170,14 +180,24 @@ def run_bench(config: BenchConfig) -> dict:
     vocab = loaded.model.config.vocab_size
     prompts = torch.randint(0, vocab, (batch, config.prompt_len), generator=generator).tolist()
     sampling = SamplingConfig(greedy=True, max_new_tokens=config.new_tokens, ignore_eos=True)
-    fast_config = FastConfig(graphs=config.graphs, kernel=config.kernel, check_every=config.check_every,
-                             compile=config.compile)
+    fast_config = FastConfig(
+        graphs=config.graphs, kernel=config.kernel, check_every=config.check_every, compile=config.compile
+    )
     if config.fast:
-        engine = FastEngine(loaded, config.policy, budget, sampling, batch, head=head, fast=fast_config,
-                            policy_options=dict(config.policy_options))
+        engine = FastEngine(
+            loaded,
+            config.policy,
+            budget,
+            sampling,
+            batch,
+            head=head,
+            fast=fast_config,
+            policy_options=dict(config.policy_options),
+        )
     else:
-        engine = Engine(loaded, config.policy, budget, sampling, batch, head=head,
-                        policy_options=dict(config.policy_options))
+        engine = Engine(
+            loaded, config.policy, budget, sampling, batch, head=head, policy_options=dict(config.policy_options)
+        )
     engine.sampling = replace(sampling, max_new_tokens=min(config.new_tokens, 8))  # warm-up: kernels, graphs
     engine.generate(prompts)
     engine.sampling = sampling
@@ -188,34 +208,67 @@ def run_bench(config: BenchConfig) -> dict:
     peak, peak_kind = peak_memory(device)
     run = out.stats
     steps = config.new_tokens - 1
-    ours = {"generated_tokens": run.generated_tokens, "prefill_s": run.prefill_time_s, "decode_s": run.decode_time_s,
-            "forward_s": run.forward_time_s, "tps": run.tps, "tps_forward": run.tps_forward,
-            "tps_with_prefill": run.generated_tokens / total_s, "ms_per_step": 1000 * run.decode_time_s / steps,
-            "peak_memory_bytes": peak, "compressions": run.compressions}
+    ours = {
+        "generated_tokens": run.generated_tokens,
+        "prefill_s": run.prefill_time_s,
+        "decode_s": run.decode_time_s,
+        "forward_s": run.forward_time_s,
+        "tps": run.tps,
+        "tps_forward": run.tps_forward,
+        "tps_with_prefill": run.generated_tokens / total_s,
+        "ms_per_step": 1000 * run.decode_time_s / steps,
+        "peak_memory_bytes": peak,
+        "compressions": run.compressions,
+    }
     profile = getattr(engine, "last_profile", None)
     if profile is not None:
         shares = profile.shares()
-        ours.update(kernel=profile.kernel, graphs=profile.graphs, check_every=profile.check_every,
-                    host_reads=profile.host_reads, captures=profile.captures, capture_s=profile.capture_s,
-                    stage_seconds={"forward": profile.forward_s, "scoring": profile.scoring_s,
-                                   "sampling": profile.sampling_s, "eviction": profile.eviction_s},
-                    shares=shares, eviction_scoring_share=shares["eviction"] + shares["scoring"])
+        ours.update(
+            kernel=profile.kernel,
+            graphs=profile.graphs,
+            check_every=profile.check_every,
+            host_reads=profile.host_reads,
+            captures=profile.captures,
+            capture_s=profile.capture_s,
+            stage_seconds={
+                "forward": profile.forward_s,
+                "scoring": profile.scoring_s,
+                "sampling": profile.sampling_s,
+                "eviction": profile.eviction_s,
+            },
+            shares=shares,
+            eviction_scoring_share=shares["eviction"] + shares["scoring"],
+        )
 
     weights = parameter_bytes(loaded.model) + (parameter_bytes(head) if head is not None else 0)
     kv_token = kv_bytes_per_token(loaded.model.config, loaded.dtype)
     bound = roofline(weights, kv_token, batch, config.prompt_len, config.new_tokens, budget, bandwidth)
     report = {
-        "shape": config.shape, "model_type": loaded.model.config.model_type,
-        "parameters": sum(p.numel() for p in loaded.model.parameters()), "random_weights": config.random_weights,
-        "device": str(device), "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "dtype": str(loaded.dtype).replace("torch.", ""), "torch_threads": torch.get_num_threads(),
-        "batch": batch, "budget": budget.budget, "window": budget.window, "ratio": budget.ratio,
-        "prompt_len": config.prompt_len, "new_tokens": config.new_tokens, "policy": config.policy,
+        "shape": config.shape,
+        "model_type": loaded.model.config.model_type,
+        "parameters": sum(p.numel() for p in loaded.model.parameters()),
+        "random_weights": config.random_weights,
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "dtype": str(loaded.dtype).replace("torch.", ""),
+        "torch_threads": torch.get_num_threads(),
+        "batch": batch,
+        "budget": budget.budget,
+        "window": budget.window,
+        "ratio": budget.ratio,
+        "prompt_len": config.prompt_len,
+        "new_tokens": config.new_tokens,
+        "policy": config.policy,
         "engine": "fast" if config.fast else "eager-engine",
         "head_parameters": sum(p.numel() for p in head.parameters()) if head is not None else 0,
-        "peak_memory_kind": peak_kind, "ours": ours, "roofline": bound.to_dict(),
-        "fraction": ours["tps"] / bound.tps_bound, "fraction_at_max": ours["tps"] / bound.tps_bound_at_max,
-        "bandwidth_measured": config.bandwidth_gbps is None, "eager": None, "ratio_vs_eager": None,
+        "peak_memory_kind": peak_kind,
+        "ours": ours,
+        "roofline": bound.to_dict(),
+        "fraction": ours["tps"] / bound.tps_bound,
+        "fraction_at_max": ours["tps"] / bound.tps_bound_at_max,
+        "bandwidth_measured": config.bandwidth_gbps is None,
+        "eager": None,
+        "ratio_vs_eager": None,
     }
     if config.compare_eager:
         del engine, out
@@ -224,17 +277,22 @@ def run_bench(config: BenchConfig) -> dict:
         try:
             eager = eager_transformers_loop(loaded, prompts, config.new_tokens)
         except torch.OutOfMemoryError:
-            eager = {"error": f"out of memory at batch {batch} with a growing cache of "
-                              f"{config.prompt_len + config.new_tokens} tokens"}
+            eager = {
+                "error": f"out of memory at batch {batch} with a growing cache of "
+                f"{config.prompt_len + config.new_tokens} tokens"
+            }
         report["eager"] = eager
         if "tps" in eager:
             full = BudgetConfig(None)
-            eager_bound = roofline(parameter_bytes(loaded.model), kv_token, batch, config.prompt_len,
-                                   config.new_tokens, full, bandwidth)
+            eager_bound = roofline(
+                parameter_bytes(loaded.model), kv_token, batch, config.prompt_len, config.new_tokens, full, bandwidth
+            )
             eager["tps_bound"] = eager_bound.tps_bound
             eager["fraction"] = eager["tps"] / eager_bound.tps_bound
-            report["ratio_vs_eager"] = {"tps": ours["tps"] / eager["tps"],
-                                        "tps_forward": ours["tps_forward"] / eager["tps_forward"]}
+            report["ratio_vs_eager"] = {
+                "tps": ours["tps"] / eager["tps"],
+                "tps_forward": ours["tps_forward"] / eager["tps_forward"],
+            }
     return report
 
 
@@ -254,9 +312,11 @@ def format_report(r: dict) -> str:
         f"{r['policy']} {budget}",
     ]
     if "kernel" in ours:
-        lines.append(f"fast path: attention kernel {ours['kernel']}, CUDA graphs {'on' if ours['graphs'] else 'off'}"
-                     f" ({ours['captures']} captures, {ours['capture_s']:.2f} s), host reads every "
-                     f"{ours['check_every']} steps ({ours['host_reads']} reads)")
+        lines.append(
+            f"fast path: attention kernel {ours['kernel']}, CUDA graphs {'on' if ours['graphs'] else 'off'}"
+            f" ({ours['captures']} captures, {ours['capture_s']:.2f} s), host reads every "
+            f"{ours['check_every']} steps ({ours['host_reads']} reads)"
+        )
     else:
         lines.append("engine: the eager budgeted Engine (--eager-engine)")
     width = 34
@@ -273,12 +333,14 @@ def format_report(r: dict) -> str:
                 text += f"{ours[key] / eager[key]:>9.2f}x"
         return text
 
-    lines += [row("end-to-end TPS (decode)", "tps", ".1f", True),
-              row("forward-only TPS", "tps_forward", ".1f", True),
-              row("TPS with prefill", "tps_with_prefill", ".1f", True),
-              row("ms per step", "ms_per_step", ".3f"),
-              f"{'peak memory (' + r['peak_memory_kind'] + ')':{width}}{_gib(ours['peak_memory_bytes']):>14}"
-              + (f"{_gib(eager['peak_memory_bytes']):>22}" if eager and "tps" in eager else "")]
+    lines += [
+        row("end-to-end TPS (decode)", "tps", ".1f", True),
+        row("forward-only TPS", "tps_forward", ".1f", True),
+        row("TPS with prefill", "tps_with_prefill", ".1f", True),
+        row("ms per step", "ms_per_step", ".3f"),
+        f"{'peak memory (' + r['peak_memory_kind'] + ')':{width}}{_gib(ours['peak_memory_bytes']):>14}"
+        + (f"{_gib(eager['peak_memory_bytes']):>22}" if eager and "tps" in eager else ""),
+    ]
     if eager and "error" in eager:
         lines.append(f"transformers eager: {eager['error']}")
     source = "measured" if r["bandwidth_measured"] else "given"
@@ -293,13 +355,17 @@ def format_report(r: dict) -> str:
         f"{bound['tps_bound_at_max']:.1f} TPS, fraction {r['fraction_at_max']:.1%})",
     ]
     if eager and "fraction" in eager:
-        lines.append(f"transformers eager vs its own bound (growing cache, no eviction): {eager['tps_bound']:.1f} "
-                     f"TPS, fraction {eager['fraction']:.1%}")
+        lines.append(
+            f"transformers eager vs its own bound (growing cache, no eviction): {eager['tps_bound']:.1f} "
+            f"TPS, fraction {eager['fraction']:.1%}"
+        )
     if "shares" in ours:
         s = ours["shares"]
-        lines.append(f"step time: forward {s['forward']:.1%}, scoring {s['scoring']:.1%}, sampling "
-                     f"{s['sampling']:.1%}, eviction {s['eviction']:.1%} (eviction + scoring "
-                     f"{ours['eviction_scoring_share']:.1%}); {ours['compressions']} compressions")
+        lines.append(
+            f"step time: forward {s['forward']:.1%}, scoring {s['scoring']:.1%}, sampling "
+            f"{s['sampling']:.1%}, eviction {s['eviction']:.1%} (eviction + scoring "
+            f"{ours['eviction_scoring_share']:.1%}); {ours['compressions']} compressions"
+        )
     return "\n".join(lines)
 
 

@@ -14,7 +14,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-
 from tqdm import tqdm
 
 from dynts.config import SamplingConfig
@@ -89,13 +88,25 @@ def traces_from_store(directory: str | Path, loaded: LoadedModel, limit: int | N
 
 
 def make_trace(loaded: LoadedModel, prompt_ids: list[int], token_ids: list[int]) -> Trace:
-    spans = find_spans(list(prompt_ids) + list(token_ids), len(prompt_ids), loaded.tokenizer,
-                       loaded.think_end_ids, think_start_ids(loaded))
+    spans = find_spans(
+        list(prompt_ids) + list(token_ids),
+        len(prompt_ids),
+        loaded.tokenizer,
+        loaded.think_end_ids,
+        think_start_ids(loaded),
+    )
     return Trace(list(prompt_ids), list(token_ids), None if spans is None else spans.answer_start - len(prompt_ids))
 
 
-def traces_from_dataset(loaded: LoadedModel, dataset: str, limit: int, max_new_tokens: int, data_dir=None,
-                        batch_size: int = 8, progress: bool = True) -> list[Trace]:
+def traces_from_dataset(
+    loaded: LoadedModel,
+    dataset: str,
+    limit: int,
+    max_new_tokens: int,
+    data_dir=None,
+    batch_size: int = 8,
+    progress: bool = True,
+) -> list[Trace]:
     """Reference traces generated here with the full cache, greedily."""
     problems = load_dataset(dataset, data_dir=data_dir, limit=limit)
     engine = Engine(loaded, "full", None, SamplingConfig(greedy=True, max_new_tokens=max_new_tokens), batch_size)
@@ -106,8 +117,16 @@ def traces_from_dataset(loaded: LoadedModel, dataset: str, limit: int, max_new_t
     return [make_trace(loaded, p, r.token_ids) for p, r in zip(prompts, output.results)]
 
 
-def build_engines(loaded: LoadedModel, policies: list[str], budgets: list[int], window: int, ratio: float,
-                  head=None, head_path: str | None = None, policy_options: dict | None = None) -> dict[tuple, Engine]:
+def build_engines(
+    loaded: LoadedModel,
+    policies: list[str],
+    budgets: list[int],
+    window: int,
+    ratio: float,
+    head=None,
+    head_path: str | None = None,
+    policy_options: dict | None = None,
+) -> dict[tuple, Engine]:
     """One greedy engine per (policy, budget config), keyed (label, config); policies that never compress get one,
     with config None. policies: NAME or NAME:KEY=VALUE... (the label keeps the options that differ from the
     policy's defaults); policy_options (--policy-opt) apply to every policy that has the option."""
@@ -119,13 +138,15 @@ def build_engines(loaded: LoadedModel, policies: list[str], budgets: list[int], 
         label = format_spec(name, dict(options))
         configs = [budget_for(name, b, window, ratio) for b in budgets] if policy_class(name).compresses else [None]
         for config in configs:
-            engines[label, config] = Engine(loaded, name, config, greedy, batch_size=1, head=head, head_path=head_path,
-                                            policy_options=dict(options))
+            engines[label, config] = Engine(
+                loaded, name, config, greedy, batch_size=1, head=head, head_path=head_path, policy_options=dict(options)
+            )
     return engines
 
 
 def fitting(engines: dict[tuple, Engine], traces: list[Trace]) -> list[Trace]:
     """The traces whose prompts every engine can replay (a prompt must fit under each budget with its window)."""
+
     def fits(trace):
         try:
             for engine in engines.values():
@@ -143,8 +164,14 @@ def check_traces(engines: dict[tuple, Engine], traces: list[Trace]) -> None:
         engine.check_prompts([t.prompt_ids for t in traces])
 
 
-def measure_engines(loaded: LoadedModel, traces: list[Trace], engines: dict[tuple, Engine], progress: bool = True,
-                    max_chunk: int = 512, share_prefix: bool = True) -> list[dict]:
+def measure_engines(
+    loaded: LoadedModel,
+    traces: list[Trace],
+    engines: dict[tuple, Engine],
+    progress: bool = True,
+    max_chunk: int = 512,
+    share_prefix: bool = True,
+) -> list[dict]:
     """Every trace is replayed once with the full cache for the reference distributions, then once per engine in
     chunks (see replay.py): the evictions are those of generation, the forwards a few per compression.
 
@@ -162,16 +189,22 @@ def measure_engines(loaded: LoadedModel, traces: list[Trace], engines: dict[tupl
         prompt_len, length, answer = len(trace.prompt_ids), len(trace.token_ids), trace.answer_start
         reference = torch.empty(length, loaded.model.config.vocab_size)
 
-        def keep_reference(first, logits, _compressions):
+        def keep_reference(first, logits, _compressions, reference=reference):
             reference[first : first + len(logits)] = logits.float().log_softmax(dim=-1).cpu()
 
-        recorded = replay(reference_engine, trace.prompt_ids, trace.token_ids, keep_reference, max_chunk=max_chunk,
-                          stops=[b - prompt_len for b in budgets] if share_prefix else (),
-                          record_until=max(budgets, default=0) if share_prefix else 0).runs
+        recorded = replay(
+            reference_engine,
+            trace.prompt_ids,
+            trace.token_ids,
+            keep_reference,
+            max_chunk=max_chunk,
+            stops=[b - prompt_len for b in budgets] if share_prefix else (),
+            record_until=max(budgets, default=0) if share_prefix else 0,
+        ).runs
         for key, engine in engines.items():
             cell = sums[key]
 
-            def add(first, kl, agree, compressed, cell=cell):
+            def add(first, kl, agree, compressed, cell=cell, answer=answer):
                 cell["all"].add(kl, agree)
                 if compressed:
                     cell["after"].add(kl, agree)
@@ -179,7 +212,7 @@ def measure_engines(loaded: LoadedModel, traces: list[Trace], engines: dict[tupl
                     skip = max(0, answer - first)
                     cell["answer"].add(kl[skip:], agree[skip:])
 
-            def compare(first, logits, done):
+            def compare(first, logits, done, reference=reference, add=add):
                 logq = logits.float().log_softmax(dim=-1).cpu()
                 logp = reference[first : first + len(logq)]
                 kl = (logp.exp() * (logp - logq)).sum(dim=-1).clamp_min(0.0)
@@ -200,8 +233,9 @@ def measure_engines(loaded: LoadedModel, traces: list[Trace], engines: dict[tupl
                 add(0, torch.zeros(shared), torch.ones(shared), False)
                 compressions[key] += stats.compressions
             else:
-                compressions[key] += replay(engine, trace.prompt_ids, trace.token_ids, compare,
-                                            max_chunk=max_chunk).compressions
+                compressions[key] += replay(
+                    engine, trace.prompt_ids, trace.token_ids, compare, max_chunk=max_chunk
+                ).compressions
             bar.update(1)
     bar.close()
 
@@ -212,12 +246,28 @@ def measure_engines(loaded: LoadedModel, traces: list[Trace], engines: dict[tupl
         kl_after, top1_after = cell["after"].means()
         kl_all, top1_all = cell["all"].means()
         compressing = config is not None
-        records.append(asdict(FidelityRecord(
-            policy=name, options=options, budget=config.budget if compressing else None, window=config.window if compressing else None,
-            ratio=config.ratio if compressing else None, traces=len(traces), kl_answer=kl_answer, kl_after=kl_after,
-            top1_answer=top1_answer, top1_after=top1_after, kl_all=kl_all or 0.0, top1_all=top1_all or 0.0,
-            positions_answer=cell["answer"].count, positions_after=cell["after"].count,
-            positions_all=cell["all"].count, compressions=compressions[label, config])))
+        records.append(
+            asdict(
+                FidelityRecord(
+                    policy=name,
+                    options=options,
+                    budget=config.budget if compressing else None,
+                    window=config.window if compressing else None,
+                    ratio=config.ratio if compressing else None,
+                    traces=len(traces),
+                    kl_answer=kl_answer,
+                    kl_after=kl_after,
+                    top1_answer=top1_answer,
+                    top1_after=top1_after,
+                    kl_all=kl_all or 0.0,
+                    top1_all=top1_all or 0.0,
+                    positions_answer=cell["answer"].count,
+                    positions_after=cell["after"].count,
+                    positions_all=cell["all"].count,
+                    compressions=compressions[label, config],
+                )
+            )
+        )
     return records
 
 
@@ -228,9 +278,12 @@ def format_table(records: list[dict]) -> str:
     header = f"{'policy':<18}{'B':>6}{'KL answer':>11}{'KL after':>10}{'top1 ans':>10}{'top1 after':>11}{'compr':>7}"
     lines = [header, "-" * len(header)]
     for r in records:
-        lines.append(f"{format_spec(r['policy'], r.get('options') or {}):<18}{r['budget'] if r['budget'] else '-':>6}{f(r['kl_answer']):>11}"
-                     f"{f(r['kl_after']):>10}{f(r['top1_answer'], 3):>10}{f(r['top1_after'], 3):>11}"
-                     f"{r['compressions']:>7}")
+        label = format_spec(r["policy"], r.get("options") or {})
+        lines.append(
+            f"{label:<18}{r['budget'] if r['budget'] else '-':>6}{f(r['kl_answer']):>11}"
+            f"{f(r['kl_after']):>10}{f(r['top1_answer'], 3):>10}{f(r['top1_after'], 3):>11}"
+            f"{r['compressions']:>7}"
+        )
     return "\n".join(lines)
 
 
@@ -243,8 +296,11 @@ def plot_kl(records: list[dict], out_dir: Path) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [{**r, "policy": format_spec(r["policy"], r.get("options") or {})} for r in records
-            if r["budget"] is not None and r["kl_after"] is not None]
+    rows = [
+        {**r, "policy": format_spec(r["policy"], r.get("options") or {})}
+        for r in records
+        if r["budget"] is not None and r["kl_after"] is not None
+    ]
     fig, ax = plt.subplots(figsize=(6, 4))
     for policy in dict.fromkeys(r["policy"] for r in rows):
         mine = sorted((r["budget"], r["kl_after"]) for r in rows if r["policy"] == policy)

@@ -29,8 +29,16 @@ from dynts.experiments.sweep import CellResult, format_ratio, load_cells, write_
 
 KINDS = ("budget", "heatmap", "methods", "steps")
 DATASET_ORDER = ("aime24", "aime25", "amc23", "gpqa_d", "math500", "gaokao2023en", "gsm8k", "demo")
-DATASET_LABELS = {"aime24": "AIME24", "aime25": "AIME25", "amc23": "AMC23", "gpqa_d": "GPQA-D",
-                  "math500": "MATH500", "gaokao2023en": "GaoKao2023En", "gsm8k": "GSM8K", "demo": "Demo"}
+DATASET_LABELS = {
+    "aime24": "AIME24",
+    "aime25": "AIME25",
+    "amc23": "AMC23",
+    "gpqa_d": "GPQA-D",
+    "math500": "MATH500",
+    "gaokao2023en": "GaoKao2023En",
+    "gsm8k": "GSM8K",
+    "demo": "Demo",
+}
 FULL_COLOR = "0.25"
 
 
@@ -38,8 +46,14 @@ class _Unsupported(Exception):
     """The data cannot draw this kind of figure (the message says why)."""
 
 
-def plot_sweeps(sweep_dirs, out_dir=None, kinds=None, window: int | None = None, ratio: float | None = None,
-                budget: int | None = None) -> dict[str, list[Path]]:
+def plot_sweeps(
+    sweep_dirs,
+    out_dir=None,
+    kinds=None,
+    window: int | None = None,
+    ratio: float | None = None,
+    budget: int | None = None,
+) -> dict[str, list[Path]]:
     """Draw the requested kinds (default: every kind the data supports); returns {kind: [png, pdf, csv]}."""
     dirs = [Path(d) for d in ([sweep_dirs] if isinstance(sweep_dirs, (str, Path)) else sweep_dirs)]
     for d in dirs:
@@ -47,8 +61,9 @@ def plot_sweeps(sweep_dirs, out_dir=None, kinds=None, window: int | None = None,
             raise DynTSError(f"{d} is not a directory")
     cells = [c for d in dirs for c in load_cells(d)]
     if not cells:
-        raise DynTSError(f"no finished cells in {', '.join(map(str, dirs))} (expected cells/*/metrics.json "
-                         "written by dynts sweep)")
+        raise DynTSError(
+            f"no finished cells in {', '.join(map(str, dirs))} (expected cells/*/metrics.json written by dynts sweep)"
+        )
     explicit = kinds is not None
     kinds = list(KINDS if kinds is None else kinds)
     for kind in kinds:
@@ -137,8 +152,12 @@ def _pct(value: float | None) -> float | None:
 
 
 def _frame_filter(cells, opts):
-    return [c for c in cells if (opts["window"] is None or c.window == opts["window"])
-            and (opts["ratio"] is None or abs(c.ratio - opts["ratio"]) < 1e-9)]
+    return [
+        c
+        for c in cells
+        if (opts["window"] is None or c.window == opts["window"])
+        and (opts["ratio"] is None or abs(c.ratio - opts["ratio"]) < 1e-9)
+    ]
 
 
 def _pick_frame(cells: list[CellResult]) -> tuple | None:
@@ -175,8 +194,17 @@ def _series_label(policy: str, cells: list[CellResult]) -> str:
 
 
 def _colors(policies) -> dict[str, str]:
-    palette = ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink",
-               "tab:olive", "tab:cyan"]
+    palette = [
+        "tab:blue",
+        "tab:orange",
+        "tab:green",
+        "tab:red",
+        "tab:purple",
+        "tab:brown",
+        "tab:pink",
+        "tab:olive",
+        "tab:cyan",
+    ]
     from dynts.policies import POLICIES
 
     names = [p for p in POLICIES if p != "full"]
@@ -235,8 +263,9 @@ def _legend(figure, axes_list=(), handles=None, labels=None):
     if handles:
         longest = max(len(lab) for lab in labels)
         ncol = max(1, min(len(labels), int(figure.get_figwidth() // (0.062 * longest + 0.6))))
-        figure.legend(handles, labels, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=ncol, fontsize=8,
-                      frameon=False)
+        figure.legend(
+            handles, labels, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=ncol, fontsize=8, frameon=False
+        )
 
 
 BUDGET_COLUMNS = ("model", "dataset", "role", "policy", "budget", "window", "ratio", "pass@1_pct", "tps", "cell")
@@ -245,9 +274,10 @@ BUDGET_COLUMNS = ("model", "dataset", "role", "policy", "budget", "window", "rat
 def _budget_figure(cells, opts):
     models = [m for m in _models(cells) if _series(cells, m, opts)]
     if not models:
-        raise _Unsupported("no compressing policy was run" + (" at the chosen --window/--ratio"
-                                                              if opts["window"] is not None or opts["ratio"] is not None
-                                                              else ""))
+        raise _Unsupported(
+            "no compressing policy was run"
+            + (" at the chosen --window/--ratio" if opts["window"] is not None or opts["ratio"] is not None else "")
+        )
     datasets = {m: _datasets([c for c in cells if c.model == m]) for m in models}
     cols = max(len(v) for v in datasets.values())
     figure, axes = _new_figure(len(models), cols, 4.4, 3.4)
@@ -263,8 +293,9 @@ def _budget_figure(cells, opts):
                 ax.axis("off")
                 continue
             dataset = datasets[model][j]
-            budgets = sorted({c.budget for s in series.values() for c in s
-                              if _metric(c, dataset, "pass@1") is not None})
+            budgets = sorted(
+                {c.budget for s in series.values() for c in s if _metric(c, dataset, "pass@1") is not None}
+            )
             position = {b: k for k, b in enumerate(budgets)}
             width = 0.8 / max(len(series), 1)
             ax2 = ax.twinx()
@@ -277,21 +308,44 @@ def _budget_figure(cells, opts):
                 xs = [position[c.budget] - 0.4 + width * (n + 0.5) for c in present]
                 values = [_pct(_metric(c, dataset, "pass@1")) for c in present]
                 tps = [_metric(c, dataset, "tps") for c in present]
-                bars = ax.bar(xs, values, width * 0.92, color=colors[policy], alpha=0.8,
-                              label=f"{label} Pass@1")
+                bars = ax.bar(xs, values, width * 0.92, color=colors[policy], alpha=0.8, label=f"{label} Pass@1")
                 crowded = len(series) > 1 and len(budgets) > 2
-                ax.bar_label(bars, labels=[f"{v:.1f}" for v in values], fontsize=6.5 if crowded else 7, padding=1.5,
-                             rotation=90 if crowded else 0)
+                ax.bar_label(
+                    bars,
+                    labels=[f"{v:.1f}" for v in values],
+                    fontsize=6.5 if crowded else 7,
+                    padding=1.5,
+                    rotation=90 if crowded else 0,
+                )
                 tps_points = [(x, t) for x, t in zip(xs, tps) if t is not None]
                 if tps_points:
-                    ax2.plot(*zip(*tps_points), color=colors[policy], marker="o", markersize=4,
-                             markeredgecolor="black", markeredgewidth=0.5, lw=1.5, label=f"{label} TPS")
+                    ax2.plot(
+                        *zip(*tps_points),
+                        color=colors[policy],
+                        marker="o",
+                        markersize=4,
+                        markeredgecolor="black",
+                        markeredgewidth=0.5,
+                        lw=1.5,
+                        label=f"{label} TPS",
+                    )
                 top_pass += values
                 top_tps += [t for t in tps if t is not None]
                 for c, v, t in zip(present, values, tps):
-                    rows.append({"model": model, "dataset": dataset, "role": "bar", "policy": policy,
-                                 "budget": c.budget, "window": c.window, "ratio": c.ratio, "pass@1_pct": v,
-                                 "tps": t, "cell": c.name})
+                    rows.append(
+                        {
+                            "model": model,
+                            "dataset": dataset,
+                            "role": "bar",
+                            "policy": policy,
+                            "budget": c.budget,
+                            "window": c.window,
+                            "ratio": c.ratio,
+                            "pass@1_pct": v,
+                            "tps": t,
+                            "cell": c.name,
+                        }
+                    )
             if full is not None and _metric(full, dataset, "pass@1") is not None:
                 fp, ft = _pct(_metric(full, dataset, "pass@1")), _metric(full, dataset, "tps")
                 ax.axhline(fp, color=FULL_COLOR, ls="--", lw=1, label="FullKV Pass@1")
@@ -299,8 +353,17 @@ def _budget_figure(cells, opts):
                     ax2.axhline(ft, color=FULL_COLOR, ls=":", lw=1.3, label="FullKV TPS")
                     top_tps.append(ft)
                 top_pass.append(fp)
-                rows.append({"model": model, "dataset": dataset, "role": "fullkv", "policy": "full",
-                             "pass@1_pct": fp, "tps": ft, "cell": full.name})
+                rows.append(
+                    {
+                        "model": model,
+                        "dataset": dataset,
+                        "role": "fullkv",
+                        "policy": "full",
+                        "pass@1_pct": fp,
+                        "tps": ft,
+                        "cell": full.name,
+                    }
+                )
             ax.set_ylim(0, max(top_pass) * (1.3 if len(series) > 1 and len(budgets) > 2 else 1.2))
             ax2.set_ylim(0, max(top_tps) * 1.35)
             ax.set_xticks(range(len(budgets)), [str(b) for b in budgets])
@@ -322,8 +385,10 @@ def _budget_figure(cells, opts):
             if label not in labels:
                 handles.append(Patch(color=colors[policy], alpha=0.8))
                 labels.append(label)
-    handles += [Patch(color="0.6"), Line2D([], [], color="0.6", marker="o", markeredgecolor="black",
-                                           markeredgewidth=0.5)]
+    handles += [
+        Patch(color="0.6"),
+        Line2D([], [], color="0.6", marker="o", markeredgecolor="black", markeredgewidth=0.5),
+    ]
     labels += ["bars: Pass@1", "line: TPS"]
     if any(_full(cells, m) is not None for m in models):
         handles += [Line2D([], [], color=FULL_COLOR, ls="--"), Line2D([], [], color=FULL_COLOR, ls=":", lw=1.3)]
@@ -344,8 +409,9 @@ def _heatmap_figure(cells, opts):
             by_budget = defaultdict(list)
             for c in mine:
                 by_budget[c.budget].append(c)
-            candidates = [b for b, cs in by_budget.items()
-                          if len({c.window for c in cs}) > 1 or len({c.ratio for c in cs}) > 1]
+            candidates = [
+                b for b, cs in by_budget.items() if len({c.window for c in cs}) > 1 or len({c.ratio for c in cs}) > 1
+            ]
             if opts["budget"] is not None:
                 candidates = [b for b in candidates if b == opts["budget"]]
             if not candidates:
@@ -354,8 +420,10 @@ def _heatmap_figure(cells, opts):
             for dataset in _datasets(by_budget[b]):
                 panels.append((model, policy, b, dataset, by_budget[b]))
     if not panels:
-        raise _Unsupported("no policy was run with more than one window or ratio at one budget"
-                           + (f" (budget {opts['budget']})" if opts["budget"] is not None else ""))
+        raise _Unsupported(
+            "no policy was run with more than one window or ratio at one budget"
+            + (f" (budget {opts['budget']})" if opts["budget"] is not None else "")
+        )
     keys = list(dict.fromkeys((m, p) for m, p, *_ in panels))
     cols = max(sum(1 for m, p, *_ in panels if (m, p) == key) for key in keys)
     figure, axes = _new_figure(len(keys), cols, 4.2, 3.6)
@@ -378,8 +446,18 @@ def _heatmap_figure(cells, opts):
                 if value is None:
                     continue
                 grid[windows.index(c.window), ratios.index(c.ratio)] = value
-                rows.append({"model": model, "dataset": dataset, "policy": policy, "budget": b, "window": c.window,
-                             "ratio": c.ratio, "pass@1_pct": value, "cell": c.name})
+                rows.append(
+                    {
+                        "model": model,
+                        "dataset": dataset,
+                        "policy": policy,
+                        "budget": b,
+                        "window": c.window,
+                        "ratio": c.ratio,
+                        "pass@1_pct": value,
+                        "cell": c.name,
+                    }
+                )
             from matplotlib import colormaps
 
             cmap = colormaps["viridis"].with_extremes(bad="0.88")
@@ -387,8 +465,9 @@ def _heatmap_figure(cells, opts):
             vmin, vmax = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 100.0)
             if vmax - vmin < 1e-9:
                 vmin, vmax = vmin - 1, vmax + 1
-            image = ax.imshow(np.ma.masked_invalid(grid), origin="lower", aspect="auto", cmap=cmap,
-                              vmin=vmin, vmax=vmax)
+            image = ax.imshow(
+                np.ma.masked_invalid(grid), origin="lower", aspect="auto", cmap=cmap, vmin=vmin, vmax=vmax
+            )
             for (y, x), value in np.ndenumerate(grid):
                 text = "–" if np.isnan(value) else f"{value:.1f}"
                 dark = not np.isnan(value) and (value - vmin) / (vmax - vmin) < 0.6
@@ -397,8 +476,7 @@ def _heatmap_figure(cells, opts):
             ax.set_yticks(range(len(windows)), [str(w) for w in windows])
             ax.set_xlabel("ratio r")
             ax.set_ylabel("window W")
-            ax.set_title(f"{_model_label(model)} | {_dataset_label(dataset)}\n{policy}, B={b}: Pass@1 (%)",
-                         fontsize=9)
+            ax.set_title(f"{_model_label(model)} | {_dataset_label(dataset)}\n{policy}, B={b}: Pass@1 (%)", fontsize=9)
             figure.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
     _legend(figure)
     return figure, rows, HEATMAP_COLUMNS
@@ -457,8 +535,20 @@ def _methods_figure(cells, opts):
             bottom.bar_label(bars2, labels=["-" if t is None else f"{t:.1f}" for t in tps], fontsize=7, padding=1)
             for p, v, t in zip(policies, values, tps):
                 c = chosen[p]
-                rows.append({"model": model, "dataset": dataset, "role": "bar", "policy": p, "budget": b,
-                             "window": c.window, "ratio": c.ratio, "pass@1_pct": v, "tps": t, "cell": c.name})
+                rows.append(
+                    {
+                        "model": model,
+                        "dataset": dataset,
+                        "role": "bar",
+                        "policy": p,
+                        "budget": b,
+                        "window": c.window,
+                        "ratio": c.ratio,
+                        "pass@1_pct": v,
+                        "tps": t,
+                        "cell": c.name,
+                    }
+                )
             tops_pass, tops_tps = [10.0, *values], [1e-9, *tps_drawn]
             if full is not None and _metric(full, dataset, "pass@1") is not None:
                 fp, ft = _pct(_metric(full, dataset, "pass@1")), _metric(full, dataset, "tps")
@@ -467,8 +557,17 @@ def _methods_figure(cells, opts):
                 if ft is not None:
                     bottom.axhline(ft, color=FULL_COLOR, ls="--", lw=1.2, label="FullKV")
                     tops_tps.append(ft)
-                rows.append({"model": model, "dataset": dataset, "role": "fullkv", "policy": "full",
-                             "pass@1_pct": fp, "tps": ft, "cell": full.name})
+                rows.append(
+                    {
+                        "model": model,
+                        "dataset": dataset,
+                        "role": "fullkv",
+                        "policy": "full",
+                        "pass@1_pct": fp,
+                        "tps": ft,
+                        "cell": full.name,
+                    }
+                )
             top.set_ylim(0, max(tops_pass) * 1.2)
             bottom.set_ylim(0, max(tops_tps) * 1.25)
             labels = [f"{p}\nW={chosen[p].window} r={format_ratio(chosen[p].ratio)}" for p in policies]
@@ -482,8 +581,21 @@ def _methods_figure(cells, opts):
     return figure, rows, METHODS_COLUMNS
 
 
-STEPS_COLUMNS = ("model", "policy", "budget", "window", "ratio", "cell", "batch", "step", "active", "tps",
-                 "tps_smoothed", "kv_tokens", "kv_mib")
+STEPS_COLUMNS = (
+    "model",
+    "policy",
+    "budget",
+    "window",
+    "ratio",
+    "cell",
+    "batch",
+    "step",
+    "active",
+    "tps",
+    "tps_smoothed",
+    "kv_tokens",
+    "kv_mib",
+)
 
 
 def _smooth(values: list[float]) -> list[float]:
@@ -523,12 +635,14 @@ def _steps_figure(cells, opts):
                 series.append((preferred or sorted(at_b, key=lambda c: (c.window, c.ratio)))[0])
         plans.append((model, b, series))
     if not plans:
-        raise _Unsupported("needs step traces (steps.jsonl, recorded by dynts sweep --trace-steps) for FullKV and "
-                           "at least one compressing policy")
+        raise _Unsupported(
+            "needs step traces (steps.jsonl, recorded by dynts sweep --trace-steps) for FullKV and "
+            "at least one compressing policy"
+        )
     figure, axes = _new_figure(len(plans), 2, 5.2, 3.4)
     rows = []
     all_axes = []
-    for i, (model, b, series) in enumerate(plans):
+    for i, (model, _budget, series) in enumerate(plans):
         colors = _colors([c.policy for c in series if c.compresses])
         ax_tps, ax_kv = axes[i][0], axes[i][1]
         probe_note = ""
@@ -539,24 +653,40 @@ def _steps_figure(cells, opts):
             probe = c.probe() or {}
             if not probe_note and probe:
                 ref = probe.get("prompt") or {}
-                probe_note = (f"probe {ref.get('dataset', '?')}/{ref.get('id', '?')}: {probe.get('prompt_tokens')}"
-                              f"-token prompt, {probe.get('tokens')} tokens, batch {probe.get('batch')}")
+                probe_note = (
+                    f"probe {ref.get('dataset', '?')}/{ref.get('id', '?')}: {probe.get('prompt_tokens')}"
+                    f"-token prompt, {probe.get('tokens')} tokens, batch {probe.get('batch')}"
+                )
             x = [s["step"] for s in steps]
             tps = [s["active"] / s["step_time_s"] if s.get("step_time_s") else 0.0 for s in steps]
             smooth = _smooth(tps)
-            kv = [s["kv_bytes"] / 2 ** 20 for s in steps]
+            kv = [s["kv_bytes"] / 2**20 for s in steps]
             color = FULL_COLOR if not c.compresses else colors[c.policy]
-            label = "FullKV" if not c.compresses else \
-                f"{c.policy} (B={c.budget}, W={c.window}, r={format_ratio(c.ratio)})"
+            label = (
+                "FullKV" if not c.compresses else f"{c.policy} (B={c.budget}, W={c.window}, r={format_ratio(c.ratio)})"
+            )
             ax_tps.plot(x, tps, color=color, lw=0.6, alpha=0.25)
             ax_tps.plot(x, smooth, color=color, lw=1.6, label=label)
             style = ("-", "--", "-.", ":")[series.index(c) % 4]
             ax_kv.plot(x, kv, color=color, lw=1.4, ls=style, label=label)
             for s, t, sm, k in zip(steps, tps, smooth, kv):
-                rows.append({"model": model, "policy": c.policy, "budget": c.budget, "window": c.window,
-                             "ratio": c.ratio, "cell": c.name, "batch": s.get("batch", 0), "step": s["step"],
-                             "active": s["active"], "tps": t, "tps_smoothed": sm, "kv_tokens": s["kv_tokens"],
-                             "kv_mib": k})
+                rows.append(
+                    {
+                        "model": model,
+                        "policy": c.policy,
+                        "budget": c.budget,
+                        "window": c.window,
+                        "ratio": c.ratio,
+                        "cell": c.name,
+                        "batch": s.get("batch", 0),
+                        "step": s["step"],
+                        "active": s["active"],
+                        "tps": t,
+                        "tps_smoothed": sm,
+                        "kv_tokens": s["kv_tokens"],
+                        "kv_mib": k,
+                    }
+                )
         ax_tps.set_xlabel("decode step")
         ax_tps.set_ylabel("TPS (tokens/s)")
         ax_tps.set_ylim(bottom=0)
@@ -572,7 +702,6 @@ def _steps_figure(cells, opts):
     return figure, rows, STEPS_COLUMNS
 
 
-_BUILDERS = {"budget": _budget_figure, "heatmap": _heatmap_figure, "methods": _methods_figure,
-             "steps": _steps_figure}
+_BUILDERS = {"budget": _budget_figure, "heatmap": _heatmap_figure, "methods": _methods_figure, "steps": _steps_figure}
 
 __all__ = ["KINDS", "plot_sweeps", "supported_kinds"]

@@ -63,16 +63,31 @@ class Roofline:
     @property
     def tps_bound_at_max(self) -> float:
         """The bound with every row holding max_cached_tokens (the issue's convention)."""
-        return self.batch * self.bandwidth_gbps * 1e9 / (
-            self.weight_bytes + self.batch * self.max_cached_tokens * self.kv_bytes_per_token)
+        return (
+            self.batch
+            * self.bandwidth_gbps
+            * 1e9
+            / (self.weight_bytes + self.batch * self.max_cached_tokens * self.kv_bytes_per_token)
+        )
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "bytes_per_step": self.bytes_per_step, "tps_bound": self.tps_bound,
-                "tps_bound_at_max": self.tps_bound_at_max}
+        return {
+            **asdict(self),
+            "bytes_per_step": self.bytes_per_step,
+            "tps_bound": self.tps_bound,
+            "tps_bound_at_max": self.tps_bound_at_max,
+        }
 
 
-def roofline(weight_bytes: int, kv_per_token: int, batch: int, prompt_len: int, new_tokens: int,
-             budget: BudgetConfig, bandwidth_gbps: float) -> Roofline:
+def roofline(
+    weight_bytes: int,
+    kv_per_token: int,
+    batch: int,
+    prompt_len: int,
+    new_tokens: int,
+    budget: BudgetConfig,
+    bandwidth_gbps: float,
+) -> Roofline:
     schedule = cached_tokens_per_step(prompt_len, new_tokens, budget) or [prompt_len]
     return Roofline(weight_bytes, kv_per_token, batch, sum(schedule) / len(schedule), max(schedule), bandwidth_gbps)
 

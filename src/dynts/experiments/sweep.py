@@ -36,10 +36,11 @@ import csv
 import io
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from tqdm import tqdm
 
@@ -66,9 +67,25 @@ PROBE_FILE = "probe.json"
 SWEEP_FORMAT = 1
 
 SUMMARY_COLUMNS = (
-    "model", "policy", "budget", "window", "ratio", "dataset", "pass@1", "pass@k", "k", "maj@k", "tps",
-    "tps_forward", "peak_kv_tokens", "peak_kv_bytes", "mean_generated_tokens", "n_problems",
-    "samples_per_problem", "complete", "cell",
+    "model",
+    "policy",
+    "budget",
+    "window",
+    "ratio",
+    "dataset",
+    "pass@1",
+    "pass@k",
+    "k",
+    "maj@k",
+    "tps",
+    "tps_forward",
+    "peak_kv_tokens",
+    "peak_kv_bytes",
+    "mean_generated_tokens",
+    "n_problems",
+    "samples_per_problem",
+    "complete",
+    "cell",
 )
 
 # Shared flags whose change would make cells of one sweep incomparable: a rerun must match them.
@@ -254,8 +271,10 @@ class SweepSpec:
             self.skipped += invalid
             return
         shown = "\n  ".join(invalid[:20]) + (f"\n  ... and {len(invalid) - 20} more" if len(invalid) > 20 else "")
-        raise DynTSError(f"{len(invalid)} invalid cell(s) {where}:\n  {shown}\n"
-                         "change --budgets/--windows/--ratios, or pass --skip-invalid to leave these cells out")
+        raise DynTSError(
+            f"{len(invalid)} invalid cell(s) {where}:\n  {shown}\n"
+            "change --budgets/--windows/--ratios, or pass --skip-invalid to leave these cells out"
+        )
 
     def resolved_probe_tokens(self, cells: list[Cell], stored: dict | None = None) -> int:
         """--probe-tokens, else what the sweep used before, else min(max_new_tokens, 2 x the largest budget)."""
@@ -290,10 +309,17 @@ class SweepSpec:
         }
 
     def grid(self) -> dict:
-        labels = [format_spec(name, dict(options)) for name, options in
-                  (resolve_spec(text, self.policy_options) for text in self.policies)]
-        return {"policies": list(dict.fromkeys(labels)), "budgets": list(self.budgets), "windows": list(self.windows),
-                "ratios": list(self.ratios), "datasets": list(self.datasets)}
+        labels = [
+            format_spec(name, dict(options))
+            for name, options in (resolve_spec(text, self.policy_options) for text in self.policies)
+        ]
+        return {
+            "policies": list(dict.fromkeys(labels)),
+            "budgets": list(self.budgets),
+            "windows": list(self.windows),
+            "ratios": list(self.ratios),
+            "datasets": list(self.datasets),
+        }
 
 
 # --------------------------------------------------------------------------- #
@@ -341,7 +367,8 @@ def _check_sweep_file(out: Path, stored: dict | None, shared: dict) -> None:
         raise DynTSError(
             f"{out / SWEEP_FILE} was written with different shared flags ({'; '.join(differences)}). "
             "A rerun into the same sweep may change the grid (policies, budgets, windows, ratios, datasets) "
-            "but not these; use the same flags or a new --out directory.")
+            "but not these; use the same flags or a new --out directory."
+        )
 
 
 def _write_sweep_file(out: Path, stored: dict | None, spec: SweepSpec, shared: dict, cells: list[Cell]) -> None:
@@ -352,12 +379,16 @@ def _write_sweep_file(out: Path, stored: dict | None, spec: SweepSpec, shared: d
         union[key] = sorted(merged) if key in ("budgets", "windows", "ratios") else merged
     data = {
         "format": SWEEP_FORMAT,
-        "shared": {**(stored["shared"] if stored else {}),
-                   **{k: v for k, v in shared.items() if v is not None or k not in PROBE_FIELDS}},
+        "shared": {
+            **(stored["shared"] if stored else {}),
+            **{k: v for k, v in shared.items() if v is not None or k not in PROBE_FIELDS},
+        },
         "grid": union,
         "cells": list(dict.fromkeys([*(stored.get("cells", []) if stored else []), *(c.name for c in cells)])),
-        "runs": [*(stored.get("runs", []) if stored else []),
-                 {"at": now, "grid": spec.grid(), "skipped": list(spec.skipped)}],
+        "runs": [
+            *(stored.get("runs", []) if stored else []),
+            {"at": now, "grid": spec.grid(), "skipped": list(spec.skipped)},
+        ],
         "created_at": stored.get("created_at", now) if stored else now,
         "updated_at": now,
     }
@@ -403,8 +434,14 @@ class SweepResult:
     summary: Path
 
 
-def run_sweep(spec: SweepSpec, out_dir: str | Path, loaded=None, load: Callable | None = None,
-              progress: bool = True, make_executor: Callable | None = None) -> SweepResult:
+def run_sweep(
+    spec: SweepSpec,
+    out_dir: str | Path,
+    loaded=None,
+    load: Callable | None = None,
+    progress: bool = True,
+    make_executor: Callable | None = None,
+) -> SweepResult:
     """Run (or resume, or extend) a sweep into out_dir.
 
     Where the cells run: make_executor() (e.g. a dynts.distributed.RayExecutor, whose workers share the units of
@@ -420,14 +457,22 @@ def run_sweep(spec: SweepSpec, out_dir: str | Path, loaded=None, load: Callable 
     if any(policy_class(c.policy).uses_head for c in cells) and spec.head is None:
         if shipped_head_path(spec.model) is None:
             uses = sorted({c.policy for c in cells if policy_class(c.policy).uses_head})
-            raise DynTSError(f"policy {', '.join(uses)} needs "
-                             f"an importance head and none ships for model {spec.model!r}: pass --head PATH or "
-                             "leave the dynts policies out of --policies")
+            raise DynTSError(
+                f"policy {', '.join(uses)} needs "
+                f"an importance head and none ships for model {spec.model!r}: pass --head PATH or "
+                "leave the dynts policies out of --policies"
+            )
     if spec.head is not None and not Path(spec.head).exists():
         raise DynTSError(f"--head {spec.head} does not exist")
 
-    plan = EvalPlan(datasets=list(spec.datasets), samples=spec.samples, limit=spec.limit, data_dir=spec.data_dir,
-                    split=spec.split, shuffle_seed=spec.shuffle_seed)
+    plan = EvalPlan(
+        datasets=list(spec.datasets),
+        samples=spec.samples,
+        limit=spec.limit,
+        data_dir=spec.data_dir,
+        split=spec.split,
+        shuffle_seed=spec.shuffle_seed,
+    )
     problems = plan.load()  # unknown datasets and missing files fail here
     expected: dict[str, int] = {}
     for problem in problems:
@@ -456,9 +501,16 @@ def run_sweep(spec: SweepSpec, out_dir: str | Path, loaded=None, load: Callable 
         _write_sweep_file(out, stored, spec, shared, cells)
 
         # Every unfinished cell's samples go through the executor together, then the probes.
-        jobs = [EvalJob(_engine_spec(spec, cell, spec.sampling, spec.batch_size), plan, cell_dir(out, cell),
-                        {"sweep_cell": cell.name})
-                for cell in todo if not cell_is_complete(cell_dir(out, cell), expected, spec.samples, need_steps=False)]
+        jobs = [
+            EvalJob(
+                _engine_spec(spec, cell, spec.sampling, spec.batch_size),
+                plan,
+                cell_dir(out, cell),
+                {"sweep_cell": cell.name},
+            )
+            for cell in todo
+            if not cell_is_complete(cell_dir(out, cell), expected, spec.samples, need_steps=False)
+        ]
         if jobs:
             run_evals(jobs, executor, progress=progress, on_done=lambda j, metrics: write_summary(out))
         probes = [cell for cell in todo if spec.trace_steps and not (cell_dir(out, cell) / STEPS_FILE).is_file()]
@@ -466,8 +518,10 @@ def run_sweep(spec: SweepSpec, out_dir: str | Path, loaded=None, load: Callable 
             prompt = prompt_ids[probe_problem.dataset, probe_problem.id]
             sampling = replace(spec.sampling, max_new_tokens=shared["probe_tokens"], ignore_eos=True)
             batch = shared["probe_batch"]
-            tasks = [Task(probe_unit, (_engine_spec(spec, cell, sampling, batch, trace_steps=True), prompt), tag=cell)
-                     for cell in probes]
+            tasks = [
+                Task(probe_unit, (_engine_spec(spec, cell, sampling, batch, trace_steps=True), prompt), tag=cell)
+                for cell in probes
+            ]
             bar = tqdm(total=len(tasks), unit="cell", desc="probe", disable=not progress or None, dynamic_ncols=True)
             for task, result in executor.run(tasks):
                 write_probe(task.tag, result, cell_dir(out, task.tag), prompt_ref=shared["probe_prompt"])
@@ -498,6 +552,7 @@ def _probe_problem(spec: SweepSpec, stored: dict | None, problems):
 def _default_loader(spec: SweepSpec) -> Callable:
     def load():
         return load_model(spec.model, device=spec.device, dtype=spec.dtype)
+
     return load
 
 
@@ -514,8 +569,9 @@ def check_cells(host, spec: SweepSpec, cells: list[Cell], problems) -> tuple[dic
         if not cell.compresses:
             continue
         budget = cell.budget_config()
-        policy = make_policy(cell.policy, budget, dict(cell.options), head=head, head_path=spec.head,
-                             seed=spec.sampling.seed)
+        policy = make_policy(
+            cell.policy, budget, dict(cell.options), head=head, head_path=spec.head, seed=spec.sampling.seed
+        )
         try:  # the longest prompt is the binding one for both constraints (prompt + W < B, prompt <= r(B-W))
             budget.check_prompt(longest, policy.protects_prompt)
         except DynTSError as exc:
@@ -534,8 +590,16 @@ def _validate_against_model(spec: SweepSpec, cells: list[Cell], model, problems)
 
 
 def _engine_spec(spec: SweepSpec, cell: Cell, sampling: SamplingConfig, batch_size: int, trace_steps: bool = False):
-    return EngineSpec(cell.policy, cell.budget_config(), sampling, batch_size, head_path=spec.head,
-                      trace_steps=trace_steps, fast=spec.fast, policy_options=cell.options)
+    return EngineSpec(
+        cell.policy,
+        cell.budget_config(),
+        sampling,
+        batch_size,
+        head_path=spec.head,
+        trace_steps=trace_steps,
+        fast=spec.fast,
+        policy_options=cell.options,
+    )
 
 
 def probe_unit(host, engine_spec, prompt: list[int]) -> dict:
@@ -548,18 +612,34 @@ def probe_unit(host, engine_spec, prompt: list[int]) -> dict:
         engine.last_cache = None
     stats = output.stats.to_dict()
     steps = stats.pop("steps", [])
-    return {"steps": steps, "stats": stats, "device": str(engine.device), "prompt_tokens": len(prompt),
-            "sampling": sampling.to_dict(), "batch": batch}
+    return {
+        "steps": steps,
+        "stats": stats,
+        "device": str(engine.device),
+        "prompt_tokens": len(prompt),
+        "sampling": sampling.to_dict(),
+        "batch": batch,
+    }
 
 
 def write_probe(cell: Cell, result: dict, directory: Path, prompt_ref: dict | None = None) -> Path:
     """Write a probe's steps.jsonl and probe.json into the cell directory."""
     directory.mkdir(parents=True, exist_ok=True)
     write_text_atomic(directory / STEPS_FILE, steps_jsonl(result["steps"]))
-    probe = {"cell": cell.name, "policy": cell.label, "budget": cell.budget, "window": cell.window,
-             "ratio": cell.ratio, "prompt": prompt_ref, "prompt_tokens": result["prompt_tokens"],
-             "tokens": result["sampling"]["max_new_tokens"], "batch": result["batch"], "sampling": result["sampling"],
-             "device": result["device"], "stats": result["stats"]}
+    probe = {
+        "cell": cell.name,
+        "policy": cell.label,
+        "budget": cell.budget,
+        "window": cell.window,
+        "ratio": cell.ratio,
+        "prompt": prompt_ref,
+        "prompt_tokens": result["prompt_tokens"],
+        "tokens": result["sampling"]["max_new_tokens"],
+        "batch": result["batch"],
+        "sampling": result["sampling"],
+        "device": result["device"],
+        "stats": result["stats"],
+    }
     write_json_atomic(directory / PROBE_FILE, probe)
     return directory / STEPS_FILE
 
@@ -641,13 +721,19 @@ def load_cells(sweep_dir: str | Path) -> list[CellResult]:
         policy = manifest.get("policy") or {}
         budget = policy.get("budget")
         name = str(policy.get("registry_name") or policy.get("name"))
-        results.append(CellResult(
-            name=directory.name, directory=directory, model=str(manifest.get("model")),
-            policy=_label(name, policy.get("options") or {}),
-            budget=int(budget) if budget is not None else None,
-            window=policy.get("window") if budget is not None else None,
-            ratio=policy.get("ratio") if budget is not None else None,
-            metrics=metrics, manifest=manifest))
+        results.append(
+            CellResult(
+                name=directory.name,
+                directory=directory,
+                model=str(manifest.get("model")),
+                policy=_label(name, policy.get("options") or {}),
+                budget=int(budget) if budget is not None else None,
+                window=policy.get("window") if budget is not None else None,
+                ratio=policy.get("ratio") if budget is not None else None,
+                metrics=metrics,
+                manifest=manifest,
+            )
+        )
     return results
 
 
@@ -664,15 +750,29 @@ def summary_rows(cells: list[CellResult]) -> list[dict]:
     rows = []
     for cell in cells:
         for dataset, m in sorted(cell.metrics.get("datasets", {}).items()):
-            rows.append({
-                "model": cell.model, "policy": cell.policy, "budget": cell.budget, "window": cell.window,
-                "ratio": cell.ratio, "dataset": dataset, "pass@1": m.get("pass@1"), "pass@k": m.get("pass@k"),
-                "k": m.get("k"), "maj@k": m.get("maj@k"), "tps": m.get("tps"), "tps_forward": m.get("tps_forward"),
-                "peak_kv_tokens": m.get("peak_kv_tokens"), "peak_kv_bytes": m.get("peak_kv_bytes"),
-                "mean_generated_tokens": m.get("mean_generated_tokens"), "n_problems": m.get("n_problems"),
-                "samples_per_problem": m.get("samples_per_problem"), "complete": m.get("complete"),
-                "cell": cell.name,
-            })
+            rows.append(
+                {
+                    "model": cell.model,
+                    "policy": cell.policy,
+                    "budget": cell.budget,
+                    "window": cell.window,
+                    "ratio": cell.ratio,
+                    "dataset": dataset,
+                    "pass@1": m.get("pass@1"),
+                    "pass@k": m.get("pass@k"),
+                    "k": m.get("k"),
+                    "maj@k": m.get("maj@k"),
+                    "tps": m.get("tps"),
+                    "tps_forward": m.get("tps_forward"),
+                    "peak_kv_tokens": m.get("peak_kv_tokens"),
+                    "peak_kv_bytes": m.get("peak_kv_bytes"),
+                    "mean_generated_tokens": m.get("mean_generated_tokens"),
+                    "n_problems": m.get("n_problems"),
+                    "samples_per_problem": m.get("samples_per_problem"),
+                    "complete": m.get("complete"),
+                    "cell": cell.name,
+                }
+            )
     return rows
 
 
@@ -696,6 +796,21 @@ def read_csv(path: str | Path) -> list[dict]:
         return list(csv.DictReader(handle))
 
 
-__all__ = ["Cell", "CellResult", "SweepSpec", "SweepResult", "cell_is_complete", "load_cells", "parse_float_list",
-           "parse_int_list", "parse_names", "probe_unit", "read_csv", "read_steps", "run_sweep", "summary_rows",
-           "write_probe", "write_summary"]
+__all__ = [
+    "Cell",
+    "CellResult",
+    "SweepSpec",
+    "SweepResult",
+    "cell_is_complete",
+    "load_cells",
+    "parse_float_list",
+    "parse_int_list",
+    "parse_names",
+    "probe_unit",
+    "read_csv",
+    "read_steps",
+    "run_sweep",
+    "summary_rows",
+    "write_probe",
+    "write_summary",
+]

@@ -22,9 +22,9 @@ import torch
 from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
+from dynts.errors import DynTSError
 from dynts.fast import triton_decode
 from dynts.kv.attention import StepContext, dynts_attention
-from dynts.errors import DynTSError
 
 ATTENTION_NAME = "dynts-static"
 KERNELS = ("auto", "sdpa", "triton", "flash")
@@ -61,14 +61,21 @@ class StaticStepContext(StepContext):
     kernel: str = "sdpa"
 
 
-def length_aware_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kv_lengths: torch.Tensor,
-                           scale: float, kernel: str) -> torch.Tensor:
+def length_aware_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kv_lengths: torch.Tensor, scale: float, kernel: str
+) -> torch.Tensor:
     """query [b, H, d] over key/value [b, kvh, capacity, d] limited to kv_lengths -> [b, H, d]."""
     if kernel == "triton":
         return triton_decode.split_k_decode(query, key, value, kv_lengths, scale)
     if kernel == "flash":
-        out = _flash_with_kvcache()(query[:, None], key.transpose(1, 2), value.transpose(1, 2),
-                                    cache_seqlens=kv_lengths.to(torch.int32), softmax_scale=scale, causal=False)
+        out = _flash_with_kvcache()(
+            query[:, None],
+            key.transpose(1, 2),
+            value.transpose(1, 2),
+            cache_seqlens=kv_lengths.to(torch.int32),
+            softmax_scale=scale,
+            causal=False,
+        )
         return out[:, 0]
     raise ValueError(f"no length-aware kernel {kernel!r}")
 

@@ -24,18 +24,13 @@ from dataclasses import asdict, dataclass, replace
 import torch
 
 from dynts.config import BudgetConfig, SamplingConfig
-from dynts.fast.attention import KERNELS, resolve_kernel, static_attention
 from dynts.engine.engine import Engine, GenerationResult, RunStats, SequenceStats
 from dynts.errors import DynTSError
-from dynts.models.loading import LoadedModel
-from dynts.policies.h2o import H2OPolicy
-from dynts.policies.rkv import RKVPolicy
-from dynts.policies.sepllm import SepLLMPolicy
-from dynts.policies.snapkv import SnapKVPolicy
-from dynts.policies.streaming import StreamingPolicy
-from dynts.policies.window import WindowPolicy
+from dynts.fast.attention import KERNELS, resolve_kernel, static_attention
 from dynts.fast.static_cache import StaticBudgetedCache
 from dynts.fast.step import DecodeState, StaticStep
+from dynts.models.loading import LoadedModel
+
 
 @dataclass(frozen=True)
 class FastConfig:
@@ -64,13 +59,16 @@ class FastConfig:
         if self.warmup_steps < 1:
             raise DynTSError(f"warmup_steps must be at least 1, got {self.warmup_steps}")
 
-    def for_device(self, device: torch.device, dtype: torch.dtype) -> "FastConfig":
+    def for_device(self, device: torch.device, dtype: torch.dtype) -> FastConfig:
         cuda = device.type == "cuda"
         if self.graphs and not cuda:
             raise DynTSError("CUDA graphs need a CUDA device")
-        return replace(self, graphs=cuda if self.graphs is None else self.graphs,
-                       kernel=resolve_kernel(self.kernel, device, dtype),
-                       check_every=self.check_every or (16 if cuda else 1))
+        return replace(
+            self,
+            graphs=cuda if self.graphs is None else self.graphs,
+            kernel=resolve_kernel(self.kernel, device, dtype),
+            check_every=self.check_every or (16 if cuda else 1),
+        )
 
 
 @dataclass
@@ -93,8 +91,12 @@ class DecodeProfile:
 
     def shares(self) -> dict[str, float]:
         """Each stage's fraction of the summed stage time."""
-        stages = {"forward": self.forward_s, "scoring": self.scoring_s, "sampling": self.sampling_s,
-                  "eviction": self.eviction_s}
+        stages = {
+            "forward": self.forward_s,
+            "scoring": self.scoring_s,
+            "sampling": self.sampling_s,
+            "eviction": self.eviction_s,
+        }
         total = sum(stages.values())
         return {k: v / total if total > 0 else 0.0 for k, v in stages.items()}
 
@@ -133,27 +135,53 @@ class _PendingStep:
 class FastEngine(Engine):
     """Engine with the static fast decode path (see the module docstring); same constructor plus `fast`."""
 
-    def __init__(self, loaded: LoadedModel, policy="full", budget: BudgetConfig | None = None,
-                 sampling: SamplingConfig | None = None, batch_size: int = 8, head=None, head_path=None,
-                 trace_steps: bool = False, on_step=None, fast: FastConfig | None = None, policy_options=None):
-        super().__init__(loaded, policy, budget, sampling, batch_size, head=head, head_path=head_path,
-                         trace_steps=trace_steps, on_step=on_step, policy_options=policy_options)
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        policy="full",
+        budget: BudgetConfig | None = None,
+        sampling: SamplingConfig | None = None,
+        batch_size: int = 8,
+        head=None,
+        head_path=None,
+        trace_steps: bool = False,
+        on_step=None,
+        fast: FastConfig | None = None,
+        policy_options=None,
+    ):
+        super().__init__(
+            loaded,
+            policy,
+            budget,
+            sampling,
+            batch_size,
+            head=head,
+            head_path=head_path,
+            trace_steps=trace_steps,
+            on_step=on_step,
+            policy_options=policy_options,
+        )
         self.fast = (fast or FastConfig()).for_device(self.device, loaded.dtype)
         self.fallback_reason: str | None = None
         if not self.policy.is_capturable():
-            self.fallback_reason = f"policy {self.policy.name!r} ({type(self.policy).__name__}) is not known to " \
-                                   "be capturable"
+            self.fallback_reason = (
+                f"policy {self.policy.name!r} ({type(self.policy).__name__}) is not known to be capturable"
+            )
         self.last_profile: DecodeProfile | None = None
         self._warned = False
 
     def generate(self, *args, **kwargs):
-        self.last_profile = DecodeProfile(kernel=self.fast.kernel, graphs=bool(self.fast.graphs),
-                                          check_every=self.fast.check_every)
+        self.last_profile = DecodeProfile(
+            kernel=self.fast.kernel, graphs=bool(self.fast.graphs), check_every=self.fast.check_every
+        )
         return super().generate(*args, **kwargs)
 
     def _generate_batch(self, prompts, seeds, run, forced=None, on_logits=None):
-        reason = self.fallback_reason or ("teacher forcing" if forced is not None else None) or \
-            ("a logits callback" if on_logits is not None else None)
+        reason = (
+            self.fallback_reason
+            or ("teacher forcing" if forced is not None else None)
+            or ("a logits callback" if on_logits is not None else None)
+        )
         if reason is not None:
             if not self._warned:
                 warnings.warn(f"fast decode path off for {reason}: using the eager engine", stacklevel=3)
@@ -180,9 +208,20 @@ class FastEngine(Engine):
         run.prefill_time_s += sum(s.prefill_time_s for s in stats)
         bytes_per_token = cache.bytes_per_token()
 
-        step = StaticStep(self.decoder, self.lm_head, policy, cache, DecodeState.start(cache, seeds, limit), sampling,
-                          fast.kernel, tuple(self.loaded.think_end_ids), graphs=fast.graphs,
-                          warmup_steps=fast.warmup_steps, sync_check=fast.sync_check, compile_forward=fast.compile)
+        step = StaticStep(
+            self.decoder,
+            self.lm_head,
+            policy,
+            cache,
+            DecodeState.start(cache, seeds, limit),
+            sampling,
+            fast.kernel,
+            tuple(self.loaded.think_end_ids),
+            graphs=fast.graphs,
+            warmup_steps=fast.warmup_steps,
+            sync_check=fast.sync_check,
+            compile_forward=fast.compile,
+        )
         step.first_tokens(logits)
         eos = set() if sampling.ignore_eos else set(self.loaded.eos_token_ids)
         profile, clock = self.last_profile, StageClock(self.device)
@@ -241,8 +280,16 @@ class FastEngine(Engine):
                 break
         return stopped
 
-    def _settle(self, pending: list[_PendingStep], generated, stats, run: RunStats, wall_s: float,
-                clock: StageClock, bytes_per_token: int) -> None:
+    def _settle(
+        self,
+        pending: list[_PendingStep],
+        generated,
+        stats,
+        run: RunStats,
+        wall_s: float,
+        clock: StageClock,
+        bytes_per_token: int,
+    ) -> None:
         """Turn the steps since the last read into timings and per-sequence figures, as the eager engine keeps them.
 
         Step s fed token s of every row, so it counts for a sequence that ended with c tokens only if s < c - 1;
@@ -264,8 +311,11 @@ class FastEngine(Engine):
             step_time = wall_s * sum(stages) / device_total if device_total > 0 else 0.0
             forward_time = stages[0]
             run.forward_time_s += forward_time
-            rows = [r for r, seq in enumerate(p.sequences) if p.index < len(generated[seq]) - 1
-                    or not stats[seq].finish_reason]
+            rows = [
+                r
+                for r, seq in enumerate(p.sequences)
+                if p.index < len(generated[seq]) - 1 or not stats[seq].finish_reason
+            ]
             if not rows:
                 continue
             m = len(rows)
@@ -281,8 +331,14 @@ class FastEngine(Engine):
                 s.compressions += compressed
             run.peak_kv_tokens = max(run.peak_kv_tokens, total_kv)
             if self.trace_steps:
-                run.steps.append({"step": p.index, "active": m, "step_time_s": step_time,
-                                  "forward_time_s": forward_time, "kv_tokens": total_kv,
-                                  "kv_bytes": total_kv * bytes_per_token,
-                                  "compressed": [p.sequences[r] for r in rows if r in p.compressed_rows]})
-
+                run.steps.append(
+                    {
+                        "step": p.index,
+                        "active": m,
+                        "step_time_s": step_time,
+                        "forward_time_s": forward_time,
+                        "kv_tokens": total_kv,
+                        "kv_bytes": total_kv * bytes_per_token,
+                        "compressed": [p.sequences[r] for r in rows if r in p.compressed_rows],
+                    }
+                )

@@ -43,8 +43,9 @@ def uniform_noise(seeds: torch.Tensor, step: torch.Tensor, count: int) -> torch.
     return ((bits >> 8).to(torch.float32) + 0.5) / float(1 << 24)
 
 
-def choose_tokens(logits: torch.Tensor, config: SamplingConfig, seeds: torch.Tensor,
-                  step: torch.Tensor) -> torch.Tensor:
+def choose_tokens(
+    logits: torch.Tensor, config: SamplingConfig, seeds: torch.Tensor, step: torch.Tensor
+) -> torch.Tensor:
     """logits [n, vocab] -> token ids [n], with no host sync."""
     if config.greedy:
         return logits.argmax(dim=-1)

@@ -19,9 +19,9 @@ import torch
 from dynts.config import SamplingConfig
 from dynts.fast.attention import StaticStepContext
 from dynts.fast.host_sync import HostSyncGuard
-from dynts.policies import Policy, TokenBatch
-from dynts.fast.static_cache import StaticBudgetedCache
 from dynts.fast.sampling import choose_tokens, seed_words
+from dynts.fast.static_cache import StaticBudgetedCache
+from dynts.policies import Policy, TokenBatch
 from dynts.policies.selection import keep_slots
 
 
@@ -38,17 +38,19 @@ class DecodeState:
     step: torch.Tensor  # 0-dim: index in history of the newest token
 
     @classmethod
-    def start(cls, cache: StaticBudgetedCache, seeds: list[int], max_tokens: int) -> "DecodeState":
+    def start(cls, cache: StaticBudgetedCache, seeds: list[int], max_tokens: int) -> DecodeState:
         device, n = cache.device, cache.rows_allocated
-        return cls(tokens=torch.zeros(n, dtype=torch.long, device=device),
-                   lengths=torch.tensor(cache.lengths, dtype=torch.long, device=device),
-                   positions=torch.tensor(cache.next_position, dtype=torch.long, device=device),
-                   in_answer=torch.zeros(n, dtype=torch.bool, device=device),
-                   seeds=seed_words(seeds, device),
-                   history=torch.full((n, max_tokens), -1, dtype=torch.long, device=device),
-                   step=torch.zeros((), dtype=torch.long, device=device))
+        return cls(
+            tokens=torch.zeros(n, dtype=torch.long, device=device),
+            lengths=torch.tensor(cache.lengths, dtype=torch.long, device=device),
+            positions=torch.tensor(cache.next_position, dtype=torch.long, device=device),
+            in_answer=torch.zeros(n, dtype=torch.bool, device=device),
+            seeds=seed_words(seeds, device),
+            history=torch.full((n, max_tokens), -1, dtype=torch.long, device=device),
+            step=torch.zeros((), dtype=torch.long, device=device),
+        )
 
-    def select(self, index: torch.Tensor) -> "DecodeState":
+    def select(self, index: torch.Tensor) -> DecodeState:
         picked = {f.name: getattr(self, f.name)[index] for f in fields(self) if f.name != "step"}
         return DecodeState(**picked, step=self.step)
 
@@ -56,9 +58,21 @@ class DecodeState:
 class StaticStep:
     """The decode step of one batch. graphs=True captures the stages after `warmup_steps` eager steps."""
 
-    def __init__(self, decoder, lm_head, policy: Policy, cache: StaticBudgetedCache, state: DecodeState,
-                 sampling: SamplingConfig, kernel: str, think_end: tuple[int, ...] = (), graphs: bool = False,
-                 warmup_steps: int = 2, sync_check: bool = False, compile_forward: bool = False):
+    def __init__(
+        self,
+        decoder,
+        lm_head,
+        policy: Policy,
+        cache: StaticBudgetedCache,
+        state: DecodeState,
+        sampling: SamplingConfig,
+        kernel: str,
+        think_end: tuple[int, ...] = (),
+        graphs: bool = False,
+        warmup_steps: int = 2,
+        sync_check: bool = False,
+        compile_forward: bool = False,
+    ):
         self.decoder, self.lm_head, self.policy = decoder, lm_head, policy
         self.cache, self.state, self.sampling, self.kernel = cache, state, sampling, kernel
         self.device = cache.device
@@ -81,19 +95,40 @@ class StaticStep:
     def forward(self) -> tuple[torch.Tensor, torch.Tensor]:
         s = self.state
         mask = (self.capacity_slots[None, :] <= s.lengths[:, None])[:, None, None, :]
-        ctx = StaticStepContext(mask=mask, observer=self.observer, cache=self.cache, positions=s.positions,
-                                kv_lengths=s.lengths + 1, kernel=self.kernel)
+        ctx = StaticStepContext(
+            mask=mask,
+            observer=self.observer,
+            cache=self.cache,
+            positions=s.positions,
+            kv_lengths=s.lengths + 1,
+            kernel=self.kernel,
+        )
         # A 4-D attention_mask makes transformers use it as it is instead of building one (which may sync).
-        hidden = self.decoder(input_ids=s.tokens[:, None], position_ids=s.positions[:, None], attention_mask=mask,
-                              past_key_values=self.cache, use_cache=True, dynts_ctx=ctx).last_hidden_state
+        hidden = self.decoder(
+            input_ids=s.tokens[:, None],
+            position_ids=s.positions[:, None],
+            attention_mask=mask,
+            past_key_values=self.cache,
+            use_cache=True,
+            dynts_ctx=ctx,
+        ).last_hidden_state
         return hidden, self.lm_head(hidden[:, -1])
 
     def score(self, hidden: torch.Tensor) -> None:
         s = self.state
         self.cache.slot["position"][self.rows, s.lengths] = s.positions
-        self.policy.on_tokens(self.cache, TokenBatch(
-            rows=self.rows, slots=s.lengths[:, None], positions=s.positions[:, None], token_ids=s.tokens[:, None],
-            hidden=hidden, is_prompt=False, in_answer=s.in_answer[:, None]))
+        self.policy.on_tokens(
+            self.cache,
+            TokenBatch(
+                rows=self.rows,
+                slots=s.lengths[:, None],
+                positions=s.positions[:, None],
+                token_ids=s.tokens[:, None],
+                hidden=hidden,
+                is_prompt=False,
+                in_answer=s.in_answer[:, None],
+            ),
+        )
 
     def sample(self, logits: torch.Tensor) -> None:
         s = self.state

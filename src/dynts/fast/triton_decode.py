@@ -35,15 +35,35 @@ def interpreted() -> bool:
 if triton is not None:
 
     @triton.jit
-    def _partial_kernel(Q, K, V, Lens, Out, Lse,
-                        stride_qb, stride_qh,
-                        stride_kb, stride_kh, stride_kn,
-                        stride_vb, stride_vh, stride_vn,
-                        stride_ob, stride_oh, stride_os,
-                        stride_lb, stride_lh,
-                        num_kv_heads, split_len, scale,
-                        GROUP: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
-                        HEAD_DIM: tl.constexpr, IEEE: tl.constexpr):
+    def _partial_kernel(
+        Q,
+        K,
+        V,
+        Lens,
+        Out,
+        Lse,
+        stride_qb,
+        stride_qh,
+        stride_kb,
+        stride_kh,
+        stride_kn,
+        stride_vb,
+        stride_vh,
+        stride_vn,
+        stride_ob,
+        stride_oh,
+        stride_os,
+        stride_lb,
+        stride_lh,
+        num_kv_heads,
+        split_len,
+        scale,
+        GROUP: tl.constexpr,
+        BLOCK_G: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        HEAD_DIM: tl.constexpr,
+        IEEE: tl.constexpr,
+    ):
         pid = tl.program_id(0)
         split = tl.program_id(1)
         b = pid // num_kv_heads
@@ -86,8 +106,11 @@ if triton is not None:
         has_keys = l_i > 0
         out = tl.where(has_keys[:, None], acc / tl.where(has_keys, l_i, 1.0)[:, None], 0.0)
         lse = tl.where(has_keys, m_i + tl.log(tl.where(has_keys, l_i, 1.0)), float("-inf"))
-        tl.store(Out + b * stride_ob + heads[:, None] * stride_oh + split * stride_os + d[None, :], out,
-                 mask=in_group[:, None])
+        tl.store(
+            Out + b * stride_ob + heads[:, None] * stride_oh + split * stride_os + d[None, :],
+            out,
+            mask=in_group[:, None],
+        )
         tl.store(Lse + b * stride_lb + heads * stride_lh + split, lse, mask=in_group)
 
 
@@ -102,8 +125,14 @@ def split_count(batch: int, kv_heads: int, capacity: int, device: torch.device) 
     return max(1, min(wanted, math.ceil(capacity / MIN_SPLIT_TOKENS)))
 
 
-def split_k_decode(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kv_lengths: torch.Tensor,
-                   scale: float, num_splits: int | None = None) -> torch.Tensor:
+def split_k_decode(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    kv_lengths: torch.Tensor,
+    scale: float,
+    num_splits: int | None = None,
+) -> torch.Tensor:
     """query [b, H, d]; key/value [b, kvh, capacity, d] (last dim contiguous); kv_lengths [b] -> out [b, H, d].
 
     Row b attends to its first kv_lengths[b] (>= 1) slots only.
@@ -120,14 +149,32 @@ def split_k_decode(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, 
     partial = torch.empty(b, num_heads, splits, head_dim, dtype=torch.float32, device=query.device)
     lse = torch.empty(b, num_heads, splits, dtype=torch.float32, device=query.device)
     _partial_kernel[(b * kv_heads, splits)](
-        query, key, value, kv_lengths, partial, lse,
-        query.stride(0), query.stride(1),
-        key.stride(0), key.stride(1), key.stride(2),
-        value.stride(0), value.stride(1), value.stride(2),
-        partial.stride(0), partial.stride(1), partial.stride(2),
-        lse.stride(0), lse.stride(1),
-        kv_heads, split_len, scale,
-        GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=BLOCK_N, HEAD_DIM=head_dim,
+        query,
+        key,
+        value,
+        kv_lengths,
+        partial,
+        lse,
+        query.stride(0),
+        query.stride(1),
+        key.stride(0),
+        key.stride(1),
+        key.stride(2),
+        value.stride(0),
+        value.stride(1),
+        value.stride(2),
+        partial.stride(0),
+        partial.stride(1),
+        partial.stride(2),
+        lse.stride(0),
+        lse.stride(1),
+        kv_heads,
+        split_len,
+        scale,
+        GROUP=group,
+        BLOCK_G=max(16, triton.next_power_of_2(group)),
+        BLOCK_N=BLOCK_N,
+        HEAD_DIM=head_dim,
         IEEE=query.dtype == torch.float32,
     )
     weights = torch.softmax(lse, dim=-1)  # splits without keys have lse -inf: weight 0

@@ -1,7 +1,7 @@
 """Benchmark registry: one name -> a list of ``Problem`` from local JSONL or the Hugging Face hub.
 
 Why two sources: tests and offline machines read a directory of JSONL files
-(``--data-dir`` or ``DYNTS_DATA_DIR``, schema as in ``shared/data/SOURCES.md``);
+(``--data-dir`` or ``DYNTS_DATA_DIR``, files and fields as in docs/data.md);
 online users get the same benchmarks from public hub datasets without
 preparing files. The hub copies are not byte-identical to the local files
 (ids in particular may differ), so a run's manifest records which source it
@@ -141,40 +141,61 @@ _MATH_SUBJECTS = (
 
 _SPECS: tuple[DatasetSpec, ...] = (
     DatasetSpec(
-        "aime24", "math", {"test": "aime24.jsonl"}, "test",
+        "aime24",
+        "math",
+        {"test": "aime24.jsonl"},
+        "test",
         {"test": HubSource("HuggingFaceH4/aime_2024", "train")},
         description="AIME 2024 I+II, 30 problems",
     ),
     DatasetSpec(
-        "aime25", "math", {"test": "aime25.jsonl"}, "test",
+        "aime25",
+        "math",
+        {"test": "aime25.jsonl"},
+        "test",
         {"test": HubSource("math-ai/aime25", "test")},
         description="AIME 2025 I+II, 30 problems",
     ),
     DatasetSpec(
-        "amc23", "math", {"test": "amc23.jsonl"}, "test",
+        "amc23",
+        "math",
+        {"test": "amc23.jsonl"},
+        "test",
         {"test": HubSource("math-ai/amc23", "test")},
         description="AMC 12 2023, 40 problems",
     ),
     DatasetSpec(
-        "gpqa_d", "choice", {"test": "gpqa_diamond.jsonl"}, "test",
+        "gpqa_d",
+        "choice",
+        {"test": "gpqa_diamond.jsonl"},
+        "test",
         {"test": HubSource("Idavidrein/gpqa", "train", ("gpqa_diamond",))},
         question_keys=("question", "Question"),
         id_keys=("id", "Record ID"),
         description="GPQA Diamond, 198 four-option questions (hub copy is gated)",
     ),
     DatasetSpec(
-        "math500", "math", {"test": "math500.jsonl"}, "test",
+        "math500",
+        "math",
+        {"test": "math500.jsonl"},
+        "test",
         {"test": HubSource("HuggingFaceH4/MATH-500", "test")},
         id_keys=("id", "unique_id"),
         description="MATH-500, 500 problems",
     ),
     DatasetSpec(
-        "gaokao2023en", "math", {"test": "gaokao2023en.jsonl"}, "test",
+        "gaokao2023en",
+        "math",
+        {"test": "gaokao2023en.jsonl"},
+        "test",
         {"test": HubSource("MARIO-Math-Reasoning/Gaokao2023-Math-En", "train")},
         description="GaoKao 2023 En, 385 problems",
     ),
     DatasetSpec(
-        "gsm8k", "math", {"test": "gsm8k_test.jsonl", "train": "gsm8k_train.jsonl"}, "test",
+        "gsm8k",
+        "math",
+        {"test": "gsm8k_test.jsonl", "train": "gsm8k_train.jsonl"},
+        "test",
         {
             "test": HubSource("openai/gsm8k", "test", ("main",)),
             "train": HubSource("openai/gsm8k", "train", ("main",)),
@@ -183,7 +204,10 @@ _SPECS: tuple[DatasetSpec, ...] = (
         description="GSM8K, 1319 test / 7473 train problems",
     ),
     DatasetSpec(
-        "math_train", "math", {"train": "math_train.jsonl"}, "train",
+        "math_train",
+        "math",
+        {"train": "math_train.jsonl"},
+        "train",
         {"train": HubSource("EleutherAI/hendrycks_math", "train", _MATH_SUBJECTS)},
         gold_fn=_math_train_gold,
         description="MATH training split, 7500 problems (for training the importance head)",
@@ -196,7 +220,7 @@ DATASET_NAMES: tuple[str, ...] = (*REGISTRY, DEMO)
 
 
 def dataset_kind(name: str) -> str:
-    """"math" or "choice" for a registered dataset name."""
+    """ "math" or "choice" for a registered dataset name."""
     if name == DEMO:
         return "math"
     return _spec(name).kind
@@ -224,9 +248,7 @@ def load_dataset(
         spec = _spec(name)
         split = spec.default_split if split is None else split
         if split not in spec.files:
-            raise DynTSError(
-                f"dataset {name!r} has no split {split!r}; available: {', '.join(spec.files)}"
-            )
+            raise DynTSError(f"dataset {name!r} has no split {split!r}; available: {', '.join(spec.files)}")
         directory = _data_dir(data_dir)
         if directory is not None:
             problems = _load_local(spec, split, directory)
@@ -275,8 +297,7 @@ def _load_local(spec: DatasetSpec, split: str, directory: Path) -> list[Problem]
     path = directory / spec.files[split]
     if not path.is_file():
         raise DynTSError(
-            f"dataset {spec.name!r}: file {str(path)!r} not found "
-            f"(expected {spec.files[split]} in the data directory)"
+            f"dataset {spec.name!r}: file {str(path)!r} not found (expected {spec.files[split]} in the data directory)"
         )
     rows = _read_jsonl(path)
     return _to_problems(spec, rows, split, source=str(path))
@@ -284,9 +305,7 @@ def _load_local(spec: DatasetSpec, split: str, directory: Path) -> list[Problem]
 
 def _load_hub(spec: DatasetSpec, split: str) -> list[Problem]:
     hub = spec.hub[split]
-    hint = (
-        f"pass --data-dir DIR (or set {DATA_DIR_ENV}) to a folder holding {spec.files[split]}"
-    )
+    hint = f"pass --data-dir DIR (or set {DATA_DIR_ENV}) to a folder holding {spec.files[split]}"
     try:
         import datasets as hf_datasets  # optional dependency, imported only when needed
     except ImportError:
@@ -314,8 +333,9 @@ def _to_problems(spec: DatasetSpec, rows: list[dict], split: str, source: str) -
     problems = []
     seen: set[str] = set()
     for index, row in enumerate(rows):
-        problem = _gpqa_problem(spec, row, index, split) if spec.kind == "choice" else _math_problem(
-            spec, row, index, split)
+        problem = (
+            _gpqa_problem(spec, row, index, split) if spec.kind == "choice" else _math_problem(spec, row, index, split)
+        )
         if problem.id in seen:
             raise DynTSError(f"{source}: duplicate id {problem.id!r} in dataset {spec.name!r}")
         seen.add(problem.id)

@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import hashlib
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from dynts import __version__
 from dynts.engine.engine import Engine
@@ -62,15 +62,24 @@ def manifest_for(engine: Engine, plan: EvalPlan) -> dict:
     head = getattr(policy, "head", None)
     head_info = None
     if head is not None:
-        head_info = {"hidden": list(head.config.layers), "base_model": head.config.base_model,
-                     "digest": hashlib.sha256(b"".join(p.detach().cpu().numpy().tobytes()
-                                                       for p in head.parameters())).hexdigest()[:16]}
+        head_info = {
+            "hidden": list(head.config.layers),
+            "base_model": head.config.base_model,
+            "digest": hashlib.sha256(
+                b"".join(p.detach().cpu().numpy().tobytes() for p in head.parameters())
+            ).hexdigest()[:16],
+        }
     budget = engine.budget
     return {
         "model": engine.loaded.name,
-        "policy": {"name": policy.name, "registry_name": engine.policy_name, "budget": budget.budget,
-                   "window": budget.window if budget.compresses else None,
-                   "ratio": budget.ratio if budget.compresses else None, "options": as_dict(policy.config)},
+        "policy": {
+            "name": policy.name,
+            "registry_name": engine.policy_name,
+            "budget": budget.budget,
+            "window": budget.window if budget.compresses else None,
+            "ratio": budget.ratio if budget.compresses else None,
+            "options": as_dict(policy.config),
+        },
         "head": head_info,
         "sampling": engine.sampling.to_dict(),
         "seed": engine.sampling.seed,
@@ -138,9 +147,15 @@ def generate_unit(host, spec: EngineSpec, prompts: list[list[int]], seeds: list[
     return [{"text": r.text, "token_ids": r.token_ids, "stats": r.stats.to_dict()} for r in output.results]
 
 
-def run_eval(engine: Engine | EngineSpec, plan: EvalPlan, out_dir: str | Path, progress: bool = True,
-             extra_manifest: dict | None = None, executor=None,
-             on_record: Callable[[dict], None] | None = None) -> dict:
+def run_eval(
+    engine: Engine | EngineSpec,
+    plan: EvalPlan,
+    out_dir: str | Path,
+    progress: bool = True,
+    extra_manifest: dict | None = None,
+    executor=None,
+    on_record: Callable[[dict], None] | None = None,
+) -> dict:
     """Run (or resume) an evaluation into out_dir and return the metrics.
 
     engine: a built Engine (runs here), or an EngineSpec run by executor (e.g. dynts.distributed.RayExecutor).
@@ -157,9 +172,13 @@ def run_eval(engine: Engine | EngineSpec, plan: EvalPlan, out_dir: str | Path, p
     return run_evals([job], executor, progress=progress, on_record=on_record)[0]
 
 
-def run_evals(jobs: list[EvalJob], executor, progress: bool = True,
-              on_record: Callable[[dict], None] | None = None,
-              on_done: Callable[[int, dict], None] | None = None) -> list[dict]:
+def run_evals(
+    jobs: list[EvalJob],
+    executor,
+    progress: bool = True,
+    on_record: Callable[[dict], None] | None = None,
+    on_done: Callable[[int, dict], None] | None = None,
+) -> list[dict]:
     """Run (or resume) several evaluations through one executor; returns each job's metrics.
 
     Plan -> pending work units (the samples not yet stored, in batches of batch_size) -> the executor yields
@@ -188,13 +207,22 @@ def run_evals(jobs: list[EvalJob], executor, progress: bool = True,
             total, finished = total + len(wanted), finished + len(stored)
             correct += sum(bool(r["correct"]) for r in stored)
             seed = job.engine.sampling.seed
-            todo = [WorkItem(p, s, tuple(prompt_ids[j][p.dataset, p.id]), sample_seed(seed, p, s))
-                    for p in problems[j] for s in range(job.plan.samples) if (p.dataset, p.id, s) not in done]
+            todo = [
+                WorkItem(p, s, tuple(prompt_ids[j][p.dataset, p.id]), sample_seed(seed, p, s))
+                for p in problems[j]
+                for s in range(job.plan.samples)
+                if (p.dataset, p.id, s) not in done
+            ]
             size = job.engine.batch_size
             for start in range(0, len(todo), size):
-                items = todo[start:start + size]
-                tasks.append(Task(generate_unit, (job.engine, [list(i.prompt_ids) for i in items],
-                                                  [i.seed for i in items]), tag=(j, items)))
+                items = todo[start : start + size]
+                tasks.append(
+                    Task(
+                        generate_unit,
+                        (job.engine, [list(i.prompt_ids) for i in items], [i.seed for i in items]),
+                        tag=(j, items),
+                    )
+                )
                 remaining[j] += 1
 
         def finish(j: int) -> None:
@@ -206,14 +234,16 @@ def run_evals(jobs: list[EvalJob], executor, progress: bool = True,
         for j in range(len(jobs)):
             if not remaining[j]:
                 finish(j)
-        bar = tqdm(total=total, initial=finished, unit="sample", desc="eval", disable=not progress or None,
-                   dynamic_ncols=True)
+        bar = tqdm(
+            total=total, initial=finished, unit="sample", desc="eval", disable=not progress or None, dynamic_ncols=True
+        )
         live = {"tokens": 0, "time": 0.0}
         for task, results in executor.run(tasks):
             j, items = task.tag
             for item, result in zip(items, results):
-                record = build_record(item.problem, item.sample, result["text"], result["stats"],
-                                      shuffle_seed=jobs[j].plan.shuffle_seed)
+                record = build_record(
+                    item.problem, item.sample, result["text"], result["stats"], shuffle_seed=jobs[j].plan.shuffle_seed
+                )
                 record["token_ids"] = result["token_ids"]
                 record["prompt_ids"] = list(item.prompt_ids)
                 if not stores[j].append(record):

@@ -64,9 +64,7 @@ def grade(response: str, gold: str, kind: str, timeout: float = DEFAULT_TIMEOUT_
     return grade_answer(extract_answer(response, kind), gold, kind, timeout=timeout)
 
 
-def grade_answer(
-    extracted: str | None, gold: str, kind: str, timeout: float = DEFAULT_TIMEOUT_S
-) -> bool:
+def grade_answer(extracted: str | None, gold: str, kind: str, timeout: float = DEFAULT_TIMEOUT_S) -> bool:
     """Grade an already extracted answer, so callers can store both without re-extracting."""
     _check_kind(kind)
     if extracted is None:
@@ -92,7 +90,7 @@ def final_segment(response: str) -> str | None:
     cut = response.rfind(THINK_END)
     if cut < 0:
         return response
-    tail = response[cut + len(THINK_END):]
+    tail = response[cut + len(THINK_END) :]
     return tail if tail.strip() else None
 
 
@@ -111,9 +109,7 @@ def last_boxed(text: str) -> str | None:
 # --------------------------------------------------------------------------- #
 
 _BOX_START = re.compile(r"\\(?:boxed|fbox)(?![A-Za-z])")
-_ANSWER_IS = re.compile(
-    r"(?i:final\s+answer|answer)\s*(?:is|:|=)\s*:?\s*(?P<tail>[^\n]+)"
-)
+_ANSWER_IS = re.compile(r"(?i:final\s+answer|answer)\s*(?:is|:|=)\s*:?\s*(?P<tail>[^\n]+)")
 _NUMBER = re.compile(r"-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:/\d+)?")
 _MAX_TEXT_ANSWER = 30
 _INLINE_MATH = re.compile(r"\$+([^$]+)\$+|\\\((.+?)\\\)")
@@ -141,7 +137,7 @@ def _box_content(text: str, pos: int) -> str | None:
         elif ch == "}":
             depth -= 1
             if depth == 0:
-                return text[pos + 1:i]
+                return text[pos + 1 : i]
         i += 1
     return None
 
@@ -225,7 +221,7 @@ def _all_boxes(text: str) -> list[str]:
 
 
 def _bare_letter(text: str) -> str | None:
-    """"B", "(B)", "\\text{B}", "B) 12 eV", "**B**" -> "B"; anything else -> None."""
+    """ "B", "(B)", "\\text{B}", "B) 12 eV", "**B**" -> "B"; anything else -> None."""
     stripped = re.sub(r"\\(?:text|textbf|mathrm|mathbf|mbox)\s*", "", text)
     stripped = stripped.replace("{", "").replace("}", "").replace("$", "")
     stripped = stripped.strip().strip("*").strip()
@@ -267,8 +263,11 @@ def _as_fraction(s: str) -> Fraction | None:
         return Fraction(s)
     match = _FRAC.match(s)
     if match:
-        sign, num, den = (match.group(1), match.group(2), match.group(3)) if match.group(2) else (
-            match.group(4), match.group(5), match.group(6))
+        sign, num, den = (
+            (match.group(1), match.group(2), match.group(3))
+            if match.group(2)
+            else (match.group(4), match.group(5), match.group(6))
+        )
         if int(den) == 0:
             return None
         value = Fraction(int(num), int(den))
@@ -387,9 +386,7 @@ class _Verifier:
             worker = self._ready_worker()
             request_id = next(self._ids)
             try:
-                worker.proc.stdin.write(
-                    json.dumps({"id": request_id, "gold": gold, "pred": predicted}) + "\n"
-                )
+                worker.proc.stdin.write(json.dumps({"id": request_id, "gold": gold, "pred": predicted}) + "\n")
                 worker.proc.stdin.flush()
             except OSError:
                 self._replace()
@@ -438,7 +435,6 @@ class _Verifier:
             if self._worker is not None:
                 self._worker.kill()
                 self._worker = None
-
 
     def forget_after_fork(self) -> None:
         """In a forked child the parent's worker and lock are not ours: start afresh."""

@@ -13,8 +13,8 @@ import random
 import string
 from typing import Any
 
-from dynts.harness.datasets import Problem
 from dynts.errors import DynTSError
+from dynts.harness.datasets import Problem
 
 DEFAULT_SHUFFLE_SEED = 42
 

@@ -33,9 +33,26 @@ _COLUMNS = (
 )
 
 _MANIFEST_ORDER = (
-    "model", "policy", "budget", "window", "ratio", "head", "sampling", "seed", "samples",
-    "max_new_tokens", "datasets", "limit", "data_source", "data_dir", "device", "dtype",
-    "package_version", "created_at", "updated_at", "resumes",
+    "model",
+    "policy",
+    "budget",
+    "window",
+    "ratio",
+    "head",
+    "sampling",
+    "seed",
+    "samples",
+    "max_new_tokens",
+    "datasets",
+    "limit",
+    "data_source",
+    "data_dir",
+    "device",
+    "dtype",
+    "package_version",
+    "created_at",
+    "updated_at",
+    "resumes",
 )
 
 
@@ -78,13 +95,17 @@ def format_table(metrics: dict, markdown: bool = False) -> str:
         rows.append(_row("mean", metrics["mean"]))
     headers = [_header(h, metrics) for h, _, _ in _COLUMNS]
     if markdown:
-        lines = ["| " + " | ".join(headers) + " |",
-                 "|" + "|".join("---" if i == 0 else "---:" for i in range(len(headers))) + "|"]
+        lines = [
+            "| " + " | ".join(headers) + " |",
+            "|" + "|".join("---" if i == 0 else "---:" for i in range(len(headers))) + "|",
+        ]
         lines += ["| " + " | ".join(r) + " |" for r in rows]
         return "\n".join(lines)
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
+
     def fmt_line(cells: list[str]) -> str:
         return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+
     return "\n".join([fmt_line(headers), fmt_line(["-" * w for w in widths])] + [fmt_line(r) for r in rows])
 
 
@@ -101,7 +122,7 @@ def _kind_of(dataset: str, dataset_kind) -> str:
 
 
 def _header(header: str, metrics: dict) -> str:
-    """"pass@k" becomes "pass@5" when every dataset has the same k."""
+    """ "pass@k" becomes "pass@5" when every dataset has the same k."""
     if header.endswith("@k"):
         ks = {row.get("k") for row in metrics.get("datasets", {}).values()}
         if len(ks) == 1 and None not in ks:
@@ -132,27 +153,28 @@ def _flatten(value: Any, prefix: str = "") -> list[tuple[str, str]]:
 
 
 def _markdown(out: Path, manifest: dict, metrics: dict) -> str:
-    keys = [k for k in _MANIFEST_ORDER if k in manifest] + sorted(
-        k for k in manifest if k not in _MANIFEST_ORDER)
+    keys = [k for k in _MANIFEST_ORDER if k in manifest] + sorted(k for k in manifest if k not in _MANIFEST_ORDER)
     config = [f"- **{name}**: {text}" for key in keys for name, text in _flatten(manifest[key], key)]
-    return "\n".join([
-        "# DynTS run report",
-        "",
-        f"Run directory: `{out}`",
-        "",
-        "## Results",
-        "",
-        format_table(metrics, markdown=True),
-        "",
-        "pass@1 = mean accuracy over samples (avg@k); pass@k uses the unbiased estimator; "
-        "maj@k is a majority vote over extracted answers. Accuracies are percentages. "
-        "TPS = generated tokens / decode wall time including scoring and eviction; "
-        "TPS fwd counts forward-pass time only (the paper's figure). "
-        "Peak KV is the largest cache length in tokens; mean len is generated tokens per sample. "
-        "'(partial)' marks datasets whose problems do not all have the same number of samples.",
-        "",
-        "## Configuration",
-        "",
-        *config,
-        "",
-    ])
+    return "\n".join(
+        [
+            "# DynTS run report",
+            "",
+            f"Run directory: `{out}`",
+            "",
+            "## Results",
+            "",
+            format_table(metrics, markdown=True),
+            "",
+            "pass@1 = mean accuracy over samples (avg@k); pass@k uses the unbiased estimator; "
+            "maj@k is a majority vote over extracted answers. Accuracies are percentages. "
+            "TPS = generated tokens / decode wall time including scoring and eviction; "
+            "TPS fwd counts forward-pass time only (the paper's figure). "
+            "Peak KV is the largest cache length in tokens; mean len is generated tokens per sample. "
+            "'(partial)' marks datasets whose problems do not all have the same number of samples.",
+            "",
+            "## Configuration",
+            "",
+            *config,
+            "",
+        ]
+    )

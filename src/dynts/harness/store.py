@@ -38,13 +38,35 @@ SAMPLES_FILE = "samples.jsonl"
 LOCK_FILE = ".lock"
 
 REQUIRED_FIELDS = (
-    "dataset", "id", "sample", "response", "extracted", "correct", "gold", "kind",
-    "prompt_tokens", "generated_tokens", "stats",
+    "dataset",
+    "id",
+    "sample",
+    "response",
+    "extracted",
+    "correct",
+    "gold",
+    "kind",
+    "prompt_tokens",
+    "generated_tokens",
+    "stats",
 )
-RESUMABLE_FIELDS = frozenset({
-    "limit", "batch_size", "datasets", "samples", "data_dir", "package_version",
-    "created_at", "updated_at", "argv", "host", "device", "notes", "resumes",
-})
+RESUMABLE_FIELDS = frozenset(
+    {
+        "limit",
+        "batch_size",
+        "datasets",
+        "samples",
+        "data_dir",
+        "package_version",
+        "created_at",
+        "updated_at",
+        "argv",
+        "host",
+        "device",
+        "notes",
+        "resumes",
+    }
+)
 
 Key = tuple[str, str, int]
 

@@ -63,7 +63,9 @@ def attention_probs(query, key, mask, scaling, causal: bool) -> torch.Tensor:
 def dynts_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     ctx: StepContext | None = kwargs.pop("dynts_ctx", None)
     if ctx is None:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
+        )
     scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
     prefill = ctx.prefill_row is not None
     observer = ctx.observer
@@ -83,8 +85,7 @@ def dynts_attention(module, query, key, value, attention_mask, scaling=None, dro
     elif prefill:  # a chunk after cached tokens: query i sees every cached key and the chunk up to itself
         kv = key.shape[2]
         allowed = torch.arange(kv, device=key.device)[None, :] <= torch.arange(kv - q, kv, device=key.device)[:, None]
-        out = F.scaled_dot_product_attention(query, key, value, attn_mask=allowed, scale=scaling,
-                                             enable_gqa=kvh != h)
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=allowed, scale=scaling, enable_gqa=kvh != h)
     else:
         # Decode: fold the query heads of a group into the query axis, so K/V are read once per KV head.
         mask = ctx.mask

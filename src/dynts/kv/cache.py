@@ -20,7 +20,7 @@ class BudgetedLayer(CacheLayerMixin):
     is_compileable = False
     is_sliding = False
 
-    def __init__(self, owner: "BudgetedCache", layer_idx: int):
+    def __init__(self, owner: BudgetedCache, layer_idx: int):
         super().__init__()
         self.owner = weakref.proxy(owner)  # no reference cycle: a dropped cache frees its memory at once, not at gc
         self.layer_idx = layer_idx

@@ -37,7 +37,7 @@ class HeadConfig:
 
 
 class ImportanceHead(nn.Module):
-    """Linear -> Softplus stacks without biases, ending in one Softplus-activated score (DESIGN §2)."""
+    """Linear -> Softplus stacks without biases, ending in one Softplus-activated score (docs/algorithm.md)."""
 
     def __init__(self, config: HeadConfig):
         super().__init__()
@@ -63,7 +63,7 @@ class ImportanceHead(nn.Module):
         return directory
 
     @classmethod
-    def load(cls, path: str | Path, expected_hidden_size: int | None = None, map_location="cpu") -> "ImportanceHead":
+    def load(cls, path: str | Path, expected_hidden_size: int | None = None, map_location="cpu") -> ImportanceHead:
         from safetensors import SafetensorError
         from safetensors.torch import load_file
 
@@ -88,8 +88,10 @@ class ImportanceHead(nn.Module):
             state = load_file(str(weights_path), device=str(map_location))
             head.load_state_dict(state)
         except (SafetensorError, RuntimeError, OSError) as exc:
-            raise DynTSError(f"importance head weights {weights_path} are corrupt or do not match {config_path}: "
-                             f"{str(exc).splitlines()[0]}") from None
+            raise DynTSError(
+                f"importance head weights {weights_path} are corrupt or do not match {config_path}: "
+                f"{str(exc).splitlines()[0]}"
+            ) from None
         return head.eval()
 
 

@@ -56,8 +56,14 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
         return dtype
     if dtype in (None, "auto"):
         return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
-    names = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-             "fp16": torch.float16, "float16": torch.float16}
+    names = {
+        "fp32": torch.float32,
+        "float32": torch.float32,
+        "bf16": torch.bfloat16,
+        "bfloat16": torch.bfloat16,
+        "fp16": torch.float16,
+        "float16": torch.float16,
+    }
     if dtype not in names:
         raise DynTSError(f"unknown --dtype {dtype!r}; choose one of fp32, bf16, fp16")
     return names[dtype]
@@ -153,7 +159,9 @@ def _require_hub(name: str) -> None:
         ) from None
 
 
-def load_model(name: str = EMBEDDED_MODEL, device: str | None = None, dtype: str | torch.dtype | None = None) -> LoadedModel:
+def load_model(
+    name: str = EMBEDDED_MODEL, device: str | None = None, dtype: str | torch.dtype | None = None
+) -> LoadedModel:
     """Load a causal LM and its tokenizer, in eval mode (the engine sets its attention function when it is built)."""
     device = device or default_device()
     if str(device).startswith("cuda") and not torch.cuda.is_available():
@@ -192,5 +200,6 @@ def prepare_model(model, tokenizer, name: str, device: str | torch.device = "cpu
             think_end = (vocab[THINK_END],)
         elif ids and len(ids) <= 4:
             think_end = tuple(ids)
-    return LoadedModel(name=name, model=model, tokenizer=tokenizer, eos_token_ids=tuple(dict.fromkeys(eos)),
-                       think_end_ids=think_end)
+    return LoadedModel(
+        name=name, model=model, tokenizer=tokenizer, eos_token_ids=tuple(dict.fromkeys(eos)), think_end_ids=think_end
+    )

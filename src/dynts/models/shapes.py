@@ -46,25 +46,67 @@ class ModelShape:
         rope = {"rope_type": "default", "rope_theta": self.rope_theta}
         if self.rope_scaling:
             rope = {**self.rope_scaling, "rope_theta": self.rope_theta}
-        common = dict(vocab_size=self.vocab_size, hidden_size=self.hidden_size, num_hidden_layers=self.num_layers,
-                      num_attention_heads=self.num_heads, num_key_value_heads=self.num_kv_heads,
-                      intermediate_size=self.intermediate_size, tie_word_embeddings=self.tie_word_embeddings,
-                      rms_norm_eps=self.rms_norm_eps, max_position_embeddings=self.max_position_embeddings,
-                      rope_parameters=rope, bos_token_id=None, eos_token_id=None, pad_token_id=None)
+        common = dict(
+            vocab_size=self.vocab_size,
+            hidden_size=self.hidden_size,
+            num_hidden_layers=self.num_layers,
+            num_attention_heads=self.num_heads,
+            num_key_value_heads=self.num_kv_heads,
+            intermediate_size=self.intermediate_size,
+            tie_word_embeddings=self.tie_word_embeddings,
+            rms_norm_eps=self.rms_norm_eps,
+            max_position_embeddings=self.max_position_embeddings,
+            rope_parameters=rope,
+            bos_token_id=None,
+            eos_token_id=None,
+            pad_token_id=None,
+        )
         if self.model_type == "qwen2":
             return Qwen2Config(**common, use_sliding_window=False)
         return LlamaConfig(**common)
 
 
 SHAPES: dict[str, ModelShape] = {
-    "r1-qwen-7b": ModelShape("r1-qwen-7b", "qwen2", 3584, 28, 28, 4, 18944, 152064, False, 10000.0, 1e-6, 131072,
-                             "deepseek-ai/DeepSeek-R1-Distill-Qwen-7B"),
-    "r1-llama-8b": ModelShape("r1-llama-8b", "llama", 4096, 32, 32, 8, 14336, 128256, False, 500000.0, 1e-5, 131072,
-                              "deepseek-ai/DeepSeek-R1-Distill-Llama-8B",
-                              rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                                            "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}),
-    "smollm2-135m": ModelShape("smollm2-135m", "llama", 576, 30, 9, 3, 1536, 49152, True, 100000.0, 1e-5, 8192,
-                               "smollm2-135m"),
+    "r1-qwen-7b": ModelShape(
+        "r1-qwen-7b",
+        "qwen2",
+        3584,
+        28,
+        28,
+        4,
+        18944,
+        152064,
+        False,
+        10000.0,
+        1e-6,
+        131072,
+        "deepseek-ai/DeepSeek-R1-Distill-Qwen-7B",
+    ),
+    "r1-llama-8b": ModelShape(
+        "r1-llama-8b",
+        "llama",
+        4096,
+        32,
+        32,
+        8,
+        14336,
+        128256,
+        False,
+        500000.0,
+        1e-5,
+        131072,
+        "deepseek-ai/DeepSeek-R1-Distill-Llama-8B",
+        rope_scaling={
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        },
+    ),
+    "smollm2-135m": ModelShape(
+        "smollm2-135m", "llama", 576, 30, 9, 3, 1536, 49152, True, 100000.0, 1e-5, 8192, "smollm2-135m"
+    ),
 }
 
 
@@ -76,8 +118,10 @@ def shape_config(name: str):
 
     local = Path(name).expanduser()
     if not local.is_dir() and name.count("/") != 1:
-        raise DynTSError(f"unknown shape {name!r}: choose one of {', '.join(SHAPES)}, a model directory, "
-                         "or a Hugging Face id (owner/name)")
+        raise DynTSError(
+            f"unknown shape {name!r}: choose one of {', '.join(SHAPES)}, a model directory, "
+            "or a Hugging Face id (owner/name)"
+        )
     try:
         config = AutoConfig.from_pretrained(str(local) if local.is_dir() else name)
     except (OSError, ValueError) as exc:

@@ -57,7 +57,7 @@ class Policy:
         self._overflow: torch.Tensor | None = None
 
     @classmethod
-    def create(cls, budget: BudgetConfig, config, **context) -> "Policy":
+    def create(cls, budget: BudgetConfig, config, **context) -> Policy:
         """Registry entry point; context (head, head_path, seed) reaches the policies that use it."""
         return cls(budget, config)
 

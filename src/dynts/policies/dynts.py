@@ -20,10 +20,10 @@ SELECTIONS = ("top", "random", "bottom")
 
 @dataclass(frozen=True)
 class DynTSConfig:
-    selection: str = option_help("which older thinking tokens survive: top (by the head), random or bottom "
-                                 "(ablations)", default="top")
-    protect_prompt: bool = option_help("the prompt is never evicted (false: the no-question ablation)",
-                                       default=True)
+    selection: str = option_help(
+        "which older thinking tokens survive: top (by the head), random or bottom (ablations)", default="top"
+    )
+    protect_prompt: bool = option_help("the prompt is never evicted (false: the no-question ablation)", default=True)
 
     def __post_init__(self):
         if self.selection not in SELECTIONS:
@@ -53,8 +53,10 @@ class DynTSPolicy(Policy):
         if self.head is None:
             self.head = resolve_head(self.head_path, loaded)
         if self.head.config.hidden_size != loaded.hidden_size:
-            raise DynTSError(f"importance head expects hidden size {self.head.config.hidden_size}, "
-                             f"model {loaded.name} has {loaded.hidden_size}")
+            raise DynTSError(
+                f"importance head expects hidden size {self.head.config.hidden_size}, "
+                f"model {loaded.name} has {loaded.hidden_size}"
+            )
         self.head = self.head.to(loaded.device)
 
     def setup(self, cache):

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import dataclasses
 import typing
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from dynts.errors import DynTSError
 
@@ -27,8 +28,10 @@ def option_help(help_text: str, **kwargs) -> Any:
 def describe(config_cls) -> list[tuple[str, str, Any, str]]:
     """(name, type, default, help) of every option."""
     hints = typing.get_type_hints(config_cls)
-    return [(f.name, _type_name(hints[f.name]), f.default, f.metadata.get("help", ""))
-            for f in dataclasses.fields(config_cls)]
+    return [
+        (f.name, _type_name(hints[f.name]), f.default, f.metadata.get("help", ""))
+        for f in dataclasses.fields(config_cls)
+    ]
 
 
 def summary(config_cls) -> str:

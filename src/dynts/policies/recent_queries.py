@@ -42,7 +42,7 @@ class RecentQueries:
         length = cache.lengths[row]
         n = min(self.observation, length)
         ring = layer.rows["recent_q"][row]  # [H, N, d]
-        newest = (cache.next_position[row] - 1)  # original position of the newest cached token
+        newest = cache.next_position[row] - 1  # original position of the newest cached token
         order = torch.arange(newest - n + 1, newest + 1, device=ring.device) % self.observation
         queries = ring[:, order].unsqueeze(0).to(layer.keys.dtype)  # [1, H, n, d], oldest first
         keys = layer.keys[row : row + 1, :, :length]

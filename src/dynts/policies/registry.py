@@ -6,7 +6,8 @@ below; `dynts policies` then lists it with its options.
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from dynts.config import BudgetConfig
 from dynts.errors import DynTSError
@@ -77,8 +78,10 @@ def check_common_options(common: Mapping[str, Any], names: list[str]) -> None:
     """Options given for a list of policies must belong to at least one of them."""
     unused = [k for k in common if not any(k in option_names(name) for name in names)]
     if unused:
-        raise DynTSError(f"--policy-opt {', '.join(unused)}: no policy of {', '.join(dict.fromkeys(names))} has "
-                         "such an option (see dynts policies)")
+        raise DynTSError(
+            f"--policy-opt {', '.join(unused)}: no policy of {', '.join(dict.fromkeys(names))} has "
+            "such an option (see dynts policies)"
+        )
 
 
 def option_names(name: str) -> set[str]:

@@ -23,8 +23,9 @@ from dynts.policies.recent_queries import RecentQueries
 class RKVConfig:
     observation: int = option_help("the last queries whose attention gives the importance", default=8)
     kernel: int = option_help("width of the 1-D max pooling over the importance (odd)", default=7)
-    lam: float = option_help("weight of importance against redundancy: lam * importance - (1 - lam) * redundancy",
-                             default=0.1)
+    lam: float = option_help(
+        "weight of importance against redundancy: lam * importance - (1 - lam) * redundancy", default=0.1
+    )
     threshold: float = option_help("cosine similarity above which two keys count as near-duplicates", default=0.5)
 
     def __post_init__(self):

@@ -25,8 +25,10 @@ class StreamingPolicy(Policy):
     def __init__(self, budget, config=None):
         super().__init__(budget, config)
         if budget.compresses and self.config.sinks > budget.selected_count(budget.budget):
-            raise DynTSError(f"streaming: {self.config.sinks} sink tokens do not fit in the "
-                             f"{budget.selected_count(budget.budget)} older tokens a compression keeps")
+            raise DynTSError(
+                f"streaming: {self.config.sinks} sink tokens do not fit in the "
+                f"{budget.selected_count(budget.budget)} older tokens a compression keeps"
+            )
 
     def score_older(self, cache, row, older):
         # Sinks never move: they are kept at every compaction and slots keep original order.

@@ -1,4 +1,4 @@
-"""`dynts train`: fit the importance head on the label shards written by `dynts label` (DESIGN §3).
+"""`dynts train`: fit the importance head on the label shards written by `dynts label` (docs/algorithm.md).
 
 Data. `dynts label DIR` writes DIR/labels/index.json and safetensors shards holding, per token of every kept
 trace, the raw label (mean attention the answer queries pay to it) and the frozen model's last hidden state
@@ -33,9 +33,9 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
 
 import torch
 
@@ -99,7 +99,7 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int) -> float:
 
 @dataclass
 class TrainConfig:
-    """Training settings; defaults are the paper's (DESIGN §3) except batch_tokens, which the paper leaves open.
+    """Training settings; defaults are the paper's (docs/algorithm.md) except batch_tokens, which the paper leaves open.
 
     hidden: widths of the head's hidden layers (a small model wants a much smaller head than (8192, 2048)).
     warmup: fraction of the optimizer steps spent in linear warm-up.
@@ -127,8 +127,10 @@ class TrainConfig:
             self.hidden = tuple(int(x) for x in self.hidden)
             self.betas = tuple(float(b) for b in self.betas)
         except (TypeError, ValueError):
-            raise DynTSError(f"hidden must be a list of layer widths and betas a pair of numbers, "
-                             f"got hidden={self.hidden!r} betas={self.betas!r}") from None
+            raise DynTSError(
+                f"hidden must be a list of layer widths and betas a pair of numbers, "
+                f"got hidden={self.hidden!r} betas={self.betas!r}"
+            ) from None
         if not self.hidden or any(x <= 0 for x in self.hidden):
             raise DynTSError(f"head hidden layer widths must be positive integers, got {self.hidden}")
         if not _is_int(self.epochs) or self.epochs < 1:
@@ -226,12 +228,15 @@ def _labels_dir(directory: Path) -> Path:
     if (directory / INDEX_FILE).is_file() and directory.name == LABELS_DIR:
         return directory  # the labels directory itself
     trace_dir = directory.parent if directory.name == LABELS_DIR else directory
-    raise DynTSError(f"no label set in {directory}: {trace_dir / LABELS_DIR / INDEX_FILE} is missing; "
-                     f"run `dynts label {trace_dir}` first")
+    raise DynTSError(
+        f"no label set in {directory}: {trace_dir / LABELS_DIR / INDEX_FILE} is missing; "
+        f"run `dynts label {trace_dir}` first"
+    )
 
 
-def load_label_set(directory: str | Path, expected_model: str | None = None,
-                   expected_hidden_size: int | None = None) -> LabelSet:
+def load_label_set(
+    directory: str | Path, expected_model: str | None = None, expected_hidden_size: int | None = None
+) -> LabelSet:
     """Read DIR/labels/index.json and every shard it lists, keeping the supervised (thinking) tokens."""
     from safetensors import SafetensorError, safe_open
 
@@ -245,16 +250,27 @@ def load_label_set(directory: str | Path, expected_model: str | None = None,
     if not isinstance(index, dict):
         raise DynTSError(f"label index {index_path} is malformed (not a JSON object); run `dynts label` again")
     model, hidden_size, shards = index.get("model"), index.get("hidden_size"), index.get("shards")
-    if not isinstance(model, str) or not _is_int(hidden_size) or hidden_size <= 0 or not isinstance(shards, list) \
-            or not all(isinstance(s, str) for s in shards):
-        raise DynTSError(f"label index {index_path} is malformed: it needs 'model' (string), 'hidden_size' "
-                         "(positive integer) and 'shards' (list of file names); run `dynts label` again")
+    if (
+        not isinstance(model, str)
+        or not _is_int(hidden_size)
+        or hidden_size <= 0
+        or not isinstance(shards, list)
+        or not all(isinstance(s, str) for s in shards)
+    ):
+        raise DynTSError(
+            f"label index {index_path} is malformed: it needs 'model' (string), 'hidden_size' "
+            "(positive integer) and 'shards' (list of file names); run `dynts label` again"
+        )
     if expected_model is not None and model != expected_model:
-        raise DynTSError(f"labels in {labels_dir} were made with model {model!r}, not {expected_model!r}: "
-                         "a head only fits the model whose hidden states it was trained on")
+        raise DynTSError(
+            f"labels in {labels_dir} were made with model {model!r}, not {expected_model!r}: "
+            "a head only fits the model whose hidden states it was trained on"
+        )
     if expected_hidden_size is not None and hidden_size != expected_hidden_size:
-        raise DynTSError(f"labels in {labels_dir} hold hidden states of size {hidden_size} (model {model!r}), "
-                         f"but the expected hidden size is {expected_hidden_size}")
+        raise DynTSError(
+            f"labels in {labels_dir} hold hidden states of size {hidden_size} (model {model!r}), "
+            f"but the expected hidden size is {expected_hidden_size}"
+        )
 
     keys: list[tuple] = []
     spans_parts, length_parts, count_parts = [], [], []
@@ -285,8 +301,10 @@ def load_label_set(directory: str | Path, expected_model: str | None = None,
         rows_t = torch.cat(rows) if rows else torch.zeros(0, dtype=torch.int64)
         labels = tensors["labels"][rows_t].float()
         if labels.numel() and (not torch.isfinite(labels).all() or (labels < 0).any()):
-            raise DynTSError(f"label shard {path} is corrupt: labels of thinking tokens must be finite and "
-                             "non-negative (they are attention probabilities); run `dynts label` again")
+            raise DynTSError(
+                f"label shard {path} is corrupt: labels of thinking tokens must be finite and "
+                "non-negative (they are attention probabilities); run `dynts label` again"
+            )
         features = tensors["features"][rows_t].to(torch.float16)
         if features.numel() and not torch.isfinite(features).all():
             raise DynTSError(f"label shard {path} holds non-finite hidden states; run `dynts label` again")
@@ -298,8 +316,10 @@ def load_label_set(directory: str | Path, expected_model: str | None = None,
 
     counts = torch.cat(count_parts) if count_parts else torch.zeros(0, dtype=torch.int64)
     if int(counts.sum()) == 0:
-        raise DynTSError(f"empty label set in {labels_dir}: no trace has supervised (thinking) tokens; "
-                         "collect more traces (or traces with thinking before the answer) and label again")
+        raise DynTSError(
+            f"empty label set in {labels_dir}: no trace has supervised (thinking) tokens; "
+            "collect more traces (or traces with thinking before the answer) and label again"
+        )
     offsets = torch.zeros(len(counts) + 1, dtype=torch.int64)
     offsets[1:] = torch.cumsum(counts, 0)
     return LabelSet(
@@ -337,14 +357,18 @@ def _check_shard(path: Path, t: dict, metadata: dict, hidden_size: int, model: s
     if features.dim() != 2 or features.shape[0] != total:
         raise bad(f"features has shape {tuple(features.shape)}, expected ({total}, {hidden_size})")
     if features.shape[1] != hidden_size:
-        raise DynTSError(f"label shard {path} holds hidden states of size {features.shape[1]}, but its index says "
-                         f"{hidden_size}; run `dynts label` again")
+        raise DynTSError(
+            f"label shard {path} holds hidden states of size {features.shape[1]}, but its index says "
+            f"{hidden_size}; run `dynts label` again"
+        )
     lengths = offsets[1:] - offsets[:-1]
     if n and bool(((spans[:, 1] < 0) | (spans[:, 1] > spans[:, 2]) | (spans[:, 2] > lengths)).any()):
         raise bad("a thinking span [think_start, think_end) lies outside its trace")
     if metadata.get("model") not in (None, model):
-        raise DynTSError(f"label shard {path} was made with model {metadata['model']!r}, but its index says "
-                         f"{model!r}; run `dynts label` again")
+        raise DynTSError(
+            f"label shard {path} was made with model {metadata['model']!r}, but its index says "
+            f"{model!r}; run `dynts label` again"
+        )
     if "keys" in metadata:
         try:
             raw = json.loads(metadata["keys"])
@@ -373,8 +397,10 @@ def split_traces(label_set: LabelSet, heldout: float, seed: int) -> tuple[list[i
             groups.setdefault(tuple(key[:2]) if len(key) >= 2 else (key,), []).append(i)
     names = list(groups)
     if len(names) < 2:
-        raise DynTSError(f"the label set in {label_set.directory} has supervised tokens from {len(names)} problem(s); "
-                         "training needs at least 2 (one is held out to measure the head): collect more traces")
+        raise DynTSError(
+            f"the label set in {label_set.directory} has supervised tokens from {len(names)} problem(s); "
+            "training needs at least 2 (one is held out to measure the head): collect more traces"
+        )
     order = torch.randperm(len(names), generator=torch.Generator().manual_seed(seed)).tolist()
     n_held = min(len(names) - 1, max(1, round(heldout * len(names))))
     held = sorted(i for g in order[:n_held] for i in groups[names[g]])
@@ -409,8 +435,11 @@ def ranking_metrics(pred, true, retention: float) -> dict:
         value = fn(pred, true)[0]
         return None if not np.isfinite(value) else float(value)
 
-    return {"spearman": corr(stats.spearmanr), "kendall": corr(lambda a, b: stats.kendalltau(a, b, variant="b")),
-            "topk_recall": float(recall)}
+    return {
+        "spearman": corr(stats.spearmanr),
+        "kendall": corr(lambda a, b: stats.kendalltau(a, b, variant="b")),
+        "topk_recall": float(recall),
+    }
 
 
 def _average(per_trace: list[dict]) -> dict:
@@ -427,14 +456,17 @@ def predict(head: ImportanceHead, features: torch.Tensor, chunk: int = 8192) -> 
     device = next(head.parameters()).device
     was_training = head.training
     head.eval()
-    out = [head(features[i : i + chunk].to(device, torch.float32)).float().cpu()
-           for i in range(0, features.shape[0], chunk)]
+    out = [
+        head(features[i : i + chunk].to(device, torch.float32)).float().cpu()
+        for i in range(0, features.shape[0], chunk)
+    ]
     head.train(was_training)
     return torch.cat(out) if out else torch.zeros(0)
 
 
-def evaluate_head(head: ImportanceHead, label_set: LabelSet, traces: Sequence[int], retention: float,
-                  transform: str | None = None) -> dict:
+def evaluate_head(
+    head: ImportanceHead, label_set: LabelSet, traces: Sequence[int], retention: float, transform: str | None = None
+) -> dict:
     """Held-out figures of a head on `traces` (see the module docstring).
 
     Returns spearman, kendall, topk_recall (per trace, averaged over traces), loss (weighted MSE on transformed
@@ -472,8 +504,13 @@ def evaluate_recency(label_set: LabelSet, traces: Sequence[int], retention: floa
 # ----------------------------------------------------------------------------------------------- training
 
 
-def train_head(label_dir: str | Path, out_dir: str | Path, config: TrainConfig | None = None,
-               expected_model: str | None = None, progress: bool = True) -> dict:
+def train_head(
+    label_dir: str | Path,
+    out_dir: str | Path,
+    config: TrainConfig | None = None,
+    expected_model: str | None = None,
+    progress: bool = True,
+) -> dict:
     """Train an importance head on DIR/labels, save it to out_dir (head.safetensors + head.json), return metrics."""
     from tqdm import tqdm
 
@@ -485,8 +522,14 @@ def train_head(label_dir: str | Path, out_dir: str | Path, config: TrainConfig |
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
-        head = ImportanceHead(HeadConfig(hidden_size=label_set.hidden_size, layers=config.hidden,
-                                         base_model=label_set.model, label_transform=config.transform))
+        head = ImportanceHead(
+            HeadConfig(
+                hidden_size=label_set.hidden_size,
+                layers=config.hidden,
+                base_model=label_set.model,
+                label_transform=config.transform,
+            )
+        )
     head.to(device)
     initial = evaluate_head(head, label_set, held, config.retention, config.transform)
 
@@ -497,8 +540,7 @@ def train_head(label_dir: str | Path, out_dir: str | Path, config: TrainConfig |
     steps_per_epoch = math.ceil(n_tokens / config.batch_tokens)
     total_steps = steps_per_epoch * config.epochs
     warmup_steps = int(math.floor(config.warmup * total_steps))
-    optimizer = torch.optim.AdamW(head.parameters(), lr=config.lr, weight_decay=config.weight_decay,
-                                  betas=config.betas)
+    optimizer = torch.optim.AdamW(head.parameters(), lr=config.lr, weight_decay=config.weight_decay, betas=config.betas)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total_steps, warmup_steps))
     generator = torch.Generator().manual_seed(config.seed + 1)
 
@@ -542,18 +584,20 @@ def train_head(label_dir: str | Path, out_dir: str | Path, config: TrainConfig |
         "tokens_heldout": final["tokens"],
     }
     training = {k: v for k, v in asdict(config).items() if k not in ("hidden", "transform", "device")}
-    training.update({
-        "data": str(label_set.directory.resolve()),
-        "model": label_set.model,
-        "answer_rule": label_set.answer_rule,
-        "traces": label_set.num_traces,
-        "tokens": label_set.total_tokens,
-        "supervised_tokens": label_set.num_tokens,
-        "steps": total_steps,
-        "warmup_steps": warmup_steps,
-        "loss": "weighted MSE, weight 5 where the transformed label is in [4, 5)",
-        "device": str(device),
-    })
+    training.update(
+        {
+            "data": str(label_set.directory.resolve()),
+            "model": label_set.model,
+            "answer_rule": label_set.answer_rule,
+            "traces": label_set.num_traces,
+            "tokens": label_set.total_tokens,
+            "supervised_tokens": label_set.num_tokens,
+            "steps": total_steps,
+            "warmup_steps": warmup_steps,
+            "loss": "weighted MSE, weight 5 where the transformed label is in [4, 5)",
+            "device": str(device),
+        }
+    )
     training["betas"] = list(config.betas)
     head.config.training = training
     head.config.metrics = metrics

@@ -12,8 +12,9 @@ runs does not change what is stored.
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any
 
 from dynts.api import make_engine
 from dynts.config import BudgetConfig, SamplingConfig
@@ -40,8 +41,14 @@ class EngineSpec:
     @classmethod
     def of(cls, engine) -> EngineSpec:
         """The spec of an already built engine (its head is whatever that engine holds)."""
-        return cls(engine.policy_name, engine.budget, engine.sampling, engine.batch_size,
-                   trace_steps=engine.trace_steps, policy_options=options_key(as_dict(engine.policy.config)))
+        return cls(
+            engine.policy_name,
+            engine.budget,
+            engine.sampling,
+            engine.batch_size,
+            trace_steps=engine.trace_steps,
+            policy_options=options_key(as_dict(engine.policy.config)),
+        )
 
     @property
     def options(self) -> dict[str, Any]:
@@ -77,9 +84,18 @@ class ModelHost:
             self._engines.move_to_end(spec)
             return self._engines[spec]
         head = self.head(spec.head_path) if policy_class(spec.policy).uses_head else None
-        engine = make_engine(self.loaded, spec.policy, spec.budget, spec.sampling, spec.batch_size, head=head,
-                             head_path=spec.head_path, trace_steps=spec.trace_steps, fast=spec.fast,
-                             policy_options=spec.options)
+        engine = make_engine(
+            self.loaded,
+            spec.policy,
+            spec.budget,
+            spec.sampling,
+            spec.batch_size,
+            head=head,
+            head_path=spec.head_path,
+            trace_steps=spec.trace_steps,
+            fast=spec.fast,
+            policy_options=spec.options,
+        )
         self._engines[spec] = engine
         unpinned = [key for key in self._engines if key not in self._pinned]
         for key in unpinned[:-ENGINE_CACHE_SIZE]:

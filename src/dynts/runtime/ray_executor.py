@@ -20,8 +20,9 @@ import math
 import os
 import sys
 from collections import deque
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any
 
 from dynts.errors import DynTSError
 
@@ -90,8 +91,8 @@ class Worker:
             import torch
 
             torch.set_num_threads(threads)
-            from dynts.runtime.executor import ModelHost
             from dynts.models.loading import load_model
+            from dynts.runtime.executor import ModelHost
 
             self.host = ModelHost(load_model(model.name, device=model.device, dtype=model.dtype))
         except DynTSError as exc:
@@ -128,8 +129,10 @@ class RayExecutor:
 
     def __init__(self, config: RayConfig, model: ModelArgs):
         if config.gpus_per_worker > 0 and model.device not in (None, "cuda", "cuda:0"):
-            raise DynTSError(f"with --ray each worker sees only the GPUs Ray gives it: use --device cuda or leave "
-                             f"--device out, not {model.device}")
+            raise DynTSError(
+                f"with --ray each worker sees only the GPUs Ray gives it: use --device cuda or leave "
+                f"--device out, not {model.device}"
+            )
         if config.gpus_per_worker == 0 and model.device is None:
             model = replace(model, device="cpu")  # a worker that reserved no GPU must not use one anyway
         self.config, self.model = config, model
@@ -139,7 +142,8 @@ class RayExecutor:
             _check_resources(ray, config)
             self._lost = _lost_worker_errors(ray)
             self._actor_class = ray.remote(Worker).options(
-                num_cpus=config.cpus_per_worker, num_gpus=config.gpus_per_worker, max_restarts=0, max_task_retries=0)
+                num_cpus=config.cpus_per_worker, num_gpus=config.gpus_per_worker, max_restarts=0, max_task_retries=0
+            )
             self.restarts = 0  # actors replaced after dying
             self._slots = [self._start() for _ in range(config.workers)]
         except BaseException:
@@ -238,8 +242,9 @@ class RayExecutor:
             self._replace(slot, queue, exc)
             return
         if info.get("error"):
-            raise DynTSError(f"a Ray worker on {info.get('host')} could not load model {self.model.name!r}: "
-                             f"{info['error']}")
+            raise DynTSError(
+                f"a Ray worker on {info.get('host')} could not load model {self.model.name!r}: {info['error']}"
+            )
         slot.ready_ref, slot.info = None, info
 
     def _replace(self, slot: _Slot, queue: deque, exc: BaseException, failed: tuple = ()) -> None:
@@ -250,11 +255,14 @@ class RayExecutor:
             pending.attempts += 1
         queue.extendleft(reversed(lost))
         self.restarts += 1
-        if any(p.attempts > self.config.max_retries for p in lost) or \
-                self.restarts > self.config.workers * (self.config.max_retries + 1):
+        if any(p.attempts > self.config.max_retries for p in lost) or self.restarts > self.config.workers * (
+            self.config.max_retries + 1
+        ):
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise DynTSError(f"Ray workers keep dying ({self.restarts} replaced; last: {first}); giving up. "
-                             "Every sample stored so far stays: rerunning the command resumes from there")
+            raise DynTSError(
+                f"Ray workers keep dying ({self.restarts} replaced; last: {first}); giving up. "
+                "Every sample stored so far stays: rerunning the command resumes from there"
+            )
         try:
             self.ray.kill(slot.actor)
         except Exception:  # noqa: BLE001 - a dead actor may be gone already
@@ -265,8 +273,14 @@ class RayExecutor:
 
 def _lost_worker_errors(ray) -> tuple[type[BaseException], ...]:
     """Errors that mean "the worker (or the node holding the result) is gone": retry elsewhere."""
-    names = ("RayActorError", "WorkerCrashedError", "NodeDiedError", "ObjectLostError", "OwnerDiedError",
-             "ActorUnavailableError")
+    names = (
+        "RayActorError",
+        "WorkerCrashedError",
+        "NodeDiedError",
+        "ObjectLostError",
+        "OwnerDiedError",
+        "ActorUnavailableError",
+    )
     return tuple(getattr(ray.exceptions, name) for name in names if hasattr(ray.exceptions, name))
 
 
@@ -294,12 +308,15 @@ def _check_resources(ray, config: RayConfig) -> None:
     forever (an existing cluster may autoscale: there it is a warning)."""
     free = ray.available_resources()
     short = []
-    for what, per_worker, flag in (("GPU", config.gpus_per_worker, "--gpus-per-worker"),
-                                   ("CPU", config.cpus_per_worker, "CPUs per worker")):
+    for what, per_worker, flag in (
+        ("GPU", config.gpus_per_worker, "--gpus-per-worker"),
+        ("CPU", config.cpus_per_worker, "CPUs per worker"),
+    ):
         need, have = config.workers * per_worker, free.get(what, 0)
         if need > have:
-            short.append(f"--workers {config.workers} x {flag} {per_worker:g} needs {need:g} {what}s, "
-                         f"Ray has {have:g} free")
+            short.append(
+                f"--workers {config.workers} x {flag} {per_worker:g} needs {need:g} {what}s, Ray has {have:g} free"
+            )
     if not short:
         return
     message = "; ".join(short)
@@ -311,8 +328,11 @@ def _check_resources(ray, config: RayConfig) -> None:
 def ray_config_from_args(args) -> RayConfig | None:
     """The RayConfig of --ray/--workers/--gpus-per-worker, or None without --ray."""
     if args.ray is None:
-        extra = [flag for flag, value in (("--workers", args.workers), ("--gpus-per-worker", args.gpus_per_worker))
-                 if value is not None]
+        extra = [
+            flag
+            for flag, value in (("--workers", args.workers), ("--gpus-per-worker", args.gpus_per_worker))
+            if value is not None
+        ]
         if extra:
             raise DynTSError(f"{' and '.join(extra)} {'apply' if len(extra) > 1 else 'applies'} only with --ray")
         return None
