@@ -1,4 +1,4 @@
-"""Throughput of the DynTS engine vs transformers `generate` (default dynamic cache), side by side in one run.
+"""Throughput of the DynTS engine vs transformers (a greedy loop over its dynamic cache), side by side in one run.
 
 Both decode the same batch of prompts greedily for a forced number of tokens on the embedded model:
   (a) policy `full`, 1k new tokens;
@@ -17,28 +17,16 @@ import torch
 
 from dynts.config import BudgetConfig, SamplingConfig
 from dynts.engine.engine import Engine
+from dynts.experiments.bench import eager_transformers_loop
 from dynts.harness.datasets import load_dataset
 from dynts.models.importance_head import random_head, shipped_head_path
 from dynts.models.loading import load_model
 
 
 def hf_tps(loaded, prompts: list[list[int]], new_tokens: int) -> float:
-    tokenizer = loaded.tokenizer
-    tokenizer.padding_side = "left"
-    batch = tokenizer.pad({"input_ids": prompts}, return_tensors="pt")
-    model = loaded.model
-    model.generate(**batch, max_new_tokens=2, do_sample=False, pad_token_id=tokenizer.pad_token_id)  # warm-up
-    start = time.perf_counter()
-    out = model.generate(
-        **batch,
-        max_new_tokens=new_tokens,
-        min_new_tokens=new_tokens,
-        do_sample=False,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    elapsed = time.perf_counter() - start
-    generated = (out.shape[1] - batch["input_ids"].shape[1]) * len(prompts)
-    return generated / elapsed
+    """Transformers with its dynamic cache (the paper's setup, dynts bench's baseline loop), prefill included."""
+    eager_transformers_loop(loaded, prompts[:2], 2)  # warm-up
+    return eager_transformers_loop(loaded, prompts, new_tokens)["tps_with_prefill"]
 
 
 def our_tps(loaded, prompts, new_tokens: int, policy: str, budget: BudgetConfig, head=None) -> float:

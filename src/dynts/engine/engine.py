@@ -9,95 +9,19 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 
 from dynts.config import BudgetConfig, SamplingConfig
 from dynts.engine.sampling import make_generators, next_tokens
+from dynts.engine.stats import GenerationOutput, GenerationResult, RunStats, SequenceStats, account_step, step_record
+from dynts.engine.stopping import stop_reason
 from dynts.errors import DynTSError
 from dynts.kv.attention import StepContext, use_dynts_attention
 from dynts.kv.cache import BudgetedCache
 from dynts.models.loading import LoadedModel
 from dynts.policies import Policy, TokenBatch, make_policy, policy_class
-
-
-@dataclass
-class SequenceStats:
-    """Per-sequence figures. time_share_s splits each decode step's wall time evenly over the sequences it
-    advanced, so summing shares over any set of sequences gives their true share of the wall clock."""
-
-    prompt_tokens: int = 0
-    generated_tokens: int = 0
-    compressions: int = 0
-    peak_kv_tokens: int = 0
-    peak_kv_bytes: int = 0
-    prefill_time_s: float = 0.0
-    decode_time_s: float = 0.0
-    forward_time_s: float = 0.0
-    time_share_s: float = 0.0
-    forward_share_s: float = 0.0
-    latency_s: float = 0.0
-    tps: float = 0.0
-    tps_forward: float = 0.0
-    finish_reason: str = ""
-
-    def finalize(self) -> None:
-        self.tps = self.generated_tokens / self.decode_time_s if self.decode_time_s > 0 else 0.0
-        self.tps_forward = self.generated_tokens / self.forward_time_s if self.forward_time_s > 0 else 0.0
-        self.latency_s = self.prefill_time_s + self.decode_time_s
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-@dataclass
-class RunStats:
-    """Whole-run figures: tps = generated tokens / decode wall time including scoring and eviction;
-    tps_forward = the same over model-forward time only (the paper's timing)."""
-
-    sequences: int = 0
-    generated_tokens: int = 0
-    prefill_time_s: float = 0.0
-    decode_time_s: float = 0.0
-    forward_time_s: float = 0.0
-    tps: float = 0.0
-    tps_forward: float = 0.0
-    peak_kv_tokens: int = 0  # largest total cache length over the batch at any step
-    peak_kv_bytes: int = 0
-    compressions: int = 0
-    protected_overflow: int = 0
-    steps: list = field(default_factory=list)  # per-step trace when asked for
-
-    def finalize(self) -> None:
-        self.tps = self.generated_tokens / self.decode_time_s if self.decode_time_s > 0 else 0.0
-        self.tps_forward = self.generated_tokens / self.forward_time_s if self.forward_time_s > 0 else 0.0
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-@dataclass
-class GenerationResult:
-    text: str
-    token_ids: list[int]
-    prompt_tokens: int
-    stats: SequenceStats
-
-    def to_dict(self) -> dict:
-        return {
-            "text": self.text,
-            "token_ids": self.token_ids,
-            "prompt_tokens": self.prompt_tokens,
-            "stats": self.stats.to_dict(),
-        }
-
-
-@dataclass
-class GenerationOutput:
-    results: list[GenerationResult]
-    stats: RunStats
 
 
 class Engine:
@@ -260,11 +184,8 @@ class Engine:
                 generated[seq].append(token)
                 if think_end and generated[seq][-len(think_end) :] == think_end:
                     in_answer[seq] = True
-                if token in eos:
-                    stats[seq].finish_reason = "eos"
-                elif len(generated[seq]) >= limits[seq]:
-                    stats[seq].finish_reason = "length"
-                else:
+                stats[seq].finish_reason = stop_reason(token, len(generated[seq]), eos, limits[seq]) or ""
+                if not stats[seq].finish_reason:
                     keep_rows.append(row)
             if not keep_rows:
                 break
@@ -302,40 +223,31 @@ class Engine:
                 ),
             )
             pending = choose(logits, active)
-            total_kv = sum(cache.lengths)
+            lengths = list(cache.lengths)
             compressed = []
-            if budget.compresses:
-                for row, length in enumerate(cache.lengths):
-                    if length >= budget.budget:
-                        cache.compact_row(row, policy.select(cache, row))
-                        compressed.append(row)
+            for row, length in enumerate(lengths):
+                if budget.reached(length):
+                    cache.compact_row(row, policy.select(cache, row))
+                    compressed.append(row)
             sync()
             t2 = time.perf_counter()
 
             step_time, forward_time = t2 - t0, t1 - t0
-            for row, seq in enumerate(active):
-                s = stats[seq]
-                s.decode_time_s += step_time
-                s.forward_time_s += forward_time
-                s.time_share_s += step_time / m
-                s.forward_share_s += forward_time / m
-                s.peak_kv_tokens = max(s.peak_kv_tokens, cache.lengths[row] if row not in compressed else budget.budget)
-            for row in compressed:
-                stats[active[row]].compressions += 1
             run.decode_time_s += step_time
-            run.forward_time_s += forward_time
-            run.peak_kv_tokens = max(run.peak_kv_tokens, total_kv)
+            total_kv = account_step(
+                run,
+                [stats[seq] for seq in active],
+                lengths,
+                [row in compressed for row in range(m)],
+                step_time,
+                forward_time,
+                budget.budget,
+            )
             if self.trace_steps:
                 run.steps.append(
-                    {
-                        "step": step,
-                        "active": m,
-                        "step_time_s": step_time,
-                        "forward_time_s": forward_time,
-                        "kv_tokens": total_kv,
-                        "kv_bytes": total_kv * bytes_per_token,
-                        "compressed": [active[r] for r in compressed],
-                    }
+                    step_record(
+                        step, m, step_time, forward_time, total_kv, bytes_per_token, [active[r] for r in compressed]
+                    )
                 )
             step += 1
             if self.on_step is not None:

@@ -147,7 +147,7 @@ def replay(
         return hidden
 
     def compress_if_full():
-        if budget.compresses and cache.lengths[0] >= budget.budget:
+        if budget.reached(cache.lengths[0]):
             cache.compact_row(0, policy.select(cache, 0))
             stats.compressions += 1
 

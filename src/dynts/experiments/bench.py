@@ -129,24 +129,43 @@ def importance_head(loaded, config: BenchConfig):
 
 def eager_transformers_loop(loaded, prompts: list[list[int]], new_tokens: int) -> dict:
     """The paper's setup: model(...) with a DynamicCache, one token per step, greedy, forced length, no eviction.
-    Forward time is taken per step with a sync, as a per-token eager loop does."""
+    Prompts of different lengths are left-padded and masked. Forward time is taken per step with a sync, as a
+    per-token eager loop does. The one transformers baseline of `dynts bench --compare-eager` and
+    benchmarks/engine_vs_hf.py."""
     from transformers import DynamicCache
 
     model, device = loaded.model, loaded.device
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     reset_peak(device)
-    ids = torch.tensor(prompts, device=device)
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[0] * (width - len(p)) + list(p) for p in prompts], device=device)
+    padded = any(len(p) < width for p in prompts)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device) if padded else None
+    positions = (mask.cumsum(-1) - 1).clamp(min=0) if padded else None
     cache = DynamicCache(config=model.config)
     start = time.perf_counter()
-    logits = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
-    token = logits.argmax(dim=-1)
+    out = model(
+        input_ids=ids,
+        attention_mask=mask,
+        position_ids=positions,
+        past_key_values=cache,
+        use_cache=True,
+        logits_to_keep=1,
+    )
+    token = out.logits[:, -1].argmax(dim=-1)
     sync()
     prefill_s = time.perf_counter() - start
+    position = positions[:, -1:] if padded else None
     forward_s = 0.0
     decode_start = time.perf_counter()
     for _ in range(new_tokens - 1):
         t0 = time.perf_counter()
-        logits = model(input_ids=token[:, None], past_key_values=cache, use_cache=True).logits[:, -1]
+        if padded:
+            mask = torch.cat([mask, mask.new_ones(len(prompts), 1)], dim=-1)
+            position = position + 1
+        logits = model(
+            input_ids=token[:, None], attention_mask=mask, position_ids=position, past_key_values=cache, use_cache=True
+        ).logits[:, -1]
         sync()
         forward_s += time.perf_counter() - t0
         token = logits.argmax(dim=-1)

@@ -24,7 +24,9 @@ from dataclasses import asdict, dataclass, replace
 import torch
 
 from dynts.config import BudgetConfig, SamplingConfig
-from dynts.engine.engine import Engine, GenerationResult, RunStats, SequenceStats
+from dynts.engine.engine import Engine
+from dynts.engine.stats import GenerationResult, RunStats, SequenceStats, account_step, step_record
+from dynts.engine.stopping import stop_reason
 from dynts.errors import DynTSError
 from dynts.fast.attention import KERNELS, resolve_kernel, static_attention
 from dynts.fast.static_cache import StaticBudgetedCache
@@ -190,7 +192,6 @@ class FastEngine(Engine):
         with static_attention(self.loaded.model):
             return self._fast_batch(prompts, seeds, run)
 
-    # --- prefill ------------------------------------------------------------------------------------
     # --- the decode loop ----------------------------------------------------------------------------
     @torch.no_grad()
     def _fast_batch(self, prompts: list[list[int]], seeds: list[int], run: RunStats) -> list[GenerationResult]:
@@ -249,7 +250,7 @@ class FastEngine(Engine):
             marks = step.run(clock.mark)
             cache.advance()
             produced += 1
-            full = [r for r, length in enumerate(cache.lengths) if budget.compresses and length >= budget.budget]
+            full = [r for r, length in enumerate(cache.lengths) if budget.reached(length)]
             lengths = list(cache.lengths)
             if full:
                 step.compact(full)
@@ -270,14 +271,11 @@ class FastEngine(Engine):
         for row, seq in enumerate(active):
             for token in tokens[row]:
                 generated[seq].append(token)
-                if token in eos:
-                    stats[seq].finish_reason = "eos"
-                elif len(generated[seq]) >= limit:
-                    stats[seq].finish_reason = "length"
-                else:
-                    continue
-                stopped.add(row)
-                break
+                reason = stop_reason(token, len(generated[seq]), eos, limit)
+                if reason:
+                    stats[seq].finish_reason = reason
+                    stopped.add(row)
+                    break
         return stopped
 
     def _settle(
@@ -309,36 +307,25 @@ class FastEngine(Engine):
         run.decode_time_s += wall_s
         for p, stages in zip(pending, durations):
             step_time = wall_s * sum(stages) / device_total if device_total > 0 else 0.0
-            forward_time = stages[0]
-            run.forward_time_s += forward_time
             rows = [
                 r
                 for r, seq in enumerate(p.sequences)
                 if p.index < len(generated[seq]) - 1 or not stats[seq].finish_reason
             ]
             if not rows:
+                run.forward_time_s += stages[0]
                 continue
-            m = len(rows)
-            total_kv = sum(p.lengths[r] for r in rows)
-            for r in rows:
-                s = stats[p.sequences[r]]
-                s.decode_time_s += step_time
-                s.forward_time_s += forward_time
-                s.time_share_s += step_time / m
-                s.forward_share_s += forward_time / m
-                compressed = r in p.compressed_rows
-                s.peak_kv_tokens = max(s.peak_kv_tokens, budget.budget if compressed else p.lengths[r])
-                s.compressions += compressed
-            run.peak_kv_tokens = max(run.peak_kv_tokens, total_kv)
+            total_kv = account_step(
+                run,
+                [stats[p.sequences[r]] for r in rows],
+                [p.lengths[r] for r in rows],
+                [r in p.compressed_rows for r in rows],
+                step_time,
+                stages[0],
+                budget.budget,
+            )
             if self.trace_steps:
+                compressed = [p.sequences[r] for r in rows if r in p.compressed_rows]
                 run.steps.append(
-                    {
-                        "step": p.index,
-                        "active": m,
-                        "step_time_s": step_time,
-                        "forward_time_s": forward_time,
-                        "kv_tokens": total_kv,
-                        "kv_bytes": total_kv * bytes_per_token,
-                        "compressed": [p.sequences[r] for r in rows if r in p.compressed_rows],
-                    }
+                    step_record(p.index, len(rows), step_time, stages[0], total_kv, bytes_per_token, compressed)
                 )

@@ -3,8 +3,8 @@
 A captured step can't draw from per-sequence torch.Generators, so the noise is a hash of (sequence seed, token
 index, candidate): deterministic per sequence, independent of what else shares the batch, and computed on the
 device with integer ops. Sampling is the Gumbel-max trick over the protocol's filtered distribution
-(temperature -> top-k -> top-p, as in sampling.py). The distribution equals the eager sampler's; the random
-stream does not, so sampled (non-greedy) texts differ between the two paths.
+(temperature -> top-k -> top-p, the rules of engine/sampling.py). The distribution equals the eager sampler's;
+the random stream does not, so sampled (non-greedy) texts differ between the two paths.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from dynts.config import SamplingConfig
+from dynts.engine.sampling import nucleus_drop, top_k_count
 
 MASK32 = 0xFFFFFFFF
 
@@ -49,14 +50,10 @@ def choose_tokens(
     """logits [n, vocab] -> token ids [n], with no host sync."""
     if config.greedy:
         return logits.argmax(dim=-1)
-    vocab = logits.shape[-1]
-    k = config.top_k if 0 < config.top_k < vocab else vocab
+    k = top_k_count(config, logits.shape[-1])
     values, ids = (logits.float() / config.temperature).topk(k, dim=-1)  # sorted, best first
     if config.top_p < 1.0:
-        probs = values.softmax(dim=-1)
-        before = probs.cumsum(dim=-1) - probs  # mass strictly before each candidate
-        never_first = torch.arange(k, device=logits.device) > 0  # the best candidate always stays
-        values = values.masked_fill((before >= config.top_p) & never_first, float("-inf"))
+        values = values.masked_fill(nucleus_drop(values, config.top_p), float("-inf"))
     gumbel = -torch.log(-torch.log(uniform_noise(seeds, step, k)))
     pick = (values + gumbel).argmax(dim=-1, keepdim=True)
     return ids.gather(1, pick)[:, 0]

@@ -1,0 +1,13 @@
+"""When a sequence stops: the one rule both decode paths apply to every token they record."""
+
+from __future__ import annotations
+
+
+def stop_reason(token: int, generated: int, eos: set[int], limit: int) -> str | None:
+    """Why a sequence ends with `token`, its `generated`-th token: "eos" (an end-of-sequence token), "length"
+    (max_new_tokens reached), or None (it goes on)."""
+    if token in eos:
+        return "eos"
+    if generated >= limit:
+        return "length"
+    return None
