@@ -19,6 +19,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
@@ -78,6 +79,45 @@ def length_aware_attention(
         )
         return out[:, 0]
     raise ValueError(f"no length-aware kernel {kernel!r}")
+
+
+def check_kernel(
+    kernel: str, rows: int, heads: int, kv_heads: int, head_dim: int, capacity: int, dtype, device
+) -> str | None:
+    """Run `kernel` once against SDPA at the real shapes and dtype, with lengths that differ per row; None when
+    it agrees, else why not (it raised, or its output differs beyond the dtype's tolerance)."""
+    if kernel == "sdpa":
+        return None
+    generator = torch.Generator(device="cpu").manual_seed(0)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=generator).to(device=device, dtype=dtype)
+
+    query, key, value = (
+        randn(rows, heads, head_dim),
+        randn(rows, kv_heads, capacity, head_dim),
+        randn(rows, kv_heads, capacity, head_dim),
+    )
+    lengths = torch.linspace(1, capacity, rows).long().to(device)
+    scale = head_dim**-0.5
+    try:
+        got = length_aware_attention(query, key, value, lengths, scale, kernel).float()
+    except Exception as exc:  # noqa: BLE001 (any failure of an optional kernel falls back to sdpa)
+        return f"it raised {type(exc).__name__}: {exc}"
+    mask = (torch.arange(capacity, device=device)[None, :] < lengths[:, None])[:, None, None, :]
+    group = heads // kv_heads
+    expected = F.scaled_dot_product_attention(
+        query.float().reshape(rows, kv_heads, group, head_dim),
+        key.float(),
+        value.float(),
+        attn_mask=mask,
+        scale=scale,
+    ).reshape(rows, heads, head_dim)
+    tolerance = 1e-4 if dtype == torch.float32 else 2e-2
+    error = (got - expected).abs().max().item()
+    if not error <= tolerance:
+        return f"its output differs from SDPA by {error:.3g} (tolerance {tolerance})"
+    return None
 
 
 def static_decode_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):

@@ -21,6 +21,13 @@ class StaticBudgetedCache(BudgetedCache):
         for layer in self.layers:
             layer.lazy_initialization(probe, probe)
         self._heads = torch.arange(kv_heads, device=self.device)
+        # Fill values live on the device: a Python scalar written through advanced indexing is a host-to-device
+        # copy (and a stream sync) on a GPU.
+        fills = {
+            **{n: (d, f) for n, (d, f) in self.layer_slot_specs.items()},
+            **{n: (b.dtype, self.slot_fill[n]) for n, b in self.slot.items()},
+        }
+        self._fills = {n: torch.tensor(f, dtype=d, device=self.device) for n, (d, f) in fills.items()}
 
     def plan_static_decode(self, write_slots: torch.Tensor) -> None:
         """Every later decode forward writes row b at slot write_slots[b] and sees the whole capacity."""
@@ -47,10 +54,32 @@ class StaticBudgetedCache(BudgetedCache):
             layer.values[row_index, :, :kept] = layer.values[r, h, slots]
             for name, buf in layer.slot.items():
                 buf[row_index, :, :kept] = buf[r, h, slots]
-                buf[row_index, :, kept:] = self.layer_slot_specs[name][1]
+                buf[row_index, :, kept:] = self._fills[name]
         first = keep if shared else keep[:, 0, 0]  # shared buffers follow layer 0, head 0 (as compact_row)
         for name, buf in self.slot.items():
             buf[row_index, :kept] = buf[row_index[:, None], first]
-            buf[row_index, kept:] = self.slot_fill[name]
+            buf[row_index, kept:] = self._fills[name]
         for row in rows:
             self.lengths[row] = kept
+
+    def keep_rows(self, live: list[int]) -> None:
+        """Release rows in place: the live rows move to the front and every buffer becomes a view of its first
+        len(live) rows, so no second copy of the cache is made. live: sorted row indices."""
+        moves = [(dst, src) for dst, src in enumerate(live) if dst != src]
+        n = len(live)
+
+        def shrink(buf: torch.Tensor) -> torch.Tensor:
+            if moves:
+                dst = torch.tensor([d for d, _ in moves], device=self.device)
+                src = torch.tensor([s for _, s in moves], device=self.device)
+                buf[dst] = buf[src]
+            return buf[:n]
+
+        for layer in self.layers:
+            layer.keys, layer.values = shrink(layer.keys), shrink(layer.values)
+            layer.slot = {k: shrink(v) for k, v in layer.slot.items()}
+            layer.rows = {k: shrink(v) for k, v in layer.rows.items()}
+        self.slot = {k: shrink(v) for k, v in self.slot.items()}
+        self.lengths = [self.lengths[r] for r in live]
+        self.next_position = [self.next_position[r] for r in live]
+        self.rows_allocated = n

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+import warnings
 from dataclasses import dataclass, fields
 
 import torch
@@ -19,7 +20,7 @@ import torch
 from dynts.config import SamplingConfig
 from dynts.fast.attention import StaticStepContext
 from dynts.fast.host_sync import HostSyncGuard
-from dynts.fast.sampling import choose_tokens, seed_words
+from dynts.fast.sampling import MASK32, choose_tokens
 from dynts.fast.static_cache import StaticBudgetedCache
 from dynts.policies import Policy, TokenBatch
 from dynts.policies.selection import keep_slots
@@ -27,32 +28,46 @@ from dynts.policies.selection import keep_slots
 
 @dataclass
 class DecodeState:
-    """Per-row device state of a decoding batch; every field has the batch as its first dimension, except step."""
+    """Per-row device state of the decoding rows (every field has the rows as its first dimension, but
+    chunk_step). A row's fields are set when a request is admitted into it; the captured step reads and writes
+    them in place, so a refill changes no shape."""
 
     tokens: torch.Tensor  # [n] the token each row feeds next
     lengths: torch.Tensor  # [n] cached tokens before the next write (the device twin of cache.lengths)
     positions: torch.Tensor  # [n] original position of the token fed next
     in_answer: torch.Tensor  # [n] bool: the row has generated its end-of-thinking marker
     seeds: torch.Tensor  # [n] 32-bit seed words for sampling noise
-    history: torch.Tensor  # [n, max new tokens] every generated token, index = token number
-    step: torch.Tensor  # 0-dim: index in history of the newest token
+    count: torch.Tensor  # [n] index of the row's newest token within its sequence
+    tail: torch.Tensor  # [n, m] the row's last m tokens (m: the end-of-thinking marker's length), -1 before
+    chunk: torch.Tensor  # [n, 1 + C]: column 0 the token chosen at admission, then the tokens of the chunk's steps
+    chunk_step: torch.Tensor  # 0-dim: steps into the current chunk of C
 
     @classmethod
-    def start(cls, cache: StaticBudgetedCache, seeds: list[int], max_tokens: int) -> DecodeState:
-        device, n = cache.device, cache.rows_allocated
+    def empty(cls, rows: int, device, chunk: int, tail: int) -> DecodeState:
+        def zeros(*shape, dtype=torch.long):
+            return torch.zeros(*shape, dtype=dtype, device=device)
+
         return cls(
-            tokens=torch.zeros(n, dtype=torch.long, device=device),
-            lengths=torch.tensor(cache.lengths, dtype=torch.long, device=device),
-            positions=torch.tensor(cache.next_position, dtype=torch.long, device=device),
-            in_answer=torch.zeros(n, dtype=torch.bool, device=device),
-            seeds=seed_words(seeds, device),
-            history=torch.full((n, max_tokens), -1, dtype=torch.long, device=device),
-            step=torch.zeros((), dtype=torch.long, device=device),
+            tokens=zeros(rows),
+            lengths=zeros(rows),
+            positions=zeros(rows),
+            in_answer=zeros(rows, dtype=torch.bool),
+            seeds=zeros(rows),
+            count=zeros(rows),
+            tail=torch.full((rows, tail), -1, dtype=torch.long, device=device),
+            chunk=torch.full((rows, 1 + chunk), -1, dtype=torch.long, device=device),
+            chunk_step=zeros(()),
         )
 
-    def select(self, index: torch.Tensor) -> DecodeState:
-        picked = {f.name: getattr(self, f.name)[index] for f in fields(self) if f.name != "step"}
-        return DecodeState(**picked, step=self.step)
+    def keep_rows(self, live: list[int]) -> None:
+        """Move the live rows to the front and narrow every field to them, in place (see the cache's)."""
+        index = torch.tensor(live, dtype=torch.long, device=self.tokens.device)
+        for f in fields(self):
+            if f.name == "chunk_step":
+                continue
+            value = getattr(self, f.name)
+            value[: len(live)] = value[index]
+            setattr(self, f.name, value[: len(live)])
 
 
 class StaticStep:
@@ -134,23 +149,35 @@ class StaticStep:
         s = self.state
         s.lengths.add_(1)
         s.positions.add_(1)
-        s.step.add_(1)
-        self.record(choose_tokens(logits, self.sampling, s.seeds, s.step))
-
-    def record(self, tokens: torch.Tensor) -> None:
-        """Store tokens as token number `state.step`, feed them next, and note rows that just ended thinking."""
-        s = self.state
-        s.history.index_copy_(1, s.step.view(1), tokens[:, None])
+        s.count.add_(1)
+        tokens = choose_tokens(logits, self.sampling, s.seeds, s.count)
+        s.chunk.index_copy_(1, s.chunk_step.view(1) + 1, tokens[:, None])
+        s.chunk_step.copy_((s.chunk_step + 1) % (s.chunk.shape[1] - 1))
         s.tokens.copy_(tokens)
+        s.tail.copy_(torch.cat([s.tail[:, 1:], tokens[:, None]], dim=1))
         if self.think_end is not None:
-            m = self.think_end.numel()
-            index = (s.step - (m - 1) + torch.arange(m, device=self.device)).clamp(min=0)
-            ended = (s.history.index_select(1, index) == self.think_end).all(dim=-1) & (s.step >= m - 1)
-            s.in_answer |= ended
+            s.in_answer |= (s.tail == self.think_end).all(dim=-1)
 
-    def first_tokens(self, logits: torch.Tensor) -> None:
-        """Choose token number 0 from the prefill logits."""
-        self.record(choose_tokens(logits, self.sampling, self.state.seeds, self.state.step))
+    def admit_row(self, row: int, logits: torch.Tensor, seed: int, length: int, position: int) -> None:
+        """A request was prefilled into `row` (its cache row holds `length` tokens, the next at `position`): set
+        the row's state and choose its token number 0 from the prefill logits [1, V]."""
+        s = self.state
+        length_t, position_t, seed_t = device_index([length, position, int(seed) & MASK32], self.device)
+        s.lengths[row], s.positions[row], s.seeds[row] = length_t, position_t, seed_t
+        s.count[row] = 0
+        s.in_answer[row] = False
+        s.tail[row] = -1
+        token = choose_tokens(logits, self.sampling, s.seeds[row : row + 1], s.count[row : row + 1])
+        s.chunk[row, 0] = token[0]
+        s.tokens[row] = token[0]
+        s.tail[row, -1] = token[0]
+        if self.think_end is not None:
+            s.in_answer[row] = (s.tail[row] == self.think_end).all()
+
+    def idle_rows(self, rows: torch.Tensor) -> None:
+        """Rows left without a sequence keep running with the batch until they are released: keep them short."""
+        self.state.lengths.index_fill_(0, rows, 0)
+        self.state.positions.index_fill_(0, rows, 0)
 
     # --- running ------------------------------------------------------------------------------------
     def _guard(self, where: str, allow_host_data: bool = False):
@@ -158,6 +185,8 @@ class StaticStep:
 
     def run(self, mark) -> list:
         """One step; mark() is called before, between and after the stages, and the marks are returned."""
+        if self.graphs and self._graphs is None and self._eager_left <= 0:
+            self._try_capture()
         marks = [mark()]
         if self._graphs is not None:
             for graph in self._graphs:
@@ -177,14 +206,26 @@ class StaticStep:
             marks.append(mark())
         if side is not None:
             torch.cuda.current_stream().wait_stream(side.stream)
-            self._eager_left -= 1
-            if self._eager_left <= 0:
-                self._capture()
+        self._eager_left -= 1
         return marks
+
+    def _try_capture(self) -> None:
+        """Capture the stages; a capture that raises leaves the step eager for the rest of the run, with one
+        warning naming the cause, instead of stopping the run."""
+        try:
+            self._capture()
+        except Exception as exc:  # noqa: BLE001 (any failure of the optional graphs falls back)
+            self.graphs, self._graphs = False, None
+            if torch.cuda.is_available():
+                torch.cuda.synchronize(self.device)
+            warnings.warn(
+                f"CUDA graph capture failed ({type(exc).__name__}: {exc}); the fast path goes on without graphs",
+                stacklevel=2,
+            )
 
     def _side_stream(self):
         """Eager steps before a capture run on a side stream, as CUDA graph capture asks for warm-up."""
-        if not self.graphs:
+        if not self.graphs or self.device.type != "cuda":
             return None
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream())
@@ -209,18 +250,22 @@ class StaticStep:
 
     def compact(self, rows: list[int]) -> None:
         """Compress `rows` (all at the budget) on the device; only the row list comes from the host."""
-        with self._guard("compaction", allow_host_data=True):
-            if self.device.type == "cuda":  # pinned memory: the copy doesn't wait for the device
-                index = torch.tensor(rows, dtype=torch.long).pin_memory().to(self.device, non_blocking=True)
-            else:
-                index = torch.tensor(rows, dtype=torch.long, device=self.device)
+        index = device_index(rows, self.device)
+        with self._guard("compaction"):
             keep = keep_slots(self.policy, self.cache, rows)
             self.cache.compact_rows(rows, index, keep)
             self.state.lengths.index_fill_(0, index, keep.shape[-1])
 
-    def shrink(self, keep_rows: list[int]) -> None:
-        """Drop finished rows; the next steps run eagerly again and the graphs are captured for the new shape."""
-        index = torch.tensor(keep_rows, dtype=torch.long, device=self.device)
-        self.cache.select_rows(keep_rows)
-        self.state = self.state.select(index)
+    def keep_rows(self, live: list[int]) -> None:
+        """Release the other rows, in place; the next steps run eagerly again and the graphs are captured for the
+        new row count."""
+        self.cache.keep_rows(live)
+        self.state.keep_rows(live)
         self._reset_shape()
+
+
+def device_index(values: list[int], device: torch.device) -> torch.Tensor:
+    """A small index tensor on `device`; on a GPU through pinned memory, so the host does not wait for the copy."""
+    if device.type == "cuda":
+        return torch.tensor(values, dtype=torch.long).pin_memory().to(device, non_blocking=True)
+    return torch.tensor(values, dtype=torch.long, device=device)

@@ -71,6 +71,14 @@ class BudgetedLayer(CacheLayerMixin):
         self.slot = {k: v[index] for k, v in self.slot.items()}
         self.rows = {k: v[index] for k, v in self.rows.items()}
 
+    def reset_row(self, row: int) -> None:
+        if not self.is_initialized:
+            return
+        for name, buf in self.slot.items():
+            buf[row].fill_(self.owner.layer_slot_specs[name][1])
+        for buf in self.rows.values():
+            buf[row].zero_()
+
     def compact_row(self, row: int, keep: torch.Tensor) -> None:
         """Move the kept slots of one row to its front, in order. keep: [n] (all heads) or [kv_heads, n].
         Slot buffers beyond the kept tokens go back to their fill value, so a token written there later does not
@@ -169,6 +177,17 @@ class BudgetedCache(Cache):
             buf[row, :n] = buf[row, shared]
             buf[row, n:] = self.slot_fill[name]
         self.lengths[row] = n
+
+    def reset_row(self, row: int) -> None:
+        """Empty a row for the next sequence (continuous batching): no tokens, positions from 0, every per-slot and
+        per-row buffer back to its fill value. Keys and values are left as they are: nothing reads beyond a row's
+        length."""
+        self.lengths[row] = 0
+        self.next_position[row] = 0
+        for name, buf in self.slot.items():
+            buf[row].fill_(self.slot_fill[name])
+        for layer in self.layers:
+            layer.reset_row(row)
 
     def select_rows(self, rows: list[int]) -> None:
         """Drop finished sequences so they cost no more work."""

@@ -1,0 +1,249 @@
+"""The static fast path's side of the scheduler: fixed-shape steps, refills in place, tokens read a chunk late.
+
+Every row of the batch runs every step (the step has one shape, rows x capacity, and on CUDA is a replayed
+graph). A request admitted into a row is prefilled there and its state written into the step's device tensors in
+place, so nothing is captured again. Every `check_every` steps the host starts a copy of the chunk's tokens to
+pinned memory without waiting for it, and acts on the previous chunk's tokens, long since copied: the GPU never
+waits on the host. A row whose sequence ended meanwhile decodes a little garbage, which is never read as tokens;
+a row left without a sequence is kept short until the scheduler releases it, in place and in buckets.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+import warnings
+from collections import deque
+from dataclasses import dataclass
+
+import torch
+
+from dynts.engine.scheduler import LiveSequence, Poll, StepLog
+from dynts.fast.attention import check_kernel, static_attention
+from dynts.fast.profile import StageClock
+from dynts.fast.static_cache import StaticBudgetedCache
+from dynts.fast.step import DecodeState, StaticStep, device_index
+
+
+@dataclass
+class _Read:
+    """A chunk of tokens on its way to the host, and what the host knew when it asked for it."""
+
+    held: list[LiveSequence | None]  # the sequence each row held during the chunk
+    admitted: set[int]  # rows whose column 0 holds the token chosen at their admission
+    logs: list[StepLog]
+    host: torch.Tensor  # [rows, 1 + C] (pinned on a GPU)
+    event: object
+    wall_s: float
+
+
+class StaticStepper:
+    reports_at_once = False
+    release_in_buckets = True
+
+    def __init__(self, engine, rows: int, capacity: int):
+        self.engine = engine
+        self.device = engine.device
+        self.profile = engine.last_profile
+        fast = engine.fast
+        self.chunk = max(1, min(fast.check_every, capacity // 2))
+        slack = 0 if engine.budget.compresses else 2 * self.chunk + 2  # rows run a chunk or two past their end
+        config = engine.loaded.model.config
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        think_end = tuple(engine.loaded.think_end_ids)
+        with self._on_device():
+            self.cache = engine.new_cache(rows, capacity + slack, StaticBudgetedCache)
+            self.cache.preallocate(config.num_key_value_heads, head_dim, engine.loaded.dtype)
+            kernel = self._checked_kernel(rows, config, head_dim, capacity + slack)
+            state = DecodeState.empty(rows, self.device, self.chunk, max(1, len(think_end)))
+            self.step_ = StaticStep(
+                engine.decoder,
+                engine.lm_head,
+                engine.policy,
+                self.cache,
+                state,
+                engine.sampling,
+                kernel,
+                think_end,
+                graphs=fast.graphs,
+                warmup_steps=fast.warmup_steps,
+                sync_check=fast.sync_check,
+                compile_forward=fast.compile,
+            )
+        self._attention = static_attention(engine.loaded.model)
+        self._attention.__enter__()
+        self.clock = StageClock(self.device)
+        self.counts = [0] * rows  # the token index each row feeds next
+        self.admitted: set[int] = set()
+        self.idle_rows: set[int] = set()
+        self.logs: list[StepLog] = []
+        self.reads: deque[_Read] = deque()
+        self.read_started = time.perf_counter()
+        self._marks: list = []
+        self._draining = False  # every row reached its last token: read what is there now
+
+    def _on_device(self):
+        """Every stream, event, capture and launch happens on the engine's GPU, whatever the current one is."""
+        return torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext()
+
+    def _checked_kernel(self, rows, config, head_dim, capacity) -> str:
+        kernel, engine = self.engine.fast.kernel, self.engine
+        key = (kernel, rows, capacity)
+        if key not in engine.kernel_checked:
+            engine.kernel_checked[key] = check_kernel(
+                kernel,
+                rows,
+                config.num_attention_heads,
+                config.num_key_value_heads,
+                head_dim,
+                capacity,
+                engine.loaded.dtype,
+                self.device,
+            )
+        reason = engine.kernel_checked[key]
+        if reason is None:
+            return kernel
+        message = f"decode attention kernel {kernel!r} failed its check against SDPA ({reason}); using sdpa"
+        if message not in self.profile.fallbacks:
+            warnings.warn(message, stacklevel=2)
+            self.profile.fallbacks.append(message)
+        self.profile.kernel = "sdpa"
+        return "sdpa"
+
+    # --- rows ---------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def admit(self, row: int, seq: LiveSequence) -> None:
+        engine, cache = self.engine, self.cache
+        with self._on_device():
+            cache.reset_row(row)
+            hidden = engine.feed(cache, row, seq.request.prompt_ids, is_prompt=True)
+            logits = engine.lm_head(hidden[:, -1])
+            cache.plan_static_decode(self.step_.state.lengths)  # the prefill planned its own forward
+            self.step_.admit_row(row, logits, seq.request.seed, cache.lengths[row], cache.next_position[row])
+            engine.synchronize()
+        self.counts[row] = 0
+        self.admitted.add(row)
+        self.idle_rows.discard(row)
+        self._draining = False
+
+    def idle(self, row: int) -> None:
+        self.idle_rows.add(row)
+
+    def release(self, live: list[int]) -> None:
+        with self._on_device():
+            self.step_.keep_rows(live)
+        new = {old: i for i, old in enumerate(live)}
+        self.counts = [self.counts[r] for r in live]
+        self.admitted = {new[r] for r in self.admitted if r in new}
+        self.idle_rows = {new[r] for r in self.idle_rows if r in new}
+
+    # --- one step -----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, held: list[LiveSequence | None]) -> tuple[list, list[int]]:
+        with self._on_device():
+            self._marks = self.step_.run(self.clock.mark)
+        self.cache.advance()
+        fed = list(self.counts)
+        self.counts = [c + 1 for c in self.counts]
+        return self._marks, fed
+
+    def lengths(self) -> list[int]:
+        return list(self.cache.lengths)
+
+    @torch.no_grad()
+    def compact(self, rows: list[int]) -> None:
+        with self._on_device():
+            self.step_.compact(rows)
+            self._marks.append(self.clock.mark())
+
+    def record(self, log: StepLog) -> None:
+        self.logs.append(log)
+        if len(self.logs) >= self.chunk:
+            self._launch_read(log.sequences)
+
+    def _launch_read(self, held: list[LiveSequence | None]) -> None:
+        with self._on_device():
+            chunk = self.step_.state.chunk
+            if self.device.type == "cuda":
+                host = torch.empty(chunk.shape, dtype=chunk.dtype, pin_memory=True)
+                host.copy_(chunk, non_blocking=True)
+                event = torch.cuda.Event()
+                event.record()
+            else:
+                host, event = chunk.clone(), None
+            if self.idle_rows:  # rows without a sequence restart from slot 0 every chunk
+                idle = sorted(self.idle_rows)
+                self.step_.idle_rows(device_index(idle, self.device))
+                for row in idle:
+                    self.cache.lengths[row] = self.cache.next_position[row] = 0
+        now = time.perf_counter()
+        self.reads.append(_Read(list(held), set(self.admitted), self.logs, host, event, now - self.read_started))
+        self.read_started = now
+        self.admitted, self.logs = set(), []
+        self.profile.host_reads += 1
+
+    def finishing(self, held: list[LiveSequence | None]) -> bool:
+        """When every row's sequence has chosen the last token it may (max_new_tokens), no step is needed to know
+        how they end: start a read of what is there now and let the next poll take every chunk at once."""
+        if any(seq is not None and self.counts[r] < seq.limit - 1 for r, seq in enumerate(held)):
+            return False
+        if self.logs or self.admitted:
+            self._launch_read(held)
+        self._draining = True
+        return True
+
+    # --- what the scheduler learns ------------------------------------------------------------------
+    def poll(self) -> Poll:
+        """The tokens and timings of the oldest chunk, once the next one has been started (one chunk late); every
+        chunk when finishing."""
+        poll = Poll()
+        while len(self.reads) >= 2 or (self._draining and self.reads):
+            read = self.reads.popleft()
+            if read.event is not None:
+                read.event.synchronize()
+            rows = read.host.tolist()
+            steps = len(read.logs)
+            poll.tokens += [
+                (seq, ([rows[r][0]] if r in read.admitted else []) + rows[r][1 : 1 + steps])
+                for r, seq in enumerate(read.held)
+                if seq is not None
+            ]
+            poll.settled += self._settle(read)
+            poll.wall_s += read.wall_s
+        return poll
+
+    def _settle(self, read: _Read) -> list[tuple[StepLog, float, float]]:
+        """Stage times of the chunk's steps (CUDA events on a GPU); the chunk's wall clock is split over its steps
+        in proportion to their device time."""
+        profile, clock = self.profile, self.clock
+        stages = [[clock.seconds(a, b) for a, b in zip(log.marks, log.marks[1:])] for log in read.logs]
+        for s in stages:
+            profile.forward_s += s[0]
+            profile.scoring_s += s[1]
+            profile.sampling_s += s[2]
+            profile.eviction_s += s[3] if len(s) > 3 else 0.0
+        device_total = sum(sum(s) for s in stages)
+        profile.wall_s += read.wall_s
+        profile.steps += len(read.logs)
+        return [
+            (log, read.wall_s * sum(s) / device_total if device_total > 0 else 0.0, s[0])
+            for log, s in zip(read.logs, stages)
+        ]
+
+    def flush(self) -> float:
+        """Wall time of the chunks never read (their tokens belong to sequences already ended)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        wall = sum(r.wall_s for r in self.reads) + time.perf_counter() - self.read_started
+        self.reads.clear()
+        self.profile.wall_s += wall
+        return wall
+
+    def bytes_per_token(self) -> int:
+        return self.cache.bytes_per_token()
+
+    def close(self) -> None:
+        self.profile.capture_s += self.step_.capture_s
+        self.profile.captures += self.step_.captures
+        self.profile.graphs = bool(self.step_.graphs)
+        self._attention.__exit__(None, None, None)
