@@ -76,7 +76,11 @@ class EagerStepper:
         ctx = StepContext(mask=mask, observer=self.observer, cache=cache, positions=positions)
         tokens = self.pending[:, None]
         hidden = engine.decoder(
-            input_ids=tokens, position_ids=positions[:, None], past_key_values=cache, use_cache=True, dynts_ctx=ctx
+            input_ids=tokens,
+            position_ids=positions[:, None],
+            **engine.loaded.with_cache(cache),
+            use_cache=True,
+            dynts_ctx=ctx,
         ).last_hidden_state
         logits = engine.lm_head(hidden[:, -1])
         engine.synchronize()

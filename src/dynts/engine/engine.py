@@ -170,7 +170,11 @@ class Engine:
             observer = self.policy
         ctx = StepContext(prefill_row=row, observer=observer, cache=cache, positions=positions)
         hidden = self.decoder(
-            input_ids=tokens, position_ids=positions[None], past_key_values=cache, use_cache=True, dynts_ctx=ctx
+            input_ids=tokens,
+            position_ids=positions[None],
+            **self.loaded.with_cache(cache),
+            use_cache=True,
+            dynts_ctx=ctx,
         ).last_hidden_state
         self.admit_run(cache, row, tokens, positions, hidden, is_prompt, in_answer)
         return hidden

@@ -130,9 +130,8 @@ class Scheduler:
                 admitted = False
                 for seq in ended:
                     yield seq.request, self._result(seq, run, stepper)
-                for row, seq in enumerate(held):
-                    if seq is None or not seq.finished:
-                        continue
+                ending = [row for row, seq in enumerate(held) if seq is not None and seq.finished]
+                for row in ending:
                     held[row] = None
                     nxt = next(queue, None) if waiting else None
                     if nxt is None:
@@ -146,6 +145,8 @@ class Scheduler:
                 live = [row for row, seq in enumerate(held) if seq is not None]
                 if not live:
                     run.decode_time_s += stepper.flush()
+                    if len(ending) < len(held):  # the cache keeps the rows of the last sequences, for inspection
+                        stepper.release(ending)
                     return
                 if not waiting and len(live) < len(held) and self._release_now(stepper, len(live), len(held)):
                     stepper.release(live)

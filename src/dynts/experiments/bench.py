@@ -148,7 +148,7 @@ def eager_transformers_loop(loaded, prompts: list[list[int]], new_tokens: int) -
         input_ids=ids,
         attention_mask=mask,
         position_ids=positions,
-        past_key_values=cache,
+        **loaded.with_cache(cache),
         use_cache=True,
         logits_to_keep=1,
     )
@@ -164,7 +164,11 @@ def eager_transformers_loop(loaded, prompts: list[list[int]], new_tokens: int) -
             mask = torch.cat([mask, mask.new_ones(len(prompts), 1)], dim=-1)
             position = position + 1
         logits = model(
-            input_ids=token[:, None], attention_mask=mask, position_ids=position, past_key_values=cache, use_cache=True
+            input_ids=token[:, None],
+            attention_mask=mask,
+            position_ids=position,
+            **loaded.with_cache(cache),
+            use_cache=True,
         ).logits[:, -1]
         sync()
         forward_s += time.perf_counter() - t0

@@ -22,6 +22,7 @@ from dynts.fast.attention import StaticStepContext
 from dynts.fast.host_sync import HostSyncGuard
 from dynts.fast.sampling import MASK32, choose_tokens
 from dynts.fast.static_cache import StaticBudgetedCache
+from dynts.models.loading import cache_keyword
 from dynts.policies import Policy, TokenBatch
 from dynts.policies.selection import keep_slots
 
@@ -89,6 +90,7 @@ class StaticStep:
         compile_forward: bool = False,
     ):
         self.decoder, self.lm_head, self.policy = decoder, lm_head, policy
+        self.cache_keyword = {cache_keyword(decoder): cache}
         self.cache, self.state, self.sampling, self.kernel = cache, state, sampling, kernel
         self.device = cache.device
         self.observer = policy if policy.observes_attention else None
@@ -123,7 +125,7 @@ class StaticStep:
             input_ids=s.tokens[:, None],
             position_ids=s.positions[:, None],
             attention_mask=mask,
-            past_key_values=self.cache,
+            **self.cache_keyword,
             use_cache=True,
             dynts_ctx=ctx,
         ).last_hidden_state

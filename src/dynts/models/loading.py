@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import inspect
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +46,18 @@ class LoadedModel:
     @property
     def hidden_size(self) -> int:
         return self.model.config.hidden_size
+
+    def with_cache(self, cache) -> dict:
+        """{keyword: cache} for a forward of this model (see cache_keyword)."""
+        if "cache_keyword" not in self.extra:
+            self.extra["cache_keyword"] = cache_keyword(self.model.get_decoder())
+        return {self.extra["cache_keyword"]: cache}
+
+
+def cache_keyword(decoder) -> str:
+    """The keyword a forward takes the KV cache by: `cache` from transformers 5.24 on (`past_key_values` is
+    deprecated there), `past_key_values` before."""
+    return "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
 
 
 def default_device() -> str:

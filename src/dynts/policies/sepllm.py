@@ -68,5 +68,5 @@ class SepLLMPolicy(Policy):
     def score_older(self, cache, row, older):
         scores = slot_index_scores(older, cache.device)
         scores = scores + cache.slot["separator"][row, :older].float() * self.SEPARATOR_BONUS
-        scores[: self.config.sinks] = float("inf")
+        scores[: self.config.sinks].fill_(float("inf"))  # fill_, not a Python scalar copied in: no host data
         return scores

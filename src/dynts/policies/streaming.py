@@ -33,5 +33,5 @@ class StreamingPolicy(Policy):
     def score_older(self, cache, row, older):
         # Sinks never move: they are kept at every compaction and slots keep original order.
         scores = slot_index_scores(older, cache.device)
-        scores[: self.config.sinks] = float("inf")
+        scores[: self.config.sinks].fill_(float("inf"))  # fill_, not a Python scalar copied in: no host data
         return scores
