@@ -1,12 +1,12 @@
 """`dynts eval`: benchmarks -> engine -> result store -> report.
 
-Every finished sample is appended to OUT/samples.jsonl as its batch finishes; a rerun skips what is stored.
-Each sample's sampler is seeded from (seed, dataset, id, sample index), so a sample's text does not depend
-on batching, on what was already done, on how many samples were asked for, or on where it was generated.
+Every sample is appended to OUT/samples.jsonl the moment it ends; a rerun skips what is stored. Each
+sample's sampler is seeded from (seed, dataset, id, sample index), so a sample's text does not depend on
+batching, on what was already done, on how many samples were asked for, or on where it was generated.
 
-A run is: plan -> the pending work units (batches of samples not yet stored) -> an executor that yields
-finished units -> this driver, which grades each sample and appends it to the store. The local executor runs
-the units here; `dynts.distributed.RayExecutor` runs the same units on Ray workers (executor.py).
+A run is: plan -> the pending work units (streams of samples not yet stored) -> an executor that yields each
+sample as it ends -> this driver, which grades it and appends it to the store. The local executor runs the
+units here; `dynts.runtime.ray_executor.RayExecutor` runs the same units on Ray workers (executor.py).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from pathlib import Path
 
 from dynts import __version__
 from dynts.engine.engine import Engine
+from dynts.engine.requests import Request
 from dynts.errors import DynTSError
 from dynts.harness.datasets import Problem, load_dataset
 from dynts.harness.prompts import DEFAULT_SHUFFLE_SEED, question_text
@@ -137,14 +138,34 @@ def prepare_runs(host, jobs: list[tuple[EngineSpec, EvalPlan, list[Problem]]]) -
     return manifests, prompts
 
 
-def generate_unit(host, spec: EngineSpec, prompts: list[list[int]], seeds: list[int]) -> list[dict]:
-    """Task: decode one batch; per sequence its text, token ids and statistics."""
+@dataclass(frozen=True)
+class SampleRequest:
+    """What a worker needs to decode one sample, and its key (dataset, id, sample): small and hashable, so a
+    streaming task can name what came back."""
+
+    key: tuple[str, str, int]
+    prompt_ids: tuple[int, ...]
+    seed: int
+
+
+def generate_stream(host, spec: EngineSpec, items: tuple[SampleRequest, ...]):
+    """Streaming task: decode the samples with continuous batching, yielding (item, result) as each ends."""
     engine = host.engine(spec)
+    requests = (Request(item.prompt_ids, item.seed, key=item) for item in items)
     try:
-        output = engine.generate(prompts, seeds=seeds)
+        for request, result in engine.stream(requests):
+            yield request.key, {"text": result.text, "token_ids": result.token_ids, "stats": result.stats.to_dict()}
     finally:
-        engine.last_cache = None  # a cached engine must not pin the KV memory of its last batch
-    return [{"text": r.text, "token_ids": r.token_ids, "stats": r.stats.to_dict()} for r in output.results]
+        engine.last_cache = None  # a cached engine must not pin the KV memory of its last stream
+
+
+def split_units(items: list, parallelism: int, batch_size: int) -> list[list]:
+    """One unit for a single executor (every row stays busy until the work runs out); else about two per worker,
+    each big enough to fill the rows, so workers share the tail."""
+    if parallelism <= 1 or len(items) <= batch_size:
+        return [items] if items else []
+    size = max(batch_size, -(-len(items) // (2 * parallelism)))
+    return [items[i : i + size] for i in range(0, len(items), size)]
 
 
 def run_eval(
@@ -181,8 +202,9 @@ def run_evals(
 ) -> list[dict]:
     """Run (or resume) several evaluations through one executor; returns each job's metrics.
 
-    Plan -> pending work units (the samples not yet stored, in batches of batch_size) -> the executor yields
-    finished units in any order -> this driver grades and appends each sample to its job's store. A sample
+    Plan -> pending work units (the samples not yet stored; one stream per job here, about two per worker on
+    Ray) -> the executor yields each sample the moment it ends, in any order -> this driver grades it and appends
+    it to its job's store (written and fsynced at once, so a kill loses only sequences in flight). A sample
     already stored is never written twice. on_done(job index, metrics) is called when a job's last sample is
     stored (its report is written by then)."""
     from tqdm import tqdm
@@ -200,6 +222,8 @@ def run_evals(
         for job, manifest in zip(jobs, manifests):
             stores.append(ResultStore(job.out_dir, {**manifest, **(job.extra_manifest or {})}))
         tasks, remaining, total, finished, correct = [], [0] * len(jobs), 0, 0, 0
+        work: dict[tuple, WorkItem] = {}
+        parallelism = getattr(executor, "parallelism", 1)
         for j, (job, store) in enumerate(zip(jobs, stores)):
             done = store.done_keys()
             wanted = {(p.dataset, p.id, s) for p in problems[j] for s in range(job.plan.samples)}
@@ -213,17 +237,14 @@ def run_evals(
                 for s in range(job.plan.samples)
                 if (p.dataset, p.id, s) not in done
             ]
-            size = job.engine.batch_size
-            for start in range(0, len(todo), size):
-                items = todo[start : start + size]
-                tasks.append(
-                    Task(
-                        generate_unit,
-                        (job.engine, [list(i.prompt_ids) for i in items], [i.seed for i in items]),
-                        tag=(j, items),
-                    )
+            for item in todo:
+                work[j, item.problem.dataset, item.problem.id, item.sample] = item
+            remaining[j] = len(todo)
+            for unit in split_units(todo, parallelism, job.engine.batch_size):
+                items = tuple(
+                    SampleRequest((i.problem.dataset, i.problem.id, i.sample), i.prompt_ids, i.seed) for i in unit
                 )
-                remaining[j] += 1
+                tasks.append(Task(generate_stream, (job.engine,), tag=j, items=items))
 
         def finish(j: int) -> None:
             stores[j].close()
@@ -238,16 +259,17 @@ def run_evals(
             total=total, initial=finished, unit="sample", desc="eval", disable=not progress or None, dynamic_ncols=True
         )
         live = {"tokens": 0, "time": 0.0}
-        for task, results in executor.run(tasks):
-            j, items = task.tag
-            for item, result in zip(items, results):
-                record = build_record(
-                    item.problem, item.sample, result["text"], result["stats"], shuffle_seed=jobs[j].plan.shuffle_seed
-                )
-                record["token_ids"] = result["token_ids"]
-                record["prompt_ids"] = list(item.prompt_ids)
-                if not stores[j].append(record):
-                    continue  # a unit that ran twice (its first worker died after finishing it)
+        for task, (sample, result) in executor.run(tasks):
+            j = task.tag
+            item = work.pop((j, *sample.key), None)
+            if item is None:
+                continue  # delivered twice (a worker died after sending it): stored already
+            record = build_record(
+                item.problem, item.sample, result["text"], result["stats"], shuffle_seed=jobs[j].plan.shuffle_seed
+            )
+            record["token_ids"] = result["token_ids"]
+            record["prompt_ids"] = list(item.prompt_ids)
+            if stores[j].append(record):
                 correct += bool(record["correct"])
                 live["tokens"] += result["stats"]["generated_tokens"]
                 live["time"] += result["stats"]["time_share_s"]

@@ -2,18 +2,18 @@
 
 Why it works this way: `dynts eval`, `collect`, `label` and `sweep` split their work into *tasks* — a
 module-level function called as ``fn(host, *args)`` with a `ModelHost` (one loaded model) as its first
-argument. The driver plans the tasks, an executor runs them and yields each result as it finishes, and the
-driver alone writes files. `LocalExecutor` runs tasks one after another in this process;
-`dynts.distributed.RayExecutor` deals the same tasks to Ray actors, each holding its own `ModelHost`. Since a
-task's result depends only on its arguments and the model (per-sample seeds travel with the task), where it
-runs does not change what is stored.
+argument. The driver plans the tasks, an executor runs them and yields each result as it finishes (for a
+streaming task, each part as it is done), and the driver alone writes files. `LocalExecutor` runs tasks one
+after another in this process; `dynts.runtime.ray_executor.RayExecutor` deals the same tasks to Ray actors,
+each holding its own `ModelHost`. Since a task's result depends only on its arguments and the model
+(per-sample seeds travel with the task), where it runs does not change what is stored.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from dynts.api import make_engine
@@ -62,11 +62,21 @@ def options_key(options: dict[str, Any] | None) -> tuple[tuple[str, Any], ...]:
 
 @dataclass(frozen=True)
 class Task:
-    """One unit of work: ``fn(host, *args)``; tag stays with the driver (it is never sent to a worker)."""
+    """One unit of work: ``fn(host, *args)``; tag stays with the driver (it is never sent to a worker).
+
+    A streaming task has `items` (hashable keys of what it works on): it is called ``fn(host, *args, items)`` and
+    yields ``(item, result)`` as each item is done, and the executor passes each on as it comes, so the driver can
+    store it at once. An item that came back is never redone, even if the worker dies after it."""
 
     fn: Callable[..., Any]
     args: tuple = ()
     tag: Any = None
+    items: tuple | None = None
+
+    def without(self, done: set) -> Task | None:
+        """The same task for the items not in `done` (None when nothing is left)."""
+        left = tuple(item for item in self.items if item not in done)
+        return replace(self, items=left) if left else None
 
 
 class ModelHost:
@@ -112,6 +122,8 @@ class ModelHost:
 class LocalExecutor:
     """Runs tasks in this process, in the order given, on one model."""
 
+    parallelism = 1  # tasks it runs at once
+
     def __init__(self, loaded, engines: dict | None = None):
         self.host = ModelHost(loaded, engines)
 
@@ -119,8 +131,13 @@ class LocalExecutor:
         return fn(self.host, *args)
 
     def run(self, tasks: Iterable[Task]) -> Iterator[tuple[Task, Any]]:
+        """(task, result) per task; for a streaming task (task, (item, result)) per item, as each is done."""
         for task in tasks:
-            yield task, task.fn(self.host, *task.args)
+            if task.items is None:
+                yield task, task.fn(self.host, *task.args)
+            else:
+                for part in task.fn(self.host, *task.args, task.items):
+                    yield task, part
 
     def close(self) -> None:
         pass

@@ -7,7 +7,8 @@ Why it works this way:
 * A worker is a Ray actor holding one `ModelHost` (executor.py): one loaded model, engines built on demand,
   so units of different sweep cells can go to the same actors. The driver keeps at most `inflight` tasks
   queued per actor and waits on their futures (`ray.wait`): every worker stays busy, memory stays bounded.
-* Results stream back to the driver, which alone writes files (evaluate.run_evals, labels.label_store):
+* Results stream back to the driver, which alone writes files (evaluate.run_evals, labels.label_store); an
+  eval unit is a streaming task whose samples come back one by one as they end (a Ray streaming generator):
   the same files and the same resume semantics as a local run, whichever executor produced them.
 * Faults: when an actor dies (killed process, lost node) its unfinished tasks go back to the front of the
   queue and a fresh actor replaces it. A task whose worker died more than `max_retries` times ends the run
@@ -109,11 +110,16 @@ class Worker:
     def run(self, fn: Callable[..., Any], args: tuple) -> Any:
         return fn(self.host, *args)
 
+    def run_stream(self, fn: Callable[..., Any], args: tuple, items: tuple):
+        """A streaming task: its parts go back one by one as they are done (a Ray streaming generator)."""
+        yield from fn(self.host, *args, items)
+
 
 @dataclass
 class _Pending:
     task: Any
     attempts: int = 0
+    received: set = field(default_factory=set)  # items of a streaming task that came back
 
 
 @dataclass
@@ -150,6 +156,11 @@ class RayExecutor:
             self.close()
             raise
 
+    @property
+    def parallelism(self) -> int:
+        """Tasks it runs at once: one per worker."""
+        return self.config.workers
+
     # -- public ------------------------------------------------------------------------------------
     def call(self, fn: Callable[..., Any], *args) -> Any:
         """Run one task on some worker and return its result."""
@@ -160,7 +171,9 @@ class RayExecutor:
         raise DynTSError("a Ray task returned no result")  # not reached: run yields once per task
 
     def run(self, tasks: Iterable) -> Iterator[tuple[Any, Any]]:
-        """Yield (task, result) as tasks finish, in any order; each task exactly once."""
+        """Yield (task, result) as tasks finish, in any order; each task exactly once. A streaming task yields
+        (task, (item, result)) per item as the worker finishes it; if its worker dies, only the items that did not
+        come back run again."""
         ray = self.ray
         queue = deque(_Pending(task) for task in tasks)
         try:
@@ -176,10 +189,21 @@ class RayExecutor:
                 if pending is None:
                     self._on_ready(slot, ref, queue)
                     continue
-                del slot.inflight[ref]
                 try:
-                    result = ray.get(ref)
+                    if pending.task.items is None:
+                        del slot.inflight[ref]
+                        result = ray.get(ref)
+                    else:
+                        try:
+                            part = ray.get(next(ref))
+                        except StopIteration:
+                            del slot.inflight[ref]
+                            continue
+                        pending.received.add(part[0])
+                        yield pending.task, part
+                        continue
                 except self._lost as exc:
+                    slot.inflight.pop(ref, None)
                     self._replace(slot, queue, exc, failed=(pending,))
                     continue
                 except ray.exceptions.RayTaskError as exc:
@@ -233,7 +257,12 @@ class RayExecutor:
             if len(slot.inflight) >= self.config.inflight:
                 return
             pending = queue.popleft()
-            slot.inflight[slot.actor.run.remote(pending.task.fn, pending.task.args)] = pending
+            task = pending.task
+            if task.items is None:
+                ref = slot.actor.run.remote(task.fn, task.args)
+            else:
+                ref = slot.actor.run_stream.options(num_returns="streaming").remote(task.fn, task.args, task.items)
+            slot.inflight[ref] = pending
 
     def _on_ready(self, slot: _Slot, ref, queue: deque) -> None:
         try:
@@ -248,11 +277,18 @@ class RayExecutor:
         slot.ready_ref, slot.info = None, info
 
     def _replace(self, slot: _Slot, queue: deque, exc: BaseException, failed: tuple = ()) -> None:
-        """The slot's actor died: its unfinished tasks go first in line again, and a fresh actor takes its place."""
-        lost = [*failed, *slot.inflight.values()]
-        slot.inflight.clear()
-        for pending in lost:
+        """The slot's actor died: its unfinished tasks (of a streaming task, the items that did not come back) go
+        first in line again, and a fresh actor takes its place."""
+        lost = []
+        for pending in [*failed, *slot.inflight.values()]:
+            if pending.task.items is not None:
+                rest = pending.task.without(pending.received)
+                if rest is None:
+                    continue
+                pending = _Pending(rest, pending.attempts)
             pending.attempts += 1
+            lost.append(pending)
+        slot.inflight.clear()
         queue.extendleft(reversed(lost))
         self.restarts += 1
         if any(p.attempts > self.config.max_retries for p in lost) or self.restarts > self.config.workers * (
