@@ -109,6 +109,10 @@ def test_cli_table_json_and_markdown_for_runs_differing_by_one_problem(tmp_path)
     assert "| B | aime24 | 30 | 90 |" in markdown and "permutation" in markdown
     # seeded: the same runs give the same comparison
     assert compare_runs([a, b]) == compare_runs([a, b])
+    itself = compare_runs([a, a])  # a run against itself: no difference, labelled apart
+    assert [r["label"] for r in itself["runs"]] == [f"{a}#1", f"{a}#2"]
+    mine = rows_of(itself, f"{a}#2")["aime24"]
+    assert mine["diff"] == 0 and mine["diff_ci"] == [0.0, 0.0] and mine["p_value"] == 1.0
 
 
 def test_speed_length_and_truncation_figures(tmp_path):

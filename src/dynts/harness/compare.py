@@ -92,7 +92,8 @@ class Shared:
 
 
 def load_runs(directories: list[str | os.PathLike]) -> list[Run]:
-    """The runs to compare, labelled by their directory names (their paths when names repeat)."""
+    """The runs to compare, labelled by their directory names (their paths when names repeat, and #N after a
+    directory given twice)."""
     if len(directories) < 2:
         raise DynTSError("compare needs at least two run directories (the first is the baseline)")
     paths = [Path(d) for d in directories]
@@ -104,6 +105,7 @@ def load_runs(directories: list[str | os.PathLike]) -> list[Run]:
             raise DynTSError(f"{path} is not a dynts run or sweep-cell directory (no {MANIFEST_FILE}){hint}")
     names = [p.name or str(p) for p in paths]
     labels = names if len(set(names)) == len(names) else [str(p) for p in paths]
+    labels = [label if labels.count(label) == 1 else f"{label}#{i + 1}" for i, label in enumerate(labels)]
     runs = []
     for label, path in zip(labels, paths):
         records = read_records(path)
