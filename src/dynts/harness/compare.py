@@ -172,10 +172,10 @@ def compare_runs(directories: list[str | os.PathLike], bootstrap: BootstrapConfi
             per_run[run.label][dataset].update(_paired(base, records[run.label], dataset, bootstrap))
     datasets = list(shared.problems)
     for dataset in datasets + ([MEAN] if len(datasets) > 1 else []):
-        base_figures = _mean_figures(per_run[runs[0].label], bootstrap) if dataset == MEAN else None
+        base_figures = _mean_figures(per_run[runs[0].label]) if dataset == MEAN else None
         for i, run in enumerate(runs):
             if dataset == MEAN:
-                figures = _mean_figures(per_run[run.label], bootstrap, paired=i > 0)
+                figures = _mean_figures(per_run[run.label], paired=i > 0)
                 baseline = base_figures
             else:
                 figures, baseline = per_run[run.label][dataset], per_run[runs[0].label][dataset]
@@ -304,7 +304,7 @@ def comparison_markdown(comparison: dict) -> str:
 
 
 # --------------------------------------------------------------------------- #
-# Figures
+# The numbers of one run on the shared samples
 # --------------------------------------------------------------------------- #
 
 
@@ -351,7 +351,7 @@ def _paired(base: list[list[dict]], other: list[list[dict]], dataset: str, boots
     }
 
 
-def _mean_figures(by_dataset: dict[str, dict], bootstrap: BootstrapConfig, paired: bool = False) -> dict:
+def _mean_figures(by_dataset: dict[str, dict], paired: bool = False) -> dict:
     """The unweighted mean over datasets, replicates averaged replicate by replicate."""
     rows = list(by_dataset.values())
     out: dict[str, Any] = {
