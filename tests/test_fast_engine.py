@@ -26,6 +26,7 @@ from dynts.fast.static_cache import StaticBudgetedCache
 from dynts.fast.step import DecodeState, StaticStep
 from dynts.models.importance_head import random_head
 from dynts.policies import POLICIES
+from dynts.policies.options import parse_spec
 from dynts.policies.window import WindowPolicy
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -397,10 +398,11 @@ def test_triton_split_k_kernel_interpreted():
 # --- CUDA: graphs, kernels, bf16 (skipped without a GPU) -------------------------------------------------------
 @cuda
 @pytest.mark.parametrize("kernel", ["sdpa", "triton"])
-@pytest.mark.parametrize("name", ["window", "dynts", "h2o", "snapkv"])
-def test_cuda_graphs_match_eager_fp32(make_tiny, kernel, name):
+@pytest.mark.parametrize("spec", ["window", "dynts", "h2o", "snapkv", "h2o:scope=shared", "rkv:scope=shared"])
+def test_cuda_graphs_match_eager_fp32(make_tiny, kernel, spec):
     if kernel == "triton":
         pytest.importorskip("triton")
+    name, options = parse_spec(spec)
     lm = make_tiny("qwen2")
     lm.model.to("cuda")
     eager, fast = pair(
@@ -408,6 +410,7 @@ def test_cuda_graphs_match_eager_fp32(make_tiny, kernel, name):
         name,
         SamplingConfig(greedy=True, max_new_tokens=45, ignore_eos=True),
         fast=FastConfig(graphs=True, kernel=kernel, check_every=16, sync_check=True),
+        options=options,
     )
     a, b = eager.generate(PROMPTS), fast.generate(PROMPTS)
     assert fast.last_profile.captures == 1
