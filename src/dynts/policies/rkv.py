@@ -46,13 +46,11 @@ class RKVConfig:
 def redundancy(keys: torch.Tensor, threshold: float) -> torch.Tensor:
     """keys [heads, L, d] (the whole cache) -> redundancy [heads, L], a softmax over the L keys."""
     unit = keys.float() / (keys.float().norm(dim=-1, keepdim=True) + 1e-8)
-    sim = unit @ unit.transpose(-1, -2)  # [heads, L, L]
-    n = sim.shape[-1]
-    index = torch.arange(n, device=keys.device)
-    sim = sim.masked_fill(index[:, None] == index[None, :], 0.0)
-    near = sim > threshold
-    newest = torch.where(near, index, -1).amax(dim=-1, keepdim=True)  # [heads, L, 1]; -1: no near-duplicate
-    sim = sim.masked_fill(index == newest, 0.0)  # exempt each row's most recent near-duplicate
+    sim = unit @ unit.transpose(-1, -2)  # [heads, L, L]; updated in place below, it is the largest tensor here
+    sim.diagonal(dim1=-2, dim2=-1).zero_()
+    slot = torch.arange(1, sim.shape[-1] + 1, device=keys.device, dtype=sim.dtype)  # slot index + 1
+    newest = (sim > threshold).to(sim.dtype).mul_(slot).amax(dim=-1, keepdim=True)  # [heads, L, 1]; 0: none
+    sim.masked_fill_(slot == newest, 0.0)  # exempt each row's most recent near-duplicate
     return sim.mean(dim=-2).softmax(dim=-1)
 
 
