@@ -26,6 +26,7 @@ from dynts.fast.static_cache import StaticBudgetedCache
 from dynts.fast.step import DecodeState, StaticStep
 from dynts.models.importance_head import random_head
 from dynts.policies import POLICIES
+from dynts.policies.options import parse_spec
 from dynts.policies.window import WindowPolicy
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -41,13 +42,21 @@ def budget_for(name, budget=28, window=4, ratio=0.5):
     )
 
 
-def pair(lm, name, sampling, budget=None, fast=None, batch_size=3):
-    """An eager Engine and a FastEngine (sync guard on) with the same settings and the same head."""
+def pair(lm, name, sampling, budget=None, fast=None, batch_size=3, options=None):
+    """An eager Engine and a FastEngine (sync guard on) with the same settings, options and head."""
     budget = budget or budget_for(name)
     head = random_head(lm.hidden_size) if name.startswith("dynts") else None
-    eager = Engine(lm, name, budget, sampling, batch_size, head=head, trace_steps=True)
+    eager = Engine(lm, name, budget, sampling, batch_size, head=head, trace_steps=True, policy_options=options)
     fast = FastEngine(
-        lm, name, budget, sampling, batch_size, head=head, trace_steps=True, fast=fast or FastConfig(sync_check=True)
+        lm,
+        name,
+        budget,
+        sampling,
+        batch_size,
+        head=head,
+        trace_steps=True,
+        fast=fast or FastConfig(sync_check=True),
+        policy_options=options,
     )
     return eager, fast
 
@@ -110,6 +119,23 @@ def test_tiny_models_match_eager(make_tiny, kind, name):
         assert all(r.stats.compressions >= 1 for r in b.results)
     assert_same_cache(eager.last_cache, fast.last_cache)
     assert fast.last_profile.steps == 44 and fast.last_profile.host_reads == 44  # check_every 1 on a CPU: a read a step
+
+
+@pytest.mark.parametrize(
+    "name, options",
+    [("h2o", {"scope": "shared"}), ("snapkv", {"scope": "shared"}), ("rkv", {"scope": "shared"})]
+    + [("window", {"protect_prompt": True}), ("dynts-random", {"keep_protected": True})],
+)
+def test_policy_options_match_eager(make_tiny, name, options):
+    """Shared-scope baselines (one index set: 1-D keep through compact_rows) and the option variants give the
+    fast path the same tokens and caches as the eager engine."""
+    lm = make_tiny("qwen2")
+    eager, fast = pair(lm, name, SamplingConfig(greedy=True, max_new_tokens=45, ignore_eos=True), options=options)
+    assert not eager.policy.per_head and not fast.policy.per_head
+    a, b = eager.generate(PROMPTS), fast.generate(PROMPTS)
+    assert_same_run(a, b)
+    assert all(r.stats.compressions >= 1 for r in b.results)
+    assert_same_cache(eager.last_cache, fast.last_cache)
 
 
 @pytest.mark.slow
@@ -208,7 +234,7 @@ def test_guarded_step_rejects_a_syncing_policy(make_tiny):
         engine.generate(PROMPTS)
 
 
-@pytest.mark.parametrize("name, greedy", [("dynts", False), ("h2o", True), ("snapkv", True)])
+@pytest.mark.parametrize("name, greedy", [("dynts", False), ("h2o", True), ("snapkv", True), ("rkv", True)])
 def test_step_and_compaction_read_nothing_back(make_tiny, name, greedy):
     """On the meta device tensors hold no values, so any read (.item(), .tolist(), a data-dependent shape) fails:
     a whole step and a compaction running there never wait for the device."""
@@ -372,10 +398,11 @@ def test_triton_split_k_kernel_interpreted():
 # --- CUDA: graphs, kernels, bf16 (skipped without a GPU) -------------------------------------------------------
 @cuda
 @pytest.mark.parametrize("kernel", ["sdpa", "triton"])
-@pytest.mark.parametrize("name", ["window", "dynts", "h2o", "snapkv"])
-def test_cuda_graphs_match_eager_fp32(make_tiny, kernel, name):
+@pytest.mark.parametrize("spec", ["window", "dynts", "h2o", "snapkv", "h2o:scope=shared", "rkv:scope=shared"])
+def test_cuda_graphs_match_eager_fp32(make_tiny, kernel, spec):
     if kernel == "triton":
         pytest.importorskip("triton")
+    name, options = parse_spec(spec)
     lm = make_tiny("qwen2")
     lm.model.to("cuda")
     eager, fast = pair(
@@ -383,6 +410,7 @@ def test_cuda_graphs_match_eager_fp32(make_tiny, kernel, name):
         name,
         SamplingConfig(greedy=True, max_new_tokens=45, ignore_eos=True),
         fast=FastConfig(graphs=True, kernel=kernel, check_every=16, sync_check=True),
+        options=options,
     )
     a, b = eager.generate(PROMPTS), fast.generate(PROMPTS)
     assert fast.last_profile.captures == 1

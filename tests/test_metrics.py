@@ -142,3 +142,55 @@ def test_summarize_empty():
     result = summarize([])
     assert result["datasets"] == {} and result["mean"]["n_problems"] == 0
     assert result["mean"]["pass@1"] is None
+
+
+def test_summarize_intervals_lengths_and_truncation():
+    records = []
+    for i in range(12):
+        for s in range(3):
+            length = 100 * (i + 1) + s
+            reason = "length" if i >= 9 else "eos"  # the 3 longest problems hit max_new_tokens
+            records.append(
+                record("a", f"p{i}", s, (i + s) % 3 == 0, "1", generated_tokens=length, finish_reason=reason)
+            )
+    records.append(record("b", "q0", 0, True, "1", generated_tokens=50))  # no finish reason recorded
+    result = summarize(records)
+    a, b, mean = result["datasets"]["a"], result["datasets"]["b"], result["mean"]
+    assert list(a)[list(a).index("pass@1") + 1] == "pass@1_ci"
+    lo, hi = a["pass@1_ci"]
+    assert lo < a["pass@1"] < hi and 0 <= lo and hi <= 1
+    assert b["pass@1_ci"] == [1.0, 1.0]
+    mlo, mhi = mean["pass@1_ci"]
+    assert mlo < mean["pass@1"] < mhi
+    assert result["bootstrap"]["seed"] == 0 and result["bootstrap"]["resamples"] == 2000
+    assert summarize(records) == result  # seeded: the same records give the same intervals
+
+    lengths = sorted(100 * (i + 1) + s for i in range(12) for s in range(3))
+    assert a["mean_generated_tokens"] == pytest.approx(sum(lengths) / 36)
+    assert a["median_generated_tokens"] == pytest.approx((lengths[17] + lengths[18]) / 2)
+    position = 0.9 * 35  # numpy's linear interpolation between order statistics
+    low = lengths[int(position)]
+    assert a["p90_generated_tokens"] == pytest.approx(low + (position % 1) * (lengths[int(position) + 1] - low))
+    assert a["truncation_rate"] == pytest.approx(9 / 36)
+    assert b["truncation_rate"] is None and b["median_generated_tokens"] == 50
+    assert mean["truncation_rate"] == pytest.approx(9 / 36)  # the mean over the datasets that recorded one
+
+
+def test_table_names_k_and_never_repeats_a_header():
+    from dynts.harness.report import format_table
+
+    one_sample = summarize([record("a", f"p{i}", 0, i % 2 == 0, "1") for i in range(4)])
+    header = format_table(one_sample).splitlines()[0].split("  ")
+    names = [h.strip() for h in header if h.strip()]
+    assert len(names) == len(set(names))
+    assert "pass@1 [95% CI]" in names and "maj@1" in names and "pass@k" not in names
+    five = summarize([record("a", f"p{i}", s, s < 2, "1") for i in range(4) for s in range(5)])
+    table = format_table(five)
+    assert "pass@5" in table and "maj@5" in table and "@k" not in table
+    lo, hi = five["datasets"]["a"]["pass@1_ci"]
+    assert f"40.0 [{100 * lo:.1f}, {100 * hi:.1f}]" in table
+    mixed = summarize(
+        [record("a", "p0", s, True, "1") for s in range(2)] + [record("b", "q0", s, True, "1") for s in range(3)]
+    )
+    table = format_table(mixed, markdown=True)
+    assert "| pass@k |" in table and "(k=2)" in table and "(k=3)" in table and "(k mixed)" in table

@@ -17,6 +17,7 @@ from dynts.kv.attention import StepContext, dynts_attention
 from dynts.kv.cache import BudgetedCache
 from dynts.models.importance_head import random_head
 from dynts.policies import POLICIES, TokenBatch, make_policy
+from dynts.policies.options import parse_spec
 from dynts.policies.rkv import redundancy
 from dynts.policies.sepllm import separator_ids
 
@@ -138,19 +139,29 @@ class Driver:
         return self.cache.slot["position"][row, : self.cache.lengths[row]].tolist()
 
 
-def policy(name, budget, window, ratio, **options):
+def policy(spec, budget, window, ratio, **context):
+    """A policy from NAME or NAME:KEY=VALUE... under B / W / r; context (head, seed) reaches the dynts policies."""
+    name, options = parse_spec(spec)
     cls = POLICIES[name][0]
     config = BudgetConfig(budget, window, ratio, allow_zero_window=cls.allows_zero_window)
     if name.startswith("dynts"):
-        options.setdefault("head", random_head(HIDDEN))
-    return make_policy(name, config, **options)
+        context.setdefault("head", random_head(HIDDEN))
+    return make_policy(name, config, options, **context)
 
 
 COMPRESSING = [name for name, (cls, _) in POLICIES.items() if cls.compresses]
+VARIANTS = [
+    "h2o:scope=shared",
+    "snapkv:scope=shared",
+    "rkv:scope=shared",
+    "window:protect_prompt=true",
+    "dynts-random:keep_protected=true",
+    "dynts-bottom:keep_protected=true",
+]
 
 
 # --- the frame every policy shares ---------------------------------------------------------------------
-@pytest.mark.parametrize("name", COMPRESSING)
+@pytest.mark.parametrize("name", COMPRESSING + VARIANTS)
 def test_kept_count_order_and_window(name):
     """Every compression keeps W + floor(r (L - W)) sorted slots ending with the W newest, per row."""
     budget, window, ratio = 40, 6, 0.45
@@ -218,6 +229,34 @@ def test_window_keeps_exactly_the_newest():
         n = window + math.floor(ratio * (budget - window))
         assert keep.tolist() == list(range(budget - n, budget))
         assert drv.positions() == list(range(fed - n, fed))
+
+
+def test_window_protect_prompt_keeps_the_prompt_and_the_newest():
+    """The prompt-protection control: the prompt survives every compression, the rest of what a compression keeps
+    is the newest tokens, the same total as Window."""
+    budget, window, ratio = 30, 5, 0.4  # keeps 5 + 10
+    drv = Driver(policy("window:protect_prompt=true", budget, window, ratio))
+    assert drv.policy.protects_prompt and not policy("window", budget, window, ratio).protects_prompt
+    drv.prefill(0, 4)
+    fed = 4
+    for _ in range(3):
+        while drv.cache.lengths[0] < budget:
+            drv.step()
+            fed += 1
+        drv.compress()
+        n = window + math.floor(ratio * (budget - window))
+        assert drv.positions() == list(range(4)) + list(range(fed - (n - 4), fed))
+
+
+def test_window_protect_prompt_needs_the_prompt_to_fit(make_tiny):
+    """A policy that protects the prompt gets the budget check prompt <= floor(r (B - W)) (here 10)."""
+    lm = make_tiny("llama", vocab_size=128)
+    budget = BudgetConfig(30, 5, 0.4)
+    protecting = Engine(lm, "window", budget, SamplingConfig(greedy=True), policy_options={"protect_prompt": True})
+    protecting.check_prompts([list(range(3, 13))])
+    with pytest.raises(DynTSError, match="floor"):
+        protecting.check_prompts([list(range(3, 14))])
+    Engine(lm, "window", budget, SamplingConfig(greedy=True)).check_prompts([list(range(3, 14))])
 
 
 def test_streaming_keeps_sinks_across_compressions():
@@ -358,6 +397,55 @@ def test_snapkv_ignores_queries_older_than_its_observation_window():
     assert keep[0, 0, :7].tolist() == list(range(17, 24))
 
 
+# --- scope: per-head (the original methods) or shared (the DynTS paper's baselines) ---------------------
+@pytest.mark.parametrize("name", ["h2o", "snapkv", "rkv"])
+def test_shared_scope_is_one_set_from_the_mean_of_per_head_scores(name):
+    """Fed the same tokens, the shared scope scores each slot with the mean over layers and KV heads of the
+    per-head scores, and keeps one index set: every layer and head then holds the same tokens."""
+    budget, window, ratio = 30, 4, 0.5
+    drivers = {}
+    for scope in ("per-head", "shared"):
+        drv = Driver(policy(f"{name}:scope={scope}", budget, window, ratio), layers=3, q_heads=4, kv_heads=2, seed=5)
+        drv.prefill(0, 10)
+        while drv.cache.lengths[0] < budget:
+            drv.step()
+        drivers[scope] = drv
+    per_head, shared = drivers["per-head"], drivers["shared"]
+    assert per_head.policy.per_head and not shared.policy.per_head
+    older = budget - window
+    by_head = per_head.policy.score_older(per_head.cache, 0, older)
+    assert by_head.shape == (3, 2, older)
+    torch.testing.assert_close(shared.policy.score_older(shared.cache, 0, older), by_head.mean(dim=(0, 1)))
+    assert per_head.policy.select(per_head.cache, 0).shape == (3, 2, window + 13)
+    keys_before = [layer.keys[0, :, :budget].clone() for layer in shared.cache.layers]
+    keep = shared.compress()
+    assert keep.shape == (window + 13,)
+    for layer, before in zip(shared.cache.layers, keys_before):
+        torch.testing.assert_close(layer.keys[0, :, : len(keep)], before[:, keep])
+
+
+def test_h2o_shared_keeps_the_best_mean_not_each_heads_best():
+    """Hand-set accumulated attention, 2 layers x 2 KV heads, 6 older slots, keep 2. Per head each picks its own
+    top two; shared picks the two best means over the four heads."""
+    budget, window, ratio = 10, 4, 1 / 3  # 6 older slots, keeps 2
+    scores = torch.tensor(
+        [
+            [[9.0, 8.0, 0.0, 0.0, 1.0, 0.0], [0.0, 0.0, 9.0, 8.0, 1.0, 0.0]],
+            [[0.0, 0.0, 0.0, 0.0, 3.0, 11.0], [1.0, 0.0, 0.0, 0.0, 3.0, 0.0]],
+        ]
+    )  # means over the 4 heads: [2.5, 2.0, 2.25, 2.0, 2.0, 2.75]
+    kept = {}
+    for scope in ("per-head", "shared"):
+        drv = Driver(policy(f"h2o:scope={scope}", budget, window, ratio), layers=2, q_heads=2, kv_heads=2)
+        drv.prefill(0, budget - 1)
+        drv.step()
+        for layer, per_layer in zip(drv.cache.layers, scores):
+            layer.slot["h2o"][0, :, :6] = per_layer
+        kept[scope] = drv.compress()
+    assert kept["per-head"][..., :2].tolist() == [[[0, 1], [2, 3]], [[4, 5], [0, 4]]]
+    assert kept["shared"].tolist() == [0, 5, 6, 7, 8, 9]  # the means 2.5 and 2.75, then the window
+
+
 # --- R-KV ----------------------------------------------------------------------------------------------
 def rkv_driver(budget, window, ratio, keys, q=None):
     drv = Driver(policy("rkv", budget, window, ratio), layers=1, q_heads=1, kv_heads=1, head_dim=keys.shape[-1])
@@ -367,20 +455,86 @@ def rkv_driver(budget, window, ratio, keys, q=None):
     return drv
 
 
+def test_redundancy_by_hand():
+    """R-KV's redundancy on four unit keys in 2-D, threshold 0.7. Every similarity is kept (also those under the
+    threshold); the threshold only finds, per row, the newest near-duplicate, whose entry is zeroed.
+
+    keys: k0 = (1, 0), k1 = (0.8, 0.6), k2 = (0, 1), k3 = (1, 0)
+    cosines: s01 = 0.8, s02 = 0, s03 = 1, s12 = 0.6, s13 = 0.8, s23 = 0; diagonal zeroed
+    near-duplicates (> 0.7): row 0 {1, 3} -> newest 3; row 1 {0, 3} -> 3; row 2 {} -> none; row 3 {0, 1} -> 1
+    rows after zeroing:  row 0 [0, .8, 0, 0]   (s03 zeroed)
+                         row 1 [.8, 0, .6, 0]  (s13 zeroed; s12 = 0.6 < 0.7 is kept)
+                         row 2 [0, .6, 0, 0]   (nothing zeroed)
+                         row 3 [1, 0, 0, 0]    (s31 zeroed)
+    column means over the 4 rows: [1.8, 1.4, 0.6, 0] / 4 = [0.45, 0.35, 0.15, 0]
+    softmax over the whole cache: exp([0.45, 0.35, 0.15, 0]) / (e^.45 + e^.35 + e^.15 + 1)
+    """
+    keys = torch.tensor([[1.0, 0.0], [0.8, 0.6], [0.0, 1.0], [1.0, 0.0]])
+    means = [0.45, 0.35, 0.15, 0.0]
+    total = sum(math.exp(m) for m in means)
+    expected = torch.tensor([math.exp(m) / total for m in means])
+    got = redundancy(keys[None], threshold=0.7)[0]
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
+
+
 def test_redundancy_exempts_the_newest_copy():
+    """Three copies of one key: the oldest is the most redundant, the newest as little as a unique key."""
     keys = torch.eye(8)
     keys[5] = keys[2]
-    keys[6] = keys[2] + 0.01 * keys[7]
+    keys[6] = keys[2]
     red = redundancy(keys[None], threshold=0.5)[0]
-    assert red[2] > red[0] and red[5] > red[0]  # older copies are redundant
-    assert red[6] == pytest.approx(float(red[0]))  # the newest copy is exempt, like a unique key
+    # rows 2 and 5 exempt their entry for 6, row 6 its entry for 5: column 2 keeps 2 ones, 5 keeps 1, 6 none
+    assert red[2] > red[5] > red[0]
+    assert red[6] == pytest.approx(float(red[0]))
     assert red[0] == pytest.approx(float(red[1]))
 
 
-def test_rkv_drops_the_older_of_two_identical_keys():
+def test_rkv_importance_by_hand():
+    """R-KV's importance: attention logits max-pooled over the KV group's query heads before the softmax, the
+    softmax over the older keys (a query sees keys up to its own slot only), averaged over the observation queries.
+
+    One KV head with two query heads (a, b), head_dim 4 (scaling 1/2), cache of 4 tokens, W = 1: older keys 0..2.
+    Keys k_j = 2 e_j are orthogonal, so the logit of query q to key j is q_j, and redundancy is uniform: every
+    column mean is 0 and the softmax over the 4 keys gives 1/4 each. observation 3: the queries of slots 1, 2, 3.
+      slot 1: a = (3, 0, 9), b = 0     -> max (3, 0, 9), key 2 is after slot 1: softmax of (3, 0) over keys 0, 1
+              = (e^3, 1, 0) / (e^3 + 1)              = (0.952574, 0.047426, 0)
+      slot 2: a = (1, 2, 0), b = (-1, -2, 0) -> max (1, 2, 0)
+              = (e, e^2, 1) / (e + e^2 + 1)          = (0.244728, 0.665241, 0.090031)
+      slot 3: a = (-1, -2, 0), b = (2, 4, 0) -> max (2, 4, 0)
+              = (e^2, e^4, 1) / (e^2 + e^4 + 1)      = (0.117310, 0.866813, 0.015876)
+    importance = mean over the 3 queries = (0.438204, 0.526493, 0.035302); kernel 1 (no pooling);
+    score = 0.1 * importance - 0.9 * 1/4.
+    """
+    keys = 2 * torch.eye(4)
+    q = torch.zeros(1, 2, 4, 4)  # [batch, q_heads, slots, head_dim]
+    q[0, 0, 1, :3] = torch.tensor([3.0, 0.0, 9.0])
+    q[0, 0, 2, :3] = torch.tensor([1.0, 2.0, 0.0])
+    q[0, 1, 2, :3] = torch.tensor([-1.0, -2.0, 0.0])
+    q[0, 0, 3, :3] = torch.tensor([-1.0, -2.0, 0.0])
+    q[0, 1, 3, :3] = torch.tensor([2.0, 4.0, 0.0])
+
+    def softmax(*logits):
+        total = sum(math.exp(x) for x in logits)
+        return [math.exp(x) / total for x in logits]
+
+    per_query = [softmax(3, 0) + [0.0], softmax(1, 2, 0), softmax(2, 4, 0)]
+    importance = [sum(p[j] for p in per_query) / 3 for j in range(3)]
+    assert importance == pytest.approx([0.438204, 0.526493, 0.035302], abs=1e-6)
+    expected = torch.tensor([0.1 * x - 0.9 * 0.25 for x in importance])
+    for scope in ("per-head", "shared"):
+        pol = make_policy("rkv", BudgetConfig(4, 1, 0.5), {"observation": 3, "kernel": 1, "scope": scope})
+        drv = Driver(pol, layers=1, q_heads=2, kv_heads=1, head_dim=4)
+        drv.prefill(0, 4, q=q, k=keys[None, None].clone())
+        got = pol.score_older(drv.cache, 0, 3)
+        assert got.shape == ((1, 1, 3) if scope == "per-head" else (3,))
+        torch.testing.assert_close(got.reshape(3), expected, atol=1e-6, rtol=1e-5)
+
+
+def test_rkv_drops_the_oldest_of_three_copies_first():
     budget, window = 24, 8  # 16 older slots
     keys = torch.eye(32)[:budget]
     keys[5] = keys[2]
+    keys[9] = keys[2]
     drv = rkv_driver(budget, window, 15 / 16, keys)  # keeps 15 of 16: exactly one goes
     kept = drv.compress()[0, 0, :15].tolist()
     assert kept == [i for i in range(16) if i != 2]
@@ -437,10 +591,11 @@ def test_dynts_scores_on_entry_and_protection():
     drv.step(in_answer=torch.tensor([[True]]))  # after </think>: protected
     assert torch.isposinf(drv.cache.slot["importance"][0, 4])
 
-    ablation = Driver(policy("dynts-noquestion", 20, 4, 0.5), layers=1)
+    ablation = Driver(policy("dynts-noquestion", 20, 4, 0.5), layers=1)  # the paper's: the prompt scores 0
     ablation.prefill(0, 3, hidden=hidden)
-    with torch.no_grad():
-        torch.testing.assert_close(ablation.cache.slot["importance"][0, :3], pol.head(hidden)[0])
+    assert ablation.cache.slot["importance"][0, :3].tolist() == [0.0, 0.0, 0.0]
+    ablation.step(hidden=h)
+    assert ablation.cache.slot["importance"][0, 3] == pytest.approx(float(expected))
 
 
 def test_dynts_top_k_with_protected():
@@ -461,35 +616,50 @@ def test_dynts_keeps_newest_protected_on_overflow():
     assert drv.policy.protected_overflow == 1
 
 
-def test_dynts_ablations_select_differently():
-    scores = [INF, INF, 0.5, 0.1, 3.0, 0.2, 2.0, 0.7, 0.3, 1.0, 0.05, 4.0, 0.4, 0.6, 5.0, 0.01]
-    kept = {}
-    for name in ("dynts", "dynts-bottom", "dynts-random"):
-        drv = dynts_driver(name)
-        set_scores(drv, scores)
-        kept[name] = drv.compress()[:8].tolist()
-    assert kept["dynts"] == [0, 1, 4, 6, 7, 9, 11, 14]
-    assert kept["dynts-bottom"] == [0, 1, 3, 5, 8, 10, 12, 15]
-    random_sets = set()
-    for seed in range(6):
-        drv = Driver(policy("dynts-random", 20, 4, 0.5, seed=seed), layers=1)
-        drv.prefill(0, 2)
-        while drv.cache.lengths[0] < 20:
-            drv.step()
-        set_scores(drv, scores)
-        chosen = drv.compress()[:8].tolist()
-        assert chosen[:2] == [0, 1]  # protected tokens survive random selection too
-        random_sets.add(tuple(chosen))
-    assert len(random_sets) >= 2  # the draw depends on the seed ...
-    assert random_sets - {tuple(kept["dynts"]), tuple(kept["dynts-bottom"])}  # ... and is neither top nor bottom
+# The ablations on hand-built scores: slots 0, 1 are the prompt (+inf), slot 7 an answer token (+inf).
+ABLATION_SCORES = [INF, INF, 0.5, 0.1, 3.0, 0.2, 2.0, INF, 0.3, 1.0, 0.05, 4.0, 0.4, 0.6, 5.0, 0.01]
 
 
-def test_dynts_noquestion_may_evict_prompt():
-    drv = dynts_driver("dynts-noquestion", prompt=6)
-    scores = [0.0] * 6 + [1.0 + i for i in range(10)]
+def kept_older(spec, scores=ABLATION_SCORES, seed=0):
+    """The 8 older slots (of 16) a compression keeps when the cache holds `scores`."""
+    drv = Driver(policy(spec, 20, 4, 0.5, seed=seed), layers=1)
+    drv.prefill(0, 2)
+    while drv.cache.lengths[0] < 20:
+        drv.step()
     set_scores(drv, scores)
-    keep = drv.compress()
-    assert keep[:8].tolist() == list(range(8, 16))
+    return drv.compress()[:8].tolist()
+
+
+def test_dynts_bottom_ignores_protection():
+    """The paper's bottom ablation keeps the 8 lowest scores; +inf ranks last, so prompt and answer go first.
+    Lowest 8: 0.01 (15), 0.05 (10), 0.1 (3), 0.2 (5), 0.3 (8), 0.4 (12), 0.5 (2), 0.6 (13)."""
+    assert kept_older("dynts-bottom") == [2, 3, 5, 8, 10, 12, 13, 15]
+    # keep_protected (the earlier variant): the 3 protected slots, then the 5 lowest
+    assert kept_older("dynts-bottom:keep_protected=true") == [0, 1, 3, 5, 7, 8, 10, 15]
+
+
+def test_dynts_random_ignores_protection():
+    """The paper's random ablation draws 8 of the 16 older slots alike: protected slots are evicted in some draws
+    (each draw keeps all three with probability C(13,5)/C(16,8) = 0.1). keep_protected keeps them always."""
+    top = kept_older("dynts")
+    assert top == [0, 1, 4, 6, 7, 9, 11, 14]
+    draws = [kept_older("dynts-random", seed=seed) for seed in range(8)]
+    assert any(not {0, 1, 7} <= set(d) for d in draws)
+    assert len({tuple(d) for d in draws}) >= 2 and all(len(set(d)) == 8 for d in draws)
+    protected = [kept_older("dynts-random:keep_protected=true", seed=seed) for seed in range(8)]
+    assert all({0, 1, 7} <= set(d) for d in protected)
+    assert len({tuple(d) for d in protected}) >= 2 and {tuple(d) for d in protected} != {tuple(top)}
+
+
+def test_dynts_noquestion_evicts_the_prompt_first():
+    """The paper's no-question ablation scores the prompt 0, below every score of the head (a Softplus): with 6
+    prompt tokens among 16 older slots and 8 kept, the kept ones are thinking tokens only, the head's top 8."""
+    drv = dynts_driver("dynts-noquestion", prompt=6)
+    scores = drv.cache.slot["importance"][0, :16].clone()
+    assert scores[:6].tolist() == [0.0] * 6 and torch.all(scores[6:] > 0)
+    best = sorted(scores[6:].topk(8).indices.add(6).tolist())
+    assert drv.compress()[:8].tolist() == best
+    assert not drv.policy.protects_prompt
 
 
 # --- cache bookkeeping ---------------------------------------------------------------------------------

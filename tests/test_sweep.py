@@ -25,7 +25,10 @@ from dynts.experiments.sweep import (
     read_csv,
     read_steps,
     run_sweep,
+    write_summary,
 )
+from dynts.harness.report import write_report
+from dynts.harness.store import ResultStore, read_records
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -190,8 +193,20 @@ def test_sweep_writes_cells_summary_and_traces(stored_sweep):
     assert full["budget"] == full["window"] == full["ratio"] == ""
     for row in rows:
         m = metrics_of(stored_sweep, row["cell"])
-        for key in ("pass@1", "pass@k", "maj@k", "tps", "tps_forward", "peak_kv_tokens", "mean_generated_tokens"):
+        for key in (
+            "pass@1",
+            "pass@k",
+            "maj@k",
+            "tps",
+            "tps_forward",
+            "peak_kv_tokens",
+            "mean_generated_tokens",
+            "median_generated_tokens",
+            "p90_generated_tokens",
+            "truncation_rate",
+        ):
             assert close(row[key], m[key]), (row["cell"], key)
+        assert close(row["pass@1_lo"], m["pass@1_ci"][0]) and close(row["pass@1_hi"], m["pass@1_ci"][1])
 
 
 @pytest.mark.slow
@@ -261,7 +276,7 @@ def test_plot_writes_every_kind_with_matching_csv(stored_sweep, tmp_path):
 
     figdir = tmp_path / "figs"
     written = plot_sweeps(stored_sweep, out_dir=figdir)
-    assert set(written) == {"budget", "heatmap", "methods", "steps"}
+    assert set(written) == {"budget", "heatmap", "methods", "steps", "lengths"}
     for kind, paths in written.items():
         assert [p.name for p in paths] == [f"{kind}.png", f"{kind}.pdf", f"{kind}.csv"]
         assert paths[0].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and paths[1].read_bytes()[:5] == b"%PDF-"
@@ -286,6 +301,13 @@ def test_plot_writes_every_kind_with_matching_csv(stored_sweep, tmp_path):
     for row in rows:
         m = metrics_of(stored_sweep, row["cell"])
         assert close(row["pass@1_pct"], 100 * m["pass@1"]) and close(row["tps"], m["tps"])
+
+    rows = read_csv(figdir / "lengths.csv")
+    assert {r["cell"] for r in rows} == {"full", "window-B64-W8-r0.5"}
+    for cell in ("full", "window-B64-W8-r0.5"):
+        stored = read_records(stored_sweep / "cells" / cell)
+        mine = [r for r in rows if r["cell"] == cell]
+        assert sorted(int(float(r["generated_tokens"])) for r in mine) == sorted(r["generated_tokens"] for r in stored)
 
     rows = read_csv(figdir / "steps.csv")
     assert {r["cell"] for r in rows} == {"full", "window-B64-W8-r0.5"}
@@ -386,3 +408,91 @@ def test_plot_layout_for_several_models_and_datasets(tmp_path):
         assert close(row["pass@1_pct"], 100 * m["pass@1"])
     with pytest.raises(DynTSError, match="cannot draw the steps figure"):
         plot_sweeps(root, kinds=["steps"])
+
+
+def stored_cell(root: Path, policy: str, budget=None, accuracy=0.5, length=400, samples=3, max_new_tokens=1000):
+    """A finished cell as dynts sweep writes it, from made-up samples stored with ResultStore + write_report."""
+    from dynts.experiments.sweep import Cell
+
+    cell = Cell(policy, budget, 16 if budget else None, 0.5 if budget else None)
+    manifest = {
+        "model": "org/Model",
+        "policy": {
+            "name": policy,
+            "registry_name": policy,
+            "budget": budget,
+            "window": cell.window,
+            "ratio": cell.ratio,
+            "options": {},
+        },
+        "sampling": {"max_new_tokens": max_new_tokens},
+    }
+    with ResultStore(root / "cells" / cell.name, manifest) as store:
+        for dataset, problems in (("aime24", 30), ("amc23", 40)):
+            for i in range(problems):
+                for s in range(samples):
+                    tokens = min(max_new_tokens, length + 37 * ((i * 7 + s * 3) % 11) - 150)
+                    store.append(
+                        {
+                            "dataset": dataset,
+                            "id": str(i),
+                            "sample": s,
+                            "response": "",
+                            "extracted": "1",
+                            "correct": (i * 13 + s * 5) % 100 < 100 * accuracy,
+                            "gold": "1",
+                            "kind": "math",
+                            "prompt_tokens": 10,
+                            "generated_tokens": tokens,
+                            "stats": {
+                                "generated_tokens": tokens,
+                                "time_share_s": tokens / 50,
+                                "finish_reason": "length" if tokens == max_new_tokens else "eos",
+                            },
+                        }
+                    )
+    write_report(root / "cells" / cell.name)
+    return cell.name
+
+
+def test_intervals_and_lengths_reach_summary_and_figures(tmp_path):
+    """Cells with stored samples: summary.csv carries the interval and length columns after the old ones, the
+    budget/methods CSVs the interval drawn as whiskers, and the lengths figure every sample's length."""
+    pytest.importorskip("matplotlib")
+    from dynts.experiments.plots import plot_sweeps
+
+    root = tmp_path / "S"
+    stored_cell(root, "full", accuracy=0.6, length=500)
+    for budget, accuracy in ((96, 0.3), (128, 0.5)):
+        stored_cell(root, "window", budget, accuracy=accuracy, length=800)
+    write_summary(root)
+    rows = read_csv(root / "summary.csv")
+    header = list(rows[0])
+    assert header[: header.index("cell") + 1] == list(SUMMARY_COLUMNS[: SUMMARY_COLUMNS.index("cell") + 1])
+    for row in rows:
+        m = metrics_of(root, row["cell"], row["dataset"])
+        assert float(row["pass@1_lo"]) < float(row["pass@1"]) < float(row["pass@1_hi"])
+        assert close(row["pass@1_lo"], m["pass@1_ci"][0]) and close(row["truncation_rate"], m["truncation_rate"])
+    window = [r for r in rows if r["policy"] == "window"]
+    assert all(float(r["truncation_rate"]) > 0 for r in window)  # 800 + up to 220 tokens: some hit 1000
+
+    written = plot_sweeps(root, kinds=["budget", "methods", "lengths"])
+    for kind in ("budget", "methods"):
+        drawn = read_csv(written[kind][2])
+        assert drawn
+        for row in drawn:
+            lo, hi = metrics_of(root, row["cell"], row["dataset"])["pass@1_ci"]
+            assert close(row["pass@1_lo_pct"], 100 * lo) and close(row["pass@1_hi_pct"], 100 * hi)
+            assert float(row["pass@1_lo_pct"]) <= float(row["pass@1_pct"]) <= float(row["pass@1_hi_pct"])
+    lengths = read_csv(written["lengths"][2])
+    assert {r["cell"] for r in lengths} == {"full", "window-B128-W16-r0.5"}  # methods' pick: the largest budget
+    for cell in ("full", "window-B128-W16-r0.5"):
+        stored = read_records(root / "cells" / cell)
+        mine = [r for r in lengths if r["cell"] == cell]
+        assert len(mine) == len(stored)
+        assert sorted(float(r["generated_tokens"]) for r in mine) == sorted(r["generated_tokens"] for r in stored)
+        truncated = sum(r["finish_reason"] == "length" for r in mine)
+        assert truncated == sum(r["stats"]["finish_reason"] == "length" for r in stored)
+    fake_cell(tmp_path / "fake", "org/M", "full")  # metrics.json only, no samples.jsonl
+    with pytest.raises(DynTSError, match="cannot draw the lengths figure"):
+        plot_sweeps(tmp_path / "fake", kinds=["lengths"])

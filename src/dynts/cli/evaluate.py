@@ -18,7 +18,11 @@ from dynts.config import PAPER_MAX_NEW_TOKENS, PAPER_SAMPLES
 
 
 def register(sub) -> None:
-    ev = sub.add_parser("eval", help="run benchmarks and report Pass@1 (avg@k), pass@k, maj@k, TPS and KV memory")
+    ev = sub.add_parser(
+        "eval",
+        help="run benchmarks and report Pass@1 (avg@k, with its 95%% interval), pass@k, maj@k, TPS, KV memory, "
+        "generated lengths and truncation",
+    )
     ev.add_argument(
         "--datasets",
         default="demo",

@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 
 from dynts.cli.args import add_model_flags, add_policy_opt_flag, parse_int_list
 from dynts.errors import DynTSError
 
-DEFAULT_POLICIES = "full,window,streaming,sepllm,h2o,snapkv,rkv,dynts"
+# Every baseline in both scopes, and the Window control that protects the prompt as DynTS does.
+DEFAULT_POLICIES = (
+    "full,window,window:protect_prompt=true,streaming,sepllm,h2o,h2o:scope=shared,snapkv,snapkv:scope=shared,"
+    "rkv,rkv:scope=shared,dynts"
+)
+# The paper's proportions: W / B = 2000 / 5000 and r = 0.4. A compression then keeps floor(0.4 (B - 0.4 B)), about
+# 0.24 B older tokens, which must hold the whole prompt for dynts: 512 is about the smallest budget that holds the
+# embedded model's prompts (60-120 tokens; 123 fit), and 1024-token traces compress 2 to 4 times under these.
+DEFAULT_BUDGETS = "512,640,768"
+PAPER_WINDOW_FRACTION, PAPER_RATIO = 0.4, 0.4
 
 
 def register(sub) -> None:
@@ -32,12 +42,38 @@ def register(sub) -> None:
     fid.add_argument(
         "--policies",
         default=DEFAULT_POLICIES,
-        help=f"comma-separated; NAME:KEY=VALUE sets a policy option (default {DEFAULT_POLICIES})",
+        help="comma-separated; NAME:KEY=VALUE sets a policy option, so one call can run a policy with several "
+        "options, e.g. h2o,h2o:scope=shared (default: every baseline in both scopes, the prompt-protecting "
+        f"Window control, and dynts: {DEFAULT_POLICIES})",
     )
-    add_policy_opt_flag(fid, "every listed policy that has KEY")
-    fid.add_argument("--budgets", default="128,256,512", help="comma-separated budgets (default 128,256,512)")
-    fid.add_argument("--window", type=int, default=32, help="W for every budget (default 32)")
-    fid.add_argument("--ratio", type=float, default=0.5, help="r for every budget (default 0.5)")
+    add_policy_opt_flag(fid, "every listed policy that has KEY (e.g. scope=shared)")
+    fid.add_argument(
+        "--budgets",
+        default=DEFAULT_BUDGETS,
+        help=f"comma-separated budgets (default {DEFAULT_BUDGETS}: with the paper's W/B = 0.4 and r = 0.4 a "
+        "compression keeps floor(r (B - W)), about 0.24 B, older tokens, which must hold a protected prompt; from "
+        "B = 512 up they hold the embedded model's typical prompts (up to 123 tokens; with --traces longer ones "
+        "are skipped), and 1024-token traces compress 2-4 times)",
+    )
+    fid.add_argument(
+        "--window",
+        type=int,
+        default=None,
+        help="W in tokens, the same for every budget (default: --window-fraction of each budget)",
+    )
+    fid.add_argument(
+        "--window-fraction",
+        type=float,
+        default=None,
+        help=f"W = floor(F * B) for each budget B, unless --window is given (default {PAPER_WINDOW_FRACTION}: the "
+        "paper's W/B = 2000/5000)",
+    )
+    fid.add_argument(
+        "--ratio",
+        type=float,
+        default=PAPER_RATIO,
+        help=f"r for every budget (default {PAPER_RATIO}, the paper's for R1-Qwen)",
+    )
     fid.add_argument("--head", default=None, help="importance head for dynts (default: the shipped one)")
     fid.add_argument("--out", required=True, help="writes fidelity.json, fidelity.md, fidelity_kl.png/pdf/csv")
     add_model_flags(fid)
@@ -54,6 +90,7 @@ def cmd_fidelity(args) -> int:
     policies = [p.strip() for p in args.policies.split(",") if p.strip()]
     check_common_options(options, [resolve_spec(p, options)[0] for p in policies])  # mistakes before the load
     budgets = parse_int_list(args.budgets, "--budgets")
+    windows = windows_for(budgets, args.window, args.window_fraction)
     if bool(args.traces) == bool(args.dataset):
         raise DynTSError("give exactly one of --traces DIR (from dynts collect) or --dataset NAME")
     if args.traces and not Path(args.traces).is_dir():
@@ -61,9 +98,15 @@ def cmd_fidelity(args) -> int:
     if args.min_tokens < 1:
         raise DynTSError(f"--min-tokens must be at least 1, got {args.min_tokens}")
     loaded = load_model(args.model, device=args.device, dtype=args.dtype)
-    engines = fidelity.build_engines(
-        loaded, policies, budgets, args.window, args.ratio, head_path=args.head, policy_options=options
-    )
+    engines = {}
+    for budget, window in windows.items():  # W may differ per budget: one call per budget
+        engines.update(
+            fidelity.build_engines(
+                loaded, policies, [budget], window, args.ratio, head_path=args.head, policy_options=options
+            )
+        )
+    labels = list(dict.fromkeys(label for label, _ in engines))  # in the order of --policies
+    engines = dict(sorted(engines.items(), key=lambda e: (labels.index(e[0][0]), e[0][1].budget if e[0][1] else 0)))
     if args.traces:
         stored = fidelity.traces_from_store(args.traces, loaded)
         long_enough = [t for t in stored if len(t.token_ids) >= args.min_tokens]
@@ -92,7 +135,8 @@ def cmd_fidelity(args) -> int:
         "policies": policies,
         "policy_options": options,
         "budgets": budgets,
-        "window": args.window,
+        "window": list(windows.values()),
+        "window_fraction": None if args.window is not None else args.window_fraction or PAPER_WINDOW_FRACTION,
         "ratio": args.ratio,
         "traces": args.traces or args.dataset,
         "n_traces": len(traces),
@@ -103,3 +147,15 @@ def cmd_fidelity(args) -> int:
     print(fidelity.format_table(records))
     print(f"\n{path}")
     return 0
+
+
+def windows_for(budgets: list[int], window: int | None, fraction: float | None) -> dict[int, int]:
+    """W for each budget: --window for all, or floor(fraction * B) (the paper's 0.4 by default)."""
+    if window is not None and fraction is not None:
+        raise DynTSError("give --window (tokens) or --window-fraction (share of each budget), not both")
+    if window is not None:
+        return dict.fromkeys(budgets, window)
+    fraction = PAPER_WINDOW_FRACTION if fraction is None else fraction
+    if not 0 < fraction < 1:
+        raise DynTSError(f"--window-fraction must be in (0, 1), got {fraction}")
+    return {b: math.floor(fraction * b + 1e-9) for b in budgets}

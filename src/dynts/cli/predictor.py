@@ -59,11 +59,29 @@ def register(sub) -> None:
     tr.add_argument("--device", default=None)
     tr.set_defaults(func=cmd_train)
 
-    head = sub.add_parser("head", help="inspect importance heads")
+    head = sub.add_parser("head", help="inspect importance heads, or import one from the reference pipeline")
     head_sub = head.add_subparsers(dest="head_command", required=True, metavar="ACTION")
     show = head_sub.add_parser("show", help="print a head's JSON config and metrics (default: the shipped head)")
     show.add_argument("path", nargs="?", default=None, help="head directory or file")
     show.set_defaults(func=cmd_head_show)
+    imp = head_sub.add_parser(
+        "import",
+        help="convert the importance predictor (is_head.*) saved inside a model checkpoint by the method's "
+        "reference training code into a head directory",
+        description="Read the predictor the reference pipeline trains inside the model (is_head.0/2/4.weight: "
+        "bias-free Linear layers, each followed by a Softplus) from a transformers checkpoint directory "
+        "(safetensors shards + model.safetensors.index.json, or one model.safetensors) and write "
+        "head.safetensors + head.json, recording the base model's hidden size and name. Nothing is written "
+        "when the directory holds no such predictor, its shapes do not chain, or a shard cannot be read.",
+    )
+    imp.add_argument("checkpoint", metavar="CHECKPOINT_DIR", help="the model checkpoint directory")
+    imp.add_argument("--out", required=True, help="new head directory (head.safetensors + head.json)")
+    imp.add_argument(
+        "--base-model",
+        default=None,
+        help="the base model's name to record (default: config.json's _name_or_path, else the directory's name)",
+    )
+    imp.set_defaults(func=cmd_head_import)
 
 
 def cmd_collect(args) -> int:
@@ -151,4 +169,16 @@ def cmd_head_show(args) -> int:
         print(json.dumps(json.loads(config.read_text()), indent=2))
     except ValueError as exc:
         raise DynTSError(f"{config} is not valid JSON: {exc}") from None
+    return 0
+
+
+def cmd_head_import(args) -> int:
+    from dynts.predictor.head_import import import_reference_head, save_imported_head
+
+    imported = import_reference_head(args.checkpoint, base_model=args.base_model)
+    path = save_imported_head(imported, args.out)
+    config = imported.head.config
+    widths = " -> ".join(str(w) for w in (config.hidden_size, *config.layers, 1))
+    print(f"imported {len(imported.tensors)} layers ({widths}, Softplus after each) for base model {config.base_model}")
+    print(f"head written to {path}; use it with --policy dynts --head {path}")
     return 0

@@ -125,9 +125,13 @@ def register(subparsers) -> None:
         "--kind", default=None, help=f"comma-separated from {', '.join(KINDS)} (default: every kind the data supports)"
     )
     pl.add_argument("--out", default=None, help="figure directory (default: SWEEP/figures of the first SWEEP)")
-    pl.add_argument("--window", type=int, default=None, help="use cells with this W (budget/methods/steps figures)")
-    pl.add_argument("--ratio", type=float, default=None, help="use cells with this r (budget/methods/steps figures)")
-    pl.add_argument("--budget", type=int, default=None, help="the budget of the methods/steps/heatmap figures")
+    pl.add_argument(
+        "--window", type=int, default=None, help="use cells with this W (budget/methods/steps/lengths figures)"
+    )
+    pl.add_argument(
+        "--ratio", type=float, default=None, help="use cells with this r (budget/methods/steps/lengths figures)"
+    )
+    pl.add_argument("--budget", type=int, default=None, help="the budget of the methods/steps/heatmap/lengths figures")
     pl.set_defaults(func=cmd_plot)
 
 

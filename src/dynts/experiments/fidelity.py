@@ -24,7 +24,7 @@ from dynts.harness.datasets import load_dataset
 from dynts.harness.prompts import question_text
 from dynts.harness.store import MANIFEST_FILE, read_manifest, read_records
 from dynts.models.loading import LoadedModel
-from dynts.policies import budget_for, policy_class
+from dynts.policies import budget_for, policy_class, policy_config
 from dynts.policies.options import format_spec, parse_spec
 from dynts.policies.registry import check_common_options, resolve_spec
 from dynts.predictor.labels import find_spans, think_start_ids
@@ -41,6 +41,7 @@ class Trace:
 class FidelityRecord:
     policy: str
     options: dict  # the policy options that differ from its defaults
+    scope: str | None  # per-head or shared for the baselines that have the option (options.py), else None
     budget: int | None
     window: int | None
     ratio: float | None
@@ -251,6 +252,7 @@ def measure_engines(
                 FidelityRecord(
                     policy=name,
                     options=options,
+                    scope=getattr(policy_config(name, options), "scope", None),
                     budget=config.budget if compressing else None,
                     window=config.window if compressing else None,
                     ratio=config.ratio if compressing else None,
@@ -275,12 +277,14 @@ def format_table(records: list[dict]) -> str:
     def f(value, digits=4):
         return "-" if value is None else f"{value:.{digits}f}"
 
-    header = f"{'policy':<18}{'B':>6}{'KL answer':>11}{'KL after':>10}{'top1 ans':>10}{'top1 after':>11}{'compr':>7}"
+    width = max([18] + [len(format_spec(r["policy"], r.get("options") or {})) + 1 for r in records])
+    header = f"{'policy':<{width}}{'B':>6}{'KL answer':>11}{'KL after':>10}{'top1 ans':>10}"
+    header += f"{'top1 after':>11}{'compr':>7}"
     lines = [header, "-" * len(header)]
     for r in records:
         label = format_spec(r["policy"], r.get("options") or {})
         lines.append(
-            f"{label:<18}{r['budget'] if r['budget'] else '-':>6}{f(r['kl_answer']):>11}"
+            f"{label:<{width}}{r['budget'] if r['budget'] else '-':>6}{f(r['kl_answer']):>11}"
             f"{f(r['kl_after']):>10}{f(r['top1_answer'], 3):>10}{f(r['top1_after'], 3):>11}"
             f"{r['compressions']:>7}"
         )

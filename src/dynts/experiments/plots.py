@@ -2,19 +2,25 @@
 
 Kinds:
 
-* ``budget``  — per model a row of panels, one per dataset: Pass@1 as bars (values printed on them) and TPS
-  as a line on a second axis, against the KV budget; one bar group per compressing policy, FullKV as
-  dashed (Pass@1) and dotted (TPS) reference lines.
+* ``budget``  — per model a row of panels, one per dataset: Pass@1 as bars (values printed on them, whiskers:
+  the 95% interval) and TPS as a line on a second axis, against the KV budget; one bar group per compressing
+  policy, FullKV as dashed (Pass@1, its interval shaded) and dotted (TPS) reference lines.
 * ``heatmap`` — Pass@1 over window W x ratio r at a fixed budget: one panel per policy and dataset, at the
   largest budget where the policy was run with more than one W or r.
-* ``methods`` — the policies side by side at one budget (Pass@1 and TPS rows), FullKV as a reference line.
+* ``methods`` — the policies side by side at one budget (Pass@1 with its 95% interval, and TPS rows), FullKV as
+  a reference line (its Pass@1 interval shaded).
 * ``steps``   — TPS and KV memory against the decode step for FullKV and the compressing policies, from the
   probes the sweep recorded (steps.jsonl).
+* ``lengths`` — the generated-length distribution per policy at one budget (as in ``methods``), one panel per
+  model and dataset: boxes (quartiles, whiskers at the 5th and 95th percentiles, a diamond at the mean), the
+  share of samples stopped by max_new_tokens above each box, and max_new_tokens as a dashed line. Read from
+  the cells' samples.jsonl; the CSV holds every sample's length.
 
 Every figure is written as KIND.png and KIND.pdf with KIND.csv beside it, holding exactly the numbers drawn
-(Pass@1 in percent, as on the axis). When a compressing policy was run with several (W, r) pairs, the
-budget / methods / steps figures use, per policy, the pair that covers the most budgets (ties: the smallest
-W, then r), unless --window / --ratio choose one; the CSV and the legend name the pair.
+(Pass@1 and its interval in percent, as on the axis; a cell whose metrics.json predates intervals has none
+until `dynts report CELL` rewrites it). When a compressing policy was run with several (W, r) pairs, the
+budget / methods / steps / lengths figures use, per policy, the pair that covers the most budgets (ties: the
+smallest W, then r), unless --window / --ratio choose one; the CSV and the legend name the pair.
 
 Only matplotlib's object API is used (no pyplot), so the global backend is never changed.
 """
@@ -26,8 +32,10 @@ from pathlib import Path
 
 from dynts.errors import DynTSError
 from dynts.experiments.sweep import CellResult, format_ratio, load_cells, write_csv
+from dynts.harness.lengths import TRUNCATED, finish_reason, generated_tokens
+from dynts.harness.store import read_records
 
-KINDS = ("budget", "heatmap", "methods", "steps")
+KINDS = ("budget", "heatmap", "methods", "steps", "lengths")
 DATASET_ORDER = ("aime24", "aime25", "amc23", "gpqa_d", "math500", "gaokao2023en", "gsm8k", "demo")
 DATASET_LABELS = {
     "aime24": "AIME24",
@@ -151,6 +159,55 @@ def _pct(value: float | None) -> float | None:
     return None if value is None else 100.0 * value
 
 
+def _ci_pct(cell: CellResult, dataset: str) -> tuple[float, float] | None:
+    """The cell's Pass@1 interval for a dataset in percent, or None (metrics written before intervals)."""
+    row = cell.metrics.get("datasets", {}).get(dataset)
+    ci = row.get("pass@1_ci") if isinstance(row, dict) else None
+    if not isinstance(ci, (list, tuple)) or len(ci) != 2 or not all(isinstance(v, (int, float)) for v in ci):
+        return None
+    return 100.0 * float(ci[0]), 100.0 * float(ci[1])
+
+
+def _error_bars(values: list[float], cis: list[tuple[float, float] | None]):
+    """matplotlib's yerr (2 x N distances below/above each bar), or None when no bar has an interval."""
+    if all(ci is None for ci in cis):
+        return None
+    below = [max(0.0, v - ci[0]) if ci else 0.0 for v, ci in zip(values, cis)]
+    above = [max(0.0, ci[1] - v) if ci else 0.0 for v, ci in zip(values, cis)]
+    return [below, above]
+
+
+ERROR_STYLE = {"elinewidth": 0.8, "capsize": 2.0, "ecolor": "0.15"}
+
+
+def _label_bars(ax, xs, values, cis, fontsize=7.0, rotation=0, layer=None):
+    """Each bar's value, written above its whisker (or its top when it has no interval), on a light backing.
+
+    layer: the axes to draw the text on (a twin axes drawn over `ax`, so lines there do not hide the text)."""
+    for x, v, ci in zip(xs, values, cis):
+        (layer or ax).annotate(
+            f"{v:.1f}",
+            (x, max(v, ci[1]) if ci else v),
+            xycoords=ax.transData,
+            xytext=(0, 1.5),
+            textcoords="offset points",
+            ha="center",
+            va="bottom",
+            fontsize=fontsize,
+            rotation=rotation,
+            bbox={"boxstyle": "square,pad=0.05", "facecolor": "white", "edgecolor": "none", "alpha": 0.7},
+        )
+
+
+def _full_band(ax, full: CellResult, dataset: str) -> float | None:
+    """Shade FullKV's Pass@1 interval; returns its top (for the axis limit)."""
+    ci = _ci_pct(full, dataset)
+    if ci is None:
+        return None
+    ax.axhspan(ci[0], ci[1], color=FULL_COLOR, alpha=0.12, lw=0)
+    return ci[1]
+
+
 def _frame_filter(cells, opts):
     return [
         c
@@ -268,7 +325,20 @@ def _legend(figure, axes_list=(), handles=None, labels=None):
         )
 
 
-BUDGET_COLUMNS = ("model", "dataset", "role", "policy", "budget", "window", "ratio", "pass@1_pct", "tps", "cell")
+BUDGET_COLUMNS = (
+    "model",
+    "dataset",
+    "role",
+    "policy",
+    "budget",
+    "window",
+    "ratio",
+    "pass@1_pct",
+    "pass@1_lo_pct",
+    "pass@1_hi_pct",
+    "tps",
+    "cell",
+)
 
 
 def _budget_figure(cells, opts):
@@ -307,15 +377,21 @@ def _budget_figure(cells, opts):
                     continue
                 xs = [position[c.budget] - 0.4 + width * (n + 0.5) for c in present]
                 values = [_pct(_metric(c, dataset, "pass@1")) for c in present]
+                cis = [_ci_pct(c, dataset) for c in present]
                 tps = [_metric(c, dataset, "tps") for c in present]
-                bars = ax.bar(xs, values, width * 0.92, color=colors[policy], alpha=0.8, label=f"{label} Pass@1")
+                ax.bar(
+                    xs,
+                    values,
+                    width * 0.92,
+                    color=colors[policy],
+                    alpha=0.8,
+                    label=f"{label} Pass@1",
+                    yerr=_error_bars(values, cis),
+                    error_kw=ERROR_STYLE,
+                )
                 crowded = len(series) > 1 and len(budgets) > 2
-                ax.bar_label(
-                    bars,
-                    labels=[f"{v:.1f}" for v in values],
-                    fontsize=6.5 if crowded else 7,
-                    padding=1.5,
-                    rotation=90 if crowded else 0,
+                _label_bars(
+                    ax, xs, values, cis, fontsize=6.5 if crowded else 7, rotation=90 if crowded else 0, layer=ax2
                 )
                 tps_points = [(x, t) for x, t in zip(xs, tps) if t is not None]
                 if tps_points:
@@ -329,9 +405,9 @@ def _budget_figure(cells, opts):
                         lw=1.5,
                         label=f"{label} TPS",
                     )
-                top_pass += values
+                top_pass += [max(v, ci[1]) if ci else v for v, ci in zip(values, cis)]
                 top_tps += [t for t in tps if t is not None]
-                for c, v, t in zip(present, values, tps):
+                for c, v, ci, t in zip(present, values, cis, tps):
                     rows.append(
                         {
                             "model": model,
@@ -342,6 +418,7 @@ def _budget_figure(cells, opts):
                             "window": c.window,
                             "ratio": c.ratio,
                             "pass@1_pct": v,
+                            **_ci_columns(ci),
                             "tps": t,
                             "cell": c.name,
                         }
@@ -349,6 +426,9 @@ def _budget_figure(cells, opts):
             if full is not None and _metric(full, dataset, "pass@1") is not None:
                 fp, ft = _pct(_metric(full, dataset, "pass@1")), _metric(full, dataset, "tps")
                 ax.axhline(fp, color=FULL_COLOR, ls="--", lw=1, label="FullKV Pass@1")
+                band_top = _full_band(ax, full, dataset)
+                if band_top is not None:
+                    top_pass.append(band_top)
                 if ft is not None:
                     ax2.axhline(ft, color=FULL_COLOR, ls=":", lw=1.3, label="FullKV TPS")
                     top_tps.append(ft)
@@ -360,6 +440,7 @@ def _budget_figure(cells, opts):
                         "role": "fullkv",
                         "policy": "full",
                         "pass@1_pct": fp,
+                        **_ci_columns(_ci_pct(full, dataset)),
                         "tps": ft,
                         "cell": full.name,
                     }
@@ -389,10 +470,10 @@ def _budget_figure(cells, opts):
         Patch(color="0.6"),
         Line2D([], [], color="0.6", marker="o", markeredgecolor="black", markeredgewidth=0.5),
     ]
-    labels += ["bars: Pass@1", "line: TPS"]
+    labels += ["bars: Pass@1 (whiskers: 95% interval)", "line: TPS"]
     if any(_full(cells, m) is not None for m in models):
         handles += [Line2D([], [], color=FULL_COLOR, ls="--"), Line2D([], [], color=FULL_COLOR, ls=":", lw=1.3)]
-        labels += ["FullKV Pass@1", "FullKV TPS"]
+        labels += ["FullKV Pass@1 (band: 95% interval)", "FullKV TPS"]
     _legend(figure, handles=handles, labels=labels)
     return figure, rows, BUDGET_COLUMNS
 
@@ -482,31 +563,42 @@ def _heatmap_figure(cells, opts):
     return figure, rows, HEATMAP_COLUMNS
 
 
-METHODS_COLUMNS = ("model", "dataset", "role", "policy", "budget", "window", "ratio", "pass@1_pct", "tps", "cell")
+METHODS_COLUMNS = BUDGET_COLUMNS
+
+
+def _ci_columns(ci: tuple[float, float] | None) -> dict:
+    return {"pass@1_lo_pct": ci[0] if ci else None, "pass@1_hi_pct": ci[1] if ci else None}
+
+
+def _at_one_budget(cells, model, opts) -> tuple[int | None, dict[str, CellResult], CellResult | None]:
+    """A model's policies side by side: the budget most of them ran at (or --budget), per compressing policy its
+    cell there at its (W, r) pick, and FullKV (None if it was not run)."""
+    by_policy = {}
+    compressing = [c for c in cells if c.model == model and c.compresses]
+    for policy in _policy_order(c.policy for c in compressing):
+        mine = _frame_filter([c for c in compressing if c.policy == policy], opts)
+        if mine:
+            by_policy[policy] = mine
+    full = _full(cells, model)
+    if not by_policy:
+        return None, {}, full
+    b = _choose_budget(by_policy, opts["budget"])
+    chosen = {}
+    for policy, mine in by_policy.items():
+        at_b = [c for c in mine if c.budget == b]
+        if not at_b:
+            continue
+        frame = _pick_frame(mine)
+        preferred = [c for c in at_b if (c.window, c.ratio) == frame]
+        chosen[policy] = (preferred or sorted(at_b, key=lambda c: (c.window, c.ratio)))[0]
+    return b, chosen, full
 
 
 def _methods_figure(cells, opts):
     plans = []  # (model, budget, {policy: cell}, full)
     for model in _models(cells):
-        by_policy = {}
-        compressing = [c for c in cells if c.model == model and c.compresses]
-        for policy in _policy_order(c.policy for c in compressing):
-            mine = _frame_filter([c for c in compressing if c.policy == policy], opts)
-            if mine:
-                by_policy[policy] = mine
-        full = _full(cells, model)
-        if not by_policy or len(by_policy) + (full is not None) < 2:
-            continue
-        b = _choose_budget(by_policy, opts["budget"])
-        chosen = {}
-        for policy, mine in by_policy.items():
-            at_b = [c for c in mine if c.budget == b]
-            if not at_b:
-                continue
-            frame = _pick_frame(mine)
-            preferred = [c for c in at_b if (c.window, c.ratio) == frame]
-            chosen[policy] = (preferred or sorted(at_b, key=lambda c: (c.window, c.ratio)))[0]
-        if len(chosen) + (full is not None) >= 2:
+        b, chosen, full = _at_one_budget(cells, model, opts)
+        if chosen and len(chosen) + (full is not None) >= 2:
             plans.append((model, b, chosen, full))
     if not plans:
         raise _Unsupported("needs at least two policies (FullKV counts) with a compressing one at a common budget")
@@ -527,13 +619,22 @@ def _methods_figure(cells, opts):
             policies = [p for p in chosen if _metric(chosen[p], dataset, "pass@1") is not None]
             xs = range(len(policies))
             values = [_pct(_metric(chosen[p], dataset, "pass@1")) for p in policies]
+            cis = [_ci_pct(chosen[p], dataset) for p in policies]
             tps = [_metric(chosen[p], dataset, "tps") for p in policies]
-            bars = top.bar(xs, values, 0.7, color=[colors[p] for p in policies], alpha=0.85)
-            top.bar_label(bars, labels=[f"{v:.1f}" for v in values], fontsize=7, padding=1)
+            top.bar(
+                xs,
+                values,
+                0.7,
+                color=[colors[p] for p in policies],
+                alpha=0.85,
+                yerr=_error_bars(values, cis),
+                error_kw=ERROR_STYLE,
+            )
+            _label_bars(top, list(xs), values, cis)
             tps_drawn = [t if t is not None else 0.0 for t in tps]
             bars2 = bottom.bar(xs, tps_drawn, 0.7, color=[colors[p] for p in policies], alpha=0.85)
             bottom.bar_label(bars2, labels=["-" if t is None else f"{t:.1f}" for t in tps], fontsize=7, padding=1)
-            for p, v, t in zip(policies, values, tps):
+            for p, v, ci, t in zip(policies, values, cis, tps):
                 c = chosen[p]
                 rows.append(
                     {
@@ -545,15 +646,18 @@ def _methods_figure(cells, opts):
                         "window": c.window,
                         "ratio": c.ratio,
                         "pass@1_pct": v,
+                        **_ci_columns(ci),
                         "tps": t,
                         "cell": c.name,
                     }
                 )
-            tops_pass, tops_tps = [10.0, *values], [1e-9, *tps_drawn]
+            tops_pass = [10.0, *(max(v, ci[1]) if ci else v for v, ci in zip(values, cis))]
+            tops_tps = [1e-9, *tps_drawn]
             if full is not None and _metric(full, dataset, "pass@1") is not None:
                 fp, ft = _pct(_metric(full, dataset, "pass@1")), _metric(full, dataset, "tps")
                 top.axhline(fp, color=FULL_COLOR, ls="--", lw=1.2, label="FullKV")
-                tops_pass.append(fp)
+                band_top = _full_band(top, full, dataset)
+                tops_pass += [fp] if band_top is None else [fp, band_top]
                 if ft is not None:
                     bottom.axhline(ft, color=FULL_COLOR, ls="--", lw=1.2, label="FullKV")
                     tops_tps.append(ft)
@@ -564,6 +668,7 @@ def _methods_figure(cells, opts):
                         "role": "fullkv",
                         "policy": "full",
                         "pass@1_pct": fp,
+                        **_ci_columns(_ci_pct(full, dataset)),
                         "tps": ft,
                         "cell": full.name,
                     }
@@ -702,6 +807,138 @@ def _steps_figure(cells, opts):
     return figure, rows, STEPS_COLUMNS
 
 
-_BUILDERS = {"budget": _budget_figure, "heatmap": _heatmap_figure, "methods": _methods_figure, "steps": _steps_figure}
+LENGTHS_COLUMNS = (
+    "model",
+    "dataset",
+    "policy",
+    "budget",
+    "window",
+    "ratio",
+    "cell",
+    "id",
+    "sample",
+    "generated_tokens",
+    "finish_reason",
+    "max_new_tokens",
+)
+
+
+def _sample_lengths(cell: CellResult) -> dict[str, list[tuple[dict, float]]]:
+    """Per dataset, the cell's samples that recorded a length, with that length."""
+    out: dict[str, list[tuple[dict, float]]] = defaultdict(list)
+    for record in read_records(cell.directory):
+        length = generated_tokens(record)
+        if length is not None:
+            out[str(record.get("dataset"))].append((record, length))
+    return out
+
+
+def _max_new_tokens(cell: CellResult) -> int | None:
+    sampling = cell.manifest.get("sampling")
+    value = sampling.get("max_new_tokens") if isinstance(sampling, dict) else None
+    return int(value) if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _lengths_figure(cells, opts):
+    plans = []  # (model, budget, [cells], {cell name: {dataset: [(record, length)]}})
+    for model in _models(cells):
+        b, chosen, full = _at_one_budget(cells, model, opts)
+        shown = ([full] if full is not None else []) + list(chosen.values())
+        samples = {c.name: _sample_lengths(c) for c in shown}
+        shown = [c for c in shown if samples[c.name]]
+        if shown:
+            plans.append((model, b, shown, samples))
+    if not plans:
+        raise _Unsupported("needs cells with stored samples (samples.jsonl) that recorded generated lengths")
+    panels = [
+        (model, b, shown, samples, dataset)
+        for model, b, shown, samples in plans
+        for dataset in _order({d for c in shown for d in samples[c.name]}, DATASET_ORDER)
+    ]
+    cols = min(len(panels), 4)
+    rows_needed = -(-len(panels) // cols)
+    width = max(3.6, 1.2 + 0.8 * max(len(p[2]) for p in panels))
+    figure, axes = _new_figure(rows_needed, cols, width, 3.3)
+    rows = []
+    for index in range(rows_needed * cols):
+        ax = axes[index // cols][index % cols]
+        if index >= len(panels):
+            ax.axis("off")
+            continue
+        model, b, shown, samples, dataset = panels[index]
+        present = [c for c in shown if samples[c.name].get(dataset)]
+        colors = _colors([c.policy for c in present if c.compresses])
+        data = [[length for _, length in samples[c.name][dataset]] for c in present]
+        boxes = ax.boxplot(
+            data,
+            positions=list(range(len(present))),
+            widths=0.6,
+            whis=(5, 95),
+            showfliers=False,
+            showmeans=True,
+            patch_artist=True,
+            meanprops={"marker": "D", "markersize": 4, "markerfacecolor": "white", "markeredgecolor": "black"},
+            medianprops={"color": "black", "lw": 1.2},
+        )
+        for patch, c in zip(boxes["boxes"], present):
+            patch.set_facecolor(FULL_COLOR if not c.compresses else colors[c.policy])
+            patch.set_alpha(0.55)
+        ax.plot(
+            [],
+            [],
+            ls="none",
+            marker="D",
+            markersize=4,
+            markerfacecolor="white",
+            markeredgecolor="black",
+            label="mean (box: quartiles and median; whiskers: 5th-95th percentile)",
+        )
+        limits = {m for m in (_max_new_tokens(c) for c in present) if m is not None}
+        for limit in limits:
+            ax.axhline(limit, color="0.4", ls="--", lw=1, label="max_new_tokens")
+        top = max([max(values) for values in data] + list(limits))
+        for x, c in enumerate(present):
+            pairs = samples[c.name][dataset]
+            reasons = [finish_reason(r) for r, _ in pairs]
+            known = [r for r in reasons if r is not None]
+            if known:
+                share = sum(r == TRUNCATED for r in known) / len(known)
+                ax.text(x, top * 1.03, f"trunc {100 * share:.0f}%", ha="center", va="bottom", fontsize=7)
+            for record, length in pairs:
+                rows.append(
+                    {
+                        "model": model,
+                        "dataset": dataset,
+                        "policy": c.policy,
+                        "budget": c.budget,
+                        "window": c.window,
+                        "ratio": c.ratio,
+                        "cell": c.name,
+                        "id": record.get("id"),
+                        "sample": record.get("sample"),
+                        "generated_tokens": length,
+                        "finish_reason": finish_reason(record),
+                        "max_new_tokens": _max_new_tokens(c),
+                    }
+                )
+        ax.set_ylim(0, top * 1.15)
+        labels = [
+            "full" if not c.compresses else f"{c.policy}\nW={c.window} r={format_ratio(c.ratio)}" for c in present
+        ]
+        ax.set_xticks(range(len(present)), labels, fontsize=7)
+        ax.set_ylabel("generated tokens")
+        budget_note = f" | B={b}" if b is not None else ""
+        ax.set_title(f"{_model_label(model)}\n{_dataset_label(dataset)}{budget_note}", fontsize=9)
+    _legend(figure, [ax for row in axes for ax in row])
+    return figure, rows, LENGTHS_COLUMNS
+
+
+_BUILDERS = {
+    "budget": _budget_figure,
+    "heatmap": _heatmap_figure,
+    "methods": _methods_figure,
+    "steps": _steps_figure,
+    "lengths": _lengths_figure,
+}
 
 __all__ = ["KINDS", "plot_sweeps", "supported_kinds"]

@@ -86,6 +86,12 @@ SUMMARY_COLUMNS = (
     "samples_per_problem",
     "complete",
     "cell",
+    # added later, so the columns above keep their positions
+    "pass@1_lo",
+    "pass@1_hi",
+    "median_generated_tokens",
+    "p90_generated_tokens",
+    "truncation_rate",
 )
 
 # Shared flags whose change would make cells of one sweep incomparable: a rerun must match them.
@@ -747,9 +753,12 @@ def _label(policy: str, options: dict) -> str:
 
 
 def summary_rows(cells: list[CellResult]) -> list[dict]:
+    """One row per cell and dataset (SUMMARY_COLUMNS); pass@1_lo/hi: its 95% interval (empty for cells whose
+    metrics.json predates intervals: `dynts report CELL` recomputes it)."""
     rows = []
     for cell in cells:
         for dataset, m in sorted(cell.metrics.get("datasets", {}).items()):
+            ci = m.get("pass@1_ci") or (None, None)
             rows.append(
                 {
                     "model": cell.model,
@@ -771,6 +780,11 @@ def summary_rows(cells: list[CellResult]) -> list[dict]:
                     "samples_per_problem": m.get("samples_per_problem"),
                     "complete": m.get("complete"),
                     "cell": cell.name,
+                    "pass@1_lo": ci[0],
+                    "pass@1_hi": ci[1],
+                    "median_generated_tokens": m.get("median_generated_tokens"),
+                    "p90_generated_tokens": m.get("p90_generated_tokens"),
+                    "truncation_rate": m.get("truncation_rate"),
                 }
             )
     return rows

@@ -16,6 +16,11 @@ Definitions (paper protocol):
 * tps = sum(generated_tokens) / sum(time_share_s): decode wall time including
   scoring and eviction; tps_forward uses forward_share_s (forward pass only).
   Both sums run over the samples that have both numbers.
+* pass@1_ci: the 95% interval of pass@1, a seeded bootstrap over problems and, within each, over its samples
+  (uncertainty.py; the settings are recorded under "bootstrap"). The mean's interval resamples every dataset
+  and averages, replicate by replicate.
+* mean / median / p90 generated tokens and the truncation rate (share of samples stopped by max_new_tokens):
+  lengths.py.
 
 The "mean" block is the unweighted mean over datasets (peaks: the max; counts: the sum).
 """
@@ -27,8 +32,10 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from dynts.errors import DynTSError
+from dynts.harness.lengths import LENGTH_KEYS, length_stats
+from dynts.harness.uncertainty import BootstrapConfig, Verdicts, pass1_intervals
 
-RATE_KEYS = ("pass@1", "pass@k", "maj@k", "tps", "tps_forward", "latency_s", "mean_generated_tokens")
+RATE_KEYS = ("pass@1", "pass@k", "maj@k", "tps", "tps_forward", "latency_s", *LENGTH_KEYS)
 PEAK_KEYS = ("peak_kv_tokens", "peak_kv_bytes")
 
 
@@ -81,20 +88,49 @@ def maj_at_k(answers: Sequence[str | None], correct: Sequence[bool], k: int | No
     return float(winner is not None and bool(correct[winner]))
 
 
-def summarize(records: Iterable[dict]) -> dict:
-    """Per-dataset metrics and their mean over datasets, from stored sample records."""
+def summarize(records: Iterable[dict], bootstrap: BootstrapConfig | None = None) -> dict:
+    """Per-dataset metrics and their mean over datasets, from stored sample records.
+
+    bootstrap: the settings of the pass@1 intervals (default: BootstrapConfig(), a fixed seed)."""
+    bootstrap = bootstrap or BootstrapConfig()
+    by_dataset = group_records(records)
+    datasets = {name: _dataset_metrics(problems) for name, problems in sorted(by_dataset.items())}
+    mean = _mean_over(list(datasets.values()))
+    verdicts = {name: Verdicts.from_lists(correctness(problems)) for name, problems in by_dataset.items()}
+    per_dataset, mean_ci = pass1_intervals(verdicts, bootstrap)
+    datasets = {name: _with_interval(row, list(per_dataset[name])) for name, row in datasets.items()}
+    mean = _with_interval(mean, list(mean_ci) if mean_ci is not None else None)
+    return {"datasets": datasets, "mean": mean, "bootstrap": bootstrap.to_dict()}
+
+
+def group_records(records: Iterable[dict]) -> dict[str, dict[str, dict[int, dict]]]:
+    """dataset -> problem id -> sample index -> record; the first copy of a duplicated key wins."""
     by_dataset: dict[str, dict[str, dict[int, dict]]] = {}
     for record in records:
         problems = by_dataset.setdefault(str(record["dataset"]), {})
         samples = problems.setdefault(str(record["id"]), {})
-        samples.setdefault(int(record["sample"]), record)  # first copy wins on duplicates
-    datasets = {name: _dataset_metrics(problems) for name, problems in sorted(by_dataset.items())}
-    return {"datasets": datasets, "mean": _mean_over(list(datasets.values()))}
+        samples.setdefault(int(record["sample"]), record)
+    return by_dataset
+
+
+def correctness(problems: dict[str, dict[int, dict]]) -> list[list[bool]]:
+    """Per problem (in id order of first appearance), its samples' verdicts in sample order."""
+    return [[bool(samples[i].get("correct")) for i in sorted(samples)] for samples in problems.values()]
 
 
 # --------------------------------------------------------------------------- #
 # Helpers
 # --------------------------------------------------------------------------- #
+
+
+def _with_interval(row: dict, ci: list[float] | None) -> dict:
+    """The row with "pass@1_ci" placed right after "pass@1"."""
+    out: dict[str, Any] = {}
+    for key, value in row.items():
+        out[key] = value
+        if key == "pass@1":
+            out["pass@1_ci"] = ci
+    return out
 
 
 def _first_k(items: Sequence, k: int | None) -> Sequence:
@@ -176,7 +212,7 @@ def _dataset_metrics(problems: dict[str, dict[int, dict]]) -> dict:
         "latency_s": _mean(_stat(r, "latency_s") for r in all_records),
         "peak_kv_tokens": int(peak_tokens) if peak_tokens is not None else None,
         "peak_kv_bytes": int(peak_bytes) if peak_bytes is not None else None,
-        "mean_generated_tokens": _mean(_stat(r, "generated_tokens") for r in all_records),
+        **length_stats(all_records),
     }
 
 

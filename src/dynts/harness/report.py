@@ -18,7 +18,7 @@ from dynts.harness.store import read_manifest, read_records, rewrite_records, wr
 METRICS_FILE = "metrics.json"
 REPORT_FILE = "report.md"
 
-# (header, metrics key, formatter)
+# (header, metrics key, formatter); the pass@1, pass@k and maj@k headers are filled in per table (_headers)
 _COLUMNS = (
     ("dataset", None, str),
     ("problems", "n_problems", lambda v: f"{v}"),
@@ -30,6 +30,9 @@ _COLUMNS = (
     ("TPS fwd", "tps_forward", lambda v: f"{v:.1f}"),
     ("peak KV tok", "peak_kv_tokens", lambda v: f"{int(v)}"),
     ("mean len", "mean_generated_tokens", lambda v: f"{v:.0f}"),
+    ("median len", "median_generated_tokens", lambda v: f"{v:.0f}"),
+    ("p90 len", "p90_generated_tokens", lambda v: f"{v:.0f}"),
+    ("trunc %", "truncation_rate", lambda v: f"{100 * v:.1f}"),
 )
 
 _MANIFEST_ORDER = (
@@ -89,11 +92,17 @@ def regrade(out_dir: str | os.PathLike, timeout: float | None = None) -> dict:
 
 
 def format_table(metrics: dict, markdown: bool = False) -> str:
-    """The metrics as a text table (aligned for a terminal, or a Markdown table)."""
-    rows = [_row(name, row) for name, row in metrics.get("datasets", {}).items()]
-    if len(metrics.get("datasets", {})) > 1 and metrics.get("mean"):
-        rows.append(_row("mean", metrics["mean"]))
-    headers = [_header(h, metrics) for h, _, _ in _COLUMNS]
+    """The metrics as a text table (aligned for a terminal, or a Markdown table).
+
+    pass@1 carries its interval ("44.7 [38.0, 51.3]"); pass@k and maj@k headers carry their k ("pass@5"). When
+    the datasets' k differ, each cell names its k instead; when k is 1, pass@k is pass@1 and is left out."""
+    datasets = metrics.get("datasets", {})
+    columns = _table_columns(metrics)
+    mixed = _uniform_k(metrics) is None
+    rows = [_row(name, row, columns, mixed) for name, row in datasets.items()]
+    if len(datasets) > 1 and metrics.get("mean"):
+        rows.append(_row("mean", metrics["mean"], columns, mixed, is_mean=True))
+    headers = [header for header, _, _ in columns]
     if markdown:
         lines = [
             "| " + " | ".join(headers) + " |",
@@ -121,23 +130,47 @@ def _kind_of(dataset: str, dataset_kind) -> str:
         return "math"
 
 
-def _header(header: str, metrics: dict) -> str:
-    """ "pass@k" becomes "pass@5" when every dataset has the same k."""
-    if header.endswith("@k"):
-        ks = {row.get("k") for row in metrics.get("datasets", {}).values()}
-        if len(ks) == 1 and None not in ks:
-            return f"{header[:-1]}{ks.pop()}"
-    return header
+def _uniform_k(metrics: dict) -> int | None:
+    """The k every dataset shares, or None when they differ (or there are none)."""
+    ks = {row.get("k") for row in metrics.get("datasets", {}).values()}
+    return ks.pop() if len(ks) == 1 and None not in ks else None
 
 
-def _row(name: str, row: dict) -> list[str]:
+def _confidence(metrics: dict) -> float:
+    bootstrap = metrics.get("bootstrap")
+    return float(bootstrap.get("confidence", 0.95)) if isinstance(bootstrap, dict) else 0.95
+
+
+def _table_columns(metrics: dict) -> list[tuple]:
+    """_COLUMNS with the headers this table needs: "pass@1 [95% CI]", "pass@5", "maj@5" (k = 1: no pass@k)."""
+    k = _uniform_k(metrics)
+    columns = []
+    for header, key, fmt in _COLUMNS:
+        if key == "pass@1":
+            header = f"pass@1 [{100 * _confidence(metrics):g}% CI]"
+        elif key in ("pass@k", "maj@k"):
+            if k == 1 and key == "pass@k":
+                continue  # pass@1 with one sample is avg@1: the same number as the pass@1 column
+            if k is not None:
+                header = f"{header[:-1]}{k}"
+        columns.append((header, key, fmt))
+    return columns
+
+
+def _row(name: str, row: dict, columns: list[tuple], mixed_k: bool, is_mean: bool = False) -> list[str]:
     cells = []
-    for _, key, fmt in _COLUMNS:
+    for _, key, fmt in columns:
         if key is None:
             cells.append(name if row.get("complete", True) else f"{name} (partial)")
             continue
         value = row.get(key)
-        cells.append("-" if value is None else fmt(value))
+        text = "-" if value is None else fmt(value)
+        if key == "pass@1" and value is not None and row.get("pass@1_ci"):
+            lo, hi = row["pass@1_ci"]
+            text = f"{text} [{100 * lo:.1f}, {100 * hi:.1f}]"
+        if key in ("pass@k", "maj@k") and mixed_k and value is not None:
+            text += " (k mixed)" if is_mean else f" (k={row.get('k')})"
+        cells.append(text)
     return cells
 
 
@@ -150,6 +183,14 @@ def _flatten(value: Any, prefix: str = "") -> list[tuple[str, str]]:
     if isinstance(value, list):
         return [(prefix, ", ".join(str(v) for v in value))]
     return [(prefix, str(value))]
+
+
+def _interval_note(metrics: dict) -> str:
+    bootstrap = metrics.get("bootstrap") or {}
+    return (
+        f"{100 * _confidence(metrics):g}% interval (a bootstrap over problems and, within each, over its "
+        f"samples: {bootstrap.get('resamples', '?')} resamples, seed {bootstrap.get('seed', '?')})"
+    )
 
 
 def _markdown(out: Path, manifest: dict, metrics: dict) -> str:
@@ -165,11 +206,14 @@ def _markdown(out: Path, manifest: dict, metrics: dict) -> str:
             "",
             format_table(metrics, markdown=True),
             "",
-            "pass@1 = mean accuracy over samples (avg@k); pass@k uses the unbiased estimator; "
-            "maj@k is a majority vote over extracted answers. Accuracies are percentages. "
+            "pass@1 = mean accuracy over samples (avg@k), with its "
+            f"{_interval_note(metrics)}; "
+            "pass@k uses the unbiased estimator; maj@k is a majority vote over extracted answers. "
+            "Accuracies are percentages. "
             "TPS = generated tokens / decode wall time including scoring and eviction; "
             "TPS fwd counts forward-pass time only (the paper's figure). "
-            "Peak KV is the largest cache length in tokens; mean len is generated tokens per sample. "
+            "Peak KV is the largest cache length in tokens; mean / median / p90 len are generated tokens per "
+            "sample; trunc % is the share of samples stopped by max_new_tokens. "
             "'(partial)' marks datasets whose problems do not all have the same number of samples.",
             "",
             "## Configuration",

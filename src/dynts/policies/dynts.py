@@ -1,9 +1,15 @@
 """DynTS: keep the thinking tokens a learned importance head predicts the final answer will attend to.
 
-Every token is scored by the head when it enters the cache (prompt tokens at prefill, generated tokens at
-their decode step); prompt tokens and tokens after the end-of-thinking marker score +inf and are never
-evicted. One index set is shared by all layers and heads. Ablations: `random` / `bottom` selection,
-`protect_prompt=False` (dynts-noquestion), and window 0 (no local window).
+Every generated token is scored by the head at its decode step; prompt tokens and tokens after the
+end-of-thinking marker score +inf and are never evicted. One index set is shared by all layers and heads.
+
+The paper's ablations, as its reference code runs them: `protect_prompt=false` (dynts-noquestion) scores the
+prompt 0, below any score of the head (a Softplus), so prompt tokens compete and are evicted first; `random` and
+`bottom` selection ignore protection: random draws k of all older tokens alike, bottom keeps the k lowest
+scores, where the +inf of prompt and answer tokens ranks last (they go first); window 0 (no local window).
+`keep_protected=true` is this package's earlier variant of random / bottom: protected tokens survive them as they
+survive top, so only the thinking tokens are chosen at random or from the bottom (head against chance at equal
+protection).
 """
 
 from dataclasses import dataclass
@@ -21,9 +27,16 @@ SELECTIONS = ("top", "random", "bottom")
 @dataclass(frozen=True)
 class DynTSConfig:
     selection: str = option_help(
-        "which older thinking tokens survive: top (by the head), random or bottom (ablations)", default="top"
+        "which older tokens survive: top (by the head), random or bottom (the ablations)", default="top"
     )
-    protect_prompt: bool = option_help("the prompt is never evicted (false: the no-question ablation)", default=True)
+    protect_prompt: bool = option_help(
+        "the prompt is never evicted (false: the no-question ablation, prompt tokens scored 0)", default=True
+    )
+    keep_protected: bool = option_help(
+        "random / bottom only: prompt and answer tokens still always survive (false: the paper's ablations, "
+        "which ignore protection)",
+        default=False,
+    )
 
     def __post_init__(self):
         if self.selection not in SELECTIONS:
@@ -43,7 +56,9 @@ class DynTSPolicy(Policy):
         self.head = head
         self.head_path = head_path  # checkpoint; None: the head shipped for the model, if any
         self.seed = seed  # the random ablation's
-        self.protects_prompt = self.config.protect_prompt
+        # Budget check (the prompt must fit in what a compression keeps) only where the prompt always survives.
+        config = self.config
+        self.protects_prompt = config.protect_prompt and (config.selection == "top" or config.keep_protected)
 
     @classmethod
     def create(cls, budget, config, head=None, head_path=None, seed=0, **_):
@@ -64,11 +79,11 @@ class DynTSPolicy(Policy):
 
     @torch.no_grad()
     def on_tokens(self, cache, batch):
-        scores = self.head(batch.hidden).float()  # [n, q]
-        protected = batch.in_answer.expand_as(scores)
-        if batch.is_prompt and self.protects_prompt:
-            protected = torch.ones_like(protected)
-        scores = scores.masked_fill(protected, float("inf"))
+        if batch.is_prompt:  # +inf (protected), or 0 for the no-question ablation: the head is not asked
+            value = float("inf") if self.protects_prompt else 0.0
+            scores = torch.full(batch.token_ids.shape, value, device=batch.hidden.device)
+        else:
+            scores = self.head(batch.hidden).float().masked_fill(batch.in_answer, float("inf"))  # [n, q]
         cache.slot["importance"][batch.rows[:, None], batch.slots] = scores
 
     def score_older(self, cache, row, older):
@@ -80,7 +95,7 @@ class DynTSPolicy(Policy):
             # Seeded by the sequence's own progress, not a generator shared by the batch: a sequence draws the same
             # selection whether it is decoded alone or next to others.
             generator = torch.Generator().manual_seed(self.seed * 1_000_003 + cache.next_position[row])
-            scores = torch.rand(older, generator=generator).to(scores.device)
+            chosen = torch.rand(older, generator=generator).to(scores.device)
         else:
-            scores = -scores
-        return scores.masked_fill(protected, float("inf"))
+            chosen = -scores  # the lowest scores rank first; a protected +inf becomes -inf and goes first
+        return chosen.masked_fill(protected, float("inf")) if self.config.keep_protected else chosen

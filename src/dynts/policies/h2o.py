@@ -1,15 +1,29 @@
-"""H2O: heavy hitters. A token's score is the attention it has received so far, summed over the decode
-steps (and the prompt), per layer and KV head (query heads of a group are summed)."""
+"""H2O: heavy hitters. A token's score is the attention it has received so far, summed over every query since
+it entered the cache (the prompt's queries and each decode step's), per layer and KV head (the query heads of
+a group summed): H2O's accumulation rule. scope=shared averages the scores over layers and KV heads and keeps
+one index set for all of them."""
+
+from dataclasses import dataclass
 
 import torch
 
 from dynts.policies.base import Policy
+from dynts.policies.scope import Scoped, check_scope, scope_option
 
 
-class H2OPolicy(Policy):
+@dataclass(frozen=True)
+class H2OConfig:
+    scope: str = scope_option()
+
+    def __post_init__(self):
+        check_scope(self.scope)
+
+
+class H2OPolicy(Scoped, Policy):
     name = "h2o"
-    summary = "per layer and KV head: the tokens that received the most attention so far"
-    per_head = True
+    summary = "the tokens that received the most attention so far (per layer and KV head, or shared: scope)"
+    Config = H2OConfig
+    per_head = True  # the default scope; an instance follows its config
     capturable = True
     observes_attention = True
     wants_probs = True
@@ -26,4 +40,4 @@ class H2OPolicy(Policy):
             buffer[:, :, : received.shape[-1]] += received
 
     def score_older(self, cache, row, older):
-        return torch.stack([layer.slot["h2o"][row, :, :older] for layer in cache.layers])
+        return self.scoped(torch.stack([layer.slot["h2o"][row, :, :older] for layer in cache.layers]))

@@ -36,15 +36,20 @@ class RecentQueries:
             slots = ctx.positions % n
             ring[torch.arange(query.shape[0], device=query.device), :, slots] = query[:, :, 0].float()
 
+    def recent_queries(self, cache, row, layer) -> torch.Tensor:
+        """The last N queries of `row` (N = min(observation, length)), oldest first: [q_heads, N, head_dim]. They
+        belong to the row's newest N cached tokens, so the i-th sits at slot length - N + i."""
+        n = min(self.observation, cache.lengths[row])
+        ring = layer.rows["recent_q"][row]  # [H, N, d]
+        newest = cache.next_position[row] - 1  # original position of the newest cached token
+        order = torch.arange(newest - n + 1, newest + 1, device=ring.device) % self.observation
+        return ring[:, order]
+
     def recent_attention(self, cache, row, layer) -> torch.Tensor:
         """Attention of the last N queries of `row` over its cached keys, averaged over each KV group's query
         heads: [kv_heads, N, L]. A query only sees keys at or before its own slot."""
         length = cache.lengths[row]
-        n = min(self.observation, length)
-        ring = layer.rows["recent_q"][row]  # [H, N, d]
-        newest = cache.next_position[row] - 1  # original position of the newest cached token
-        order = torch.arange(newest - n + 1, newest + 1, device=ring.device) % self.observation
-        queries = ring[:, order].unsqueeze(0).to(layer.keys.dtype)  # [1, H, n, d], oldest first
+        queries = self.recent_queries(cache, row, layer).unsqueeze(0).to(layer.keys.dtype)  # [1, H, n, d]
         keys = layer.keys[row : row + 1, :, :length]
         scaling = queries.shape[-1] ** -0.5
         probs = attention_probs(queries, keys, None, scaling, causal=True)  # [1, kvh, g, n, L]

@@ -33,7 +33,7 @@ POLICIES: dict[str, tuple[type[Policy], dict[str, Any]]] = {
     "dynts": (DynTSPolicy, {}),
     "dynts-random": (DynTSPolicy, {"selection": "random"}),
     "dynts-bottom": (DynTSPolicy, {"selection": "bottom"}),
-    "dynts-noquestion": (DynTSPolicy, {"protect_prompt": False}),
+    "dynts-noquestion": (DynTSPolicy, {"protect_prompt": False}),  # the prompt scored 0
 }
 
 
