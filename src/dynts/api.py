@@ -58,10 +58,12 @@ def generate(
     chat: bool = True,
     fast: bool | None = None,
     policy_options: Mapping[str, Any] | None = None,
+    batching: str = "continuous",
 ) -> GenerationOutput:
     """One call from a model name (or a loaded model) and prompts to texts, token ids and statistics.
     fast: the static fast decode path; None = on with CUDA. policy_options: the policy's settings by name
-    (`dynts policies` lists them), e.g. {"observation": 16} for snapkv."""
+    (`dynts policies` lists them), e.g. {"observation": 16} for snapkv. batching: "continuous" (a finished row
+    takes the next prompt at once) or "static"."""
     loaded = model if isinstance(model, LoadedModel) else load_model(model, device=device, dtype=dtype)
     budget_config = budget_for(policy, budget, window, ratio)
     is_path = isinstance(head, (str, os.PathLike))  # a checkpoint path, else a loaded ImportanceHead (or None)
@@ -75,5 +77,6 @@ def generate(
         head_path=head if is_path else None,
         fast=fast,
         policy_options=policy_options,
+        batching=batching,
     )
     return engine.generate(prompts, seeds=seeds, chat=chat)

@@ -94,12 +94,41 @@ def add_sampling_flags(p: argparse.ArgumentParser, max_new_tokens: int | None) -
     g.add_argument("--seed", type=int, default=d.seed, help=f"default {d.seed}")
     g.add_argument("--max-new-tokens", type=int, default=max_new_tokens, help=f"default {max_new_tokens}")
     g.add_argument("--batch-size", type=int, default=8, help="sequences decoded together (default 8)")
+    add_decode_flags(p)
+
+
+def add_decode_flags(p: argparse.ArgumentParser) -> None:
+    from dynts.engine.scheduler import BATCHING
+    from dynts.fast.attention import KERNELS
+
+    g = p.add_argument_group("decode path")
     g.add_argument(
         "--fast",
         action=argparse.BooleanOptionalAction,
         default=None,
         help="static fast decode path with CUDA graphs (default: on with CUDA, off on CPU); greedy output "
         "is the same either way, sampled output differs (counter-based noise)",
+    )
+    g.add_argument(
+        "--batching",
+        default="continuous",
+        choices=BATCHING,
+        help="continuous: a row whose sequence ends takes the next request at once (default); static: batches of "
+        "--batch-size run until their last sequence ends",
+    )
+    g.add_argument(
+        "--kernel",
+        default=None,
+        choices=KERNELS,
+        help="fast path decode attention (default: $DYNTS_KERNEL, else auto: flash, then triton on CUDA; sdpa "
+        "elsewhere); a kernel that fails its first check against SDPA falls back to sdpa with a warning",
+    )
+    g.add_argument(
+        "--graphs",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="capture the fast path's step as CUDA graphs (default: $DYNTS_GRAPHS, else on with CUDA); a capture "
+        "that fails falls back to eager steps with a warning",
     )
 
 
@@ -149,6 +178,9 @@ def engine_spec_from_args(args):
         head_path=args.head,
         fast=args.fast,
         policy_options=options_key(options),
+        batching=args.batching,
+        kernel=args.kernel,
+        graphs=args.graphs,
     )
 
 

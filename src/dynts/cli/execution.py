@@ -22,7 +22,9 @@ def build_engine(args, trace_steps: bool = False, on_step=None):
         trace_steps=trace_steps,
         on_step=on_step,
         fast=spec.fast,
+        fast_config=spec.fast_config(),
         policy_options=spec.options,
+        batching=spec.batching,
     )
 
 

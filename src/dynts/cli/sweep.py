@@ -169,6 +169,9 @@ def spec_from_args(args):
         probe_batch=args.probe_batch,
         skip_invalid=args.skip_invalid,
         fast=args.fast,
+        batching=args.batching,
+        kernel=args.kernel,
+        graphs=args.graphs,
         policy_options=parse_assignments(args.policy_opt),
     )
 

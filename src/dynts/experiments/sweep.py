@@ -224,6 +224,9 @@ class SweepSpec:
     probe_batch: int | None = None  # None: 1
     skip_invalid: bool = False
     fast: bool | None = None  # the static fast decode path; None: on with CUDA
+    batching: str = "continuous"
+    kernel: str | None = None
+    graphs: bool | None = None
     shuffle_seed: int | None = None
     policy_options: dict[str, Any] = field(default_factory=dict)  # --policy-opt: for every policy that has the key
     skipped: list[str] = field(default_factory=list)  # invalid cells dropped by skip_invalid
@@ -605,6 +608,9 @@ def _engine_spec(spec: SweepSpec, cell: Cell, sampling: SamplingConfig, batch_si
         trace_steps=trace_steps,
         fast=spec.fast,
         policy_options=cell.options,
+        batching=spec.batching,
+        kernel=spec.kernel,
+        graphs=spec.graphs,
     )
 
 

@@ -122,8 +122,12 @@ class FastEngine(Engine):
                 f"policy {self.policy.name!r} ({type(self.policy).__name__}) is not known to be capturable"
             )
         self.last_profile: DecodeProfile | None = None
-        self.kernel_checked: dict = {}  # (kernel, shapes) -> why it failed its check, or None
+        self.kernel_checked: dict = {}  # kernel -> why it failed its check against SDPA, or None
         self._warned = False
+
+    @property
+    def sampler(self) -> str:
+        return "per-sequence torch generators" if self.fallback_reason else "counter-based noise"
 
     def generate(self, prompts, seeds=None, chat=True, on_result=None, forced=None, on_logits=None):
         self._eager_reason = ("teacher forcing" if forced is not None else None) or (

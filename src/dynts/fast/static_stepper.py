@@ -87,9 +87,12 @@ class StaticStepper:
         return torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext()
 
     def _checked_kernel(self, rows, config, head_dim, capacity) -> str:
+        """The engine's kernel if it passed its check against SDPA (once per engine, at its first use's real shapes
+        and dtype), else sdpa, with one warning naming the cause."""
         kernel, engine = self.engine.fast.kernel, self.engine
-        key = (kernel, rows, capacity)
-        if key not in engine.kernel_checked:
+        key = kernel  # checked once per engine, at the shapes of its first use
+        first = key not in engine.kernel_checked
+        if first:
             engine.kernel_checked[key] = check_kernel(
                 kernel,
                 rows,
@@ -104,9 +107,9 @@ class StaticStepper:
         if reason is None:
             return kernel
         message = f"decode attention kernel {kernel!r} failed its check against SDPA ({reason}); using sdpa"
-        if message not in self.profile.fallbacks:
+        if first:
             warnings.warn(message, stacklevel=2)
-            self.profile.fallbacks.append(message)
+        self.profile.fallbacks.append(message)
         self.profile.kernel = "sdpa"
         return "sdpa"
 
@@ -171,6 +174,7 @@ class StaticStepper:
                 event.record()
             else:
                 host, event = chunk.clone(), None
+            self.step_.state.chunk_step.zero_()  # after the copy, in stream order: the next chunk starts at column 1
             if self.idle_rows:  # rows without a sequence restart from slot 0 every chunk
                 idle = sorted(self.idle_rows)
                 self.step_.idle_rows(device_index(idle, self.device))

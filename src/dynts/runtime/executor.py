@@ -18,6 +18,7 @@ from typing import Any
 
 from dynts.api import make_engine
 from dynts.config import BudgetConfig, SamplingConfig
+from dynts.fast.fast_engine import FastConfig
 from dynts.models.importance_head import resolve_head
 from dynts.policies import policy_class
 from dynts.policies.options import as_dict
@@ -37,6 +38,12 @@ class EngineSpec:
     trace_steps: bool = False
     fast: bool | None = None  # the static fast decode path; None: on with CUDA (dynts.api.make_engine)
     policy_options: tuple[tuple[str, Any], ...] = ()  # (key, value) pairs, sorted: hashable
+    batching: str = "continuous"
+    kernel: str | None = None  # the fast path's decode attention; None: $DYNTS_KERNEL, else auto
+    graphs: bool | None = None  # CUDA graphs on the fast path; None: $DYNTS_GRAPHS, else on with CUDA
+
+    def fast_config(self) -> FastConfig:
+        return FastConfig.from_environment(kernel=self.kernel, graphs=self.graphs)
 
     @classmethod
     def of(cls, engine) -> EngineSpec:
@@ -48,6 +55,7 @@ class EngineSpec:
             engine.batch_size,
             trace_steps=engine.trace_steps,
             policy_options=options_key(as_dict(engine.policy.config)),
+            batching=engine.batching,
         )
 
     @property
@@ -104,7 +112,9 @@ class ModelHost:
             head_path=spec.head_path,
             trace_steps=spec.trace_steps,
             fast=spec.fast,
+            fast_config=spec.fast_config(),
             policy_options=spec.options,
+            batching=spec.batching,
         )
         self._engines[spec] = engine
         unpinned = [key for key in self._engines if key not in self._pinned]
