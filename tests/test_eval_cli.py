@@ -49,7 +49,7 @@ def test_eval_resumes_after_sigkill_without_duplicates(tmp_path):
         "--max-new-tokens",
         "40",
         "--batch-size",
-        "1",
+        "3",
         "--out",
         str(out),
     ]
@@ -78,6 +78,13 @@ def test_eval_resumes_after_sigkill_without_duplicates(tmp_path):
         assert old in after
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["datasets"]["demo"]["n_samples"] == 6
+    # Each sample is stored the moment it ends: the first one stored is shorter than the longest of the first
+    # batch-sized group (the three samples that started together), so it was stored before that group ended.
+    from dynts.harness.datasets import load_dataset
+
+    by_key = {(r["id"], r["sample"]): r for r in after}
+    first_group = [by_key[p.id, s] for p in load_dataset("demo", limit=3) for s in (0, 1)][:3]
+    assert before[0]["generated_tokens"] < max(r["generated_tokens"] for r in first_group)
 
     # the same OUT with another configuration is refused, and nothing is written
     other = run(

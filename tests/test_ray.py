@@ -237,9 +237,28 @@ def test_ray_labels_match_local(tmp_path, smollm, local_runs, pool, monkeypatch)
                 assert a.get_tensor(key).equal(b.get_tensor(key)), key
 
 
+class Counting:
+    """An executor that notes every sample a streaming task hands back (to see what ran twice)."""
+
+    def __init__(self, executor):
+        self.executor, self.parallelism, self.delivered = executor, executor.parallelism, []
+
+    def call(self, fn, *args):
+        return self.executor.call(fn, *args)
+
+    def run(self, tasks):
+        for task, part in self.executor.run(tasks):
+            if task.items is not None:
+                self.delivered.append(part[0].key)
+            yield task, part
+
+
 def test_killed_worker_units_are_retried_and_stored_once(tmp_path, local_runs, pool):
+    """Samples stream back one by one; a worker killed mid-unit has its undelivered samples redone elsewhere,
+    and no sample that came back runs again."""
     out = tmp_path / "killed"
     killed = []
+    counting = Counting(pool)
 
     def kill_a_busy_worker(record):
         if killed:
@@ -250,9 +269,10 @@ def test_killed_worker_units_are_retried_and_stored_once(tmp_path, local_runs, p
         killed.append(victim["pid"])
 
     restarts = pool.restarts
-    run_eval(SPEC, PLAN, out, executor=pool, progress=False, on_record=kill_a_busy_worker)
+    run_eval(SPEC, PLAN, out, executor=counting, progress=False, on_record=kill_a_busy_worker)
     assert killed and pool.restarts == restarts + 1  # the dead worker was replaced once
     assert by_key(out) == by_key(local_runs["full"])  # every (problem, sample) exactly once, same tokens
+    assert len(counting.delivered) == len(set(counting.delivered)) == 6  # nothing that came back ran again
 
 
 def die(host):
