@@ -34,6 +34,7 @@ from dynts.errors import DynTSError
 from dynts.experiments.sweep import CellResult, format_ratio, load_cells, write_csv
 from dynts.harness.lengths import TRUNCATED, finish_reason, generated_tokens
 from dynts.harness.store import read_records
+from dynts.policies import POLICIES
 
 KINDS = ("budget", "heatmap", "methods", "steps", "lengths")
 DATASET_ORDER = ("aime24", "aime25", "amc23", "gpqa_d", "math500", "gaokao2023en", "gsm8k", "demo")
@@ -128,8 +129,6 @@ def _order(values, preferred) -> list:
 
 
 def _policy_order(names) -> list[str]:
-    from dynts.policies import POLICIES
-
     return _order(names, list(POLICIES))
 
 
@@ -262,8 +261,6 @@ def _colors(policies) -> dict[str, str]:
         "tab:olive",
         "tab:cyan",
     ]
-    from dynts.policies import POLICIES
-
     names = [p for p in POLICIES if p != "full"]
     out = {}
     for p in policies:
@@ -433,18 +430,7 @@ def _budget_figure(cells, opts):
                     ax2.axhline(ft, color=FULL_COLOR, ls=":", lw=1.3, label="FullKV TPS")
                     top_tps.append(ft)
                 top_pass.append(fp)
-                rows.append(
-                    {
-                        "model": model,
-                        "dataset": dataset,
-                        "role": "fullkv",
-                        "policy": "full",
-                        "pass@1_pct": fp,
-                        **_ci_columns(_ci_pct(full, dataset)),
-                        "tps": ft,
-                        "cell": full.name,
-                    }
-                )
+                rows.append(_fullkv_row(model, dataset, full, fp, ft))
             ax.set_ylim(0, max(top_pass) * (1.3 if len(series) > 1 and len(budgets) > 2 else 1.2))
             ax2.set_ylim(0, max(top_tps) * 1.35)
             ax.set_xticks(range(len(budgets)), [str(b) for b in budgets])
@@ -566,6 +552,20 @@ def _heatmap_figure(cells, opts):
 METHODS_COLUMNS = BUDGET_COLUMNS
 
 
+def _fullkv_row(model: str, dataset: str, full: CellResult, pass_pct, tps) -> dict:
+    """The sidecar CSV row of the FullKV reference line of a figure."""
+    return {
+        "model": model,
+        "dataset": dataset,
+        "role": "fullkv",
+        "policy": "full",
+        "pass@1_pct": pass_pct,
+        **_ci_columns(_ci_pct(full, dataset)),
+        "tps": tps,
+        "cell": full.name,
+    }
+
+
 def _ci_columns(ci: tuple[float, float] | None) -> dict:
     return {"pass@1_lo_pct": ci[0] if ci else None, "pass@1_hi_pct": ci[1] if ci else None}
 
@@ -661,18 +661,7 @@ def _methods_figure(cells, opts):
                 if ft is not None:
                     bottom.axhline(ft, color=FULL_COLOR, ls="--", lw=1.2, label="FullKV")
                     tops_tps.append(ft)
-                rows.append(
-                    {
-                        "model": model,
-                        "dataset": dataset,
-                        "role": "fullkv",
-                        "policy": "full",
-                        "pass@1_pct": fp,
-                        **_ci_columns(_ci_pct(full, dataset)),
-                        "tps": ft,
-                        "cell": full.name,
-                    }
-                )
+                rows.append(_fullkv_row(model, dataset, full, fp, ft))
             top.set_ylim(0, max(tops_pass) * 1.2)
             bottom.set_ylim(0, max(tops_tps) * 1.25)
             labels = [f"{p}\nW={chosen[p].window} r={format_ratio(chosen[p].ratio)}" for p in policies]

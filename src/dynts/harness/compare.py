@@ -31,6 +31,7 @@ import numpy as np
 from dynts.errors import DynTSError
 from dynts.harness.lengths import generated_tokens, length_stats
 from dynts.harness.metrics import group_records
+from dynts.harness.report import flatten
 from dynts.harness.store import MANIFEST_FILE, read_manifest, read_records, write_json_atomic, write_text_atomic
 from dynts.harness.uncertainty import (
     PAIRED_STREAM,
@@ -406,21 +407,12 @@ def _row(run: Run, dataset: str, figures: dict, baseline: dict, is_baseline: boo
 def _setting_differences(runs: list[Run]) -> list[str]:
     """ "sampling.temperature: A 0.6, B 1.0" for every result-defining setting that is not the same in all runs."""
     out = []
-    flat = [dict(_flatten({k: run.manifest.get(k) for k in SETTING_FIELDS})) for run in runs]
+    flat = [dict(flatten({k: run.manifest.get(k) for k in SETTING_FIELDS})) for run in runs]
     for key in sorted(set().union(*flat)):
         values = [json.dumps(f.get(key), sort_keys=True) for f in flat]
         if len(set(values)) > 1:
             out.append(f"{key}: " + ", ".join(f"{run.label} {v}" for run, v in zip(runs, values)))
     return out
-
-
-def _flatten(value: Any, prefix: str = "") -> list[tuple[str, Any]]:
-    if isinstance(value, dict):
-        items: list[tuple[str, Any]] = []
-        for key, inner in value.items():
-            items += _flatten(inner, f"{prefix}.{key}" if prefix else str(key))
-        return items
-    return [(prefix, value)]
 
 
 def _with_interval(value, ci, fmt) -> str:

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from dynts.errors import DynTSError
+from dynts.harness.grading import last_boxed
 
 DATA_DIR_ENV = "DYNTS_DATA_DIR"
 KINDS = ("math", "choice")
@@ -108,7 +109,6 @@ def _math_train_gold(row: dict) -> str | None:
     # The hub's MATH split has no answer column: the answer is the last box of the solution.
     if row.get("answer") not in (None, ""):
         return _clean_gold(row["answer"])
-    from dynts.harness.grading import last_boxed  # light import; kept local to avoid a cycle at import time
 
     solution = row.get("solution")
     return last_boxed(solution) if isinstance(solution, str) else None

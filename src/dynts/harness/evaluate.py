@@ -17,6 +17,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from tqdm import tqdm
+
 from dynts import __version__
 from dynts.engine.engine import Engine
 from dynts.engine.requests import Request
@@ -208,8 +210,6 @@ def run_evals(
     it to its job's store (written and fsynced at once, so a kill loses only sequences in flight). A sample
     already stored is never written twice. on_done(job index, metrics) is called when a job's last sample is
     stored (its report is written by then)."""
-    from tqdm import tqdm
-
     problems: list[list[Problem]] = []
     by_plan: dict[int, list[Problem]] = {}
     for job in jobs:  # a sweep's jobs share one plan: its datasets load once

@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from dynts.errors import DynTSError
+from dynts.harness.datasets import dataset_kind
+from dynts.harness.grading import DEFAULT_TIMEOUT_S, extract_answer, grade_answer
 from dynts.harness.metrics import summarize
 from dynts.harness.store import read_manifest, read_records, rewrite_records, write_json_atomic, write_text_atomic
 
@@ -74,8 +76,6 @@ def write_report(out_dir: str | os.PathLike) -> dict:
 
 def regrade(out_dir: str | os.PathLike, timeout: float | None = None) -> dict:
     """Re-extract and re-grade every stored response with the current grader; return new metrics."""
-    from dynts.harness.datasets import dataset_kind
-    from dynts.harness.grading import DEFAULT_TIMEOUT_S, extract_answer, grade_answer
 
     out = Path(out_dir)
     records = read_records(out)
@@ -174,15 +174,18 @@ def _row(name: str, row: dict, columns: list[tuple], mixed_k: bool, is_mean: boo
     return cells
 
 
-def _flatten(value: Any, prefix: str = "") -> list[tuple[str, str]]:
+def flatten(value: Any, prefix: str = "") -> list[tuple[str, Any]]:
+    """Nested dicts as ("a.b.c", leaf value) pairs, in order."""
     if isinstance(value, dict):
-        items: list[tuple[str, str]] = []
+        items: list[tuple[str, Any]] = []
         for key, inner in value.items():
-            items += _flatten(inner, f"{prefix}.{key}" if prefix else str(key))
+            items += flatten(inner, f"{prefix}.{key}" if prefix else str(key))
         return items
-    if isinstance(value, list):
-        return [(prefix, ", ".join(str(v) for v in value))]
-    return [(prefix, str(value))]
+    return [(prefix, value)]
+
+
+def _text(value: Any) -> str:
+    return ", ".join(str(v) for v in value) if isinstance(value, list) else str(value)
 
 
 def _interval_note(metrics: dict) -> str:
@@ -195,7 +198,7 @@ def _interval_note(metrics: dict) -> str:
 
 def _markdown(out: Path, manifest: dict, metrics: dict) -> str:
     keys = [k for k in _MANIFEST_ORDER if k in manifest] + sorted(k for k in manifest if k not in _MANIFEST_ORDER)
-    config = [f"- **{name}**: {text}" for key in keys for name, text in _flatten(manifest[key], key)]
+    config = [f"- **{name}**: {_text(value)}" for key in keys for name, value in flatten(manifest[key], key)]
     return "\n".join(
         [
             "# DynTS run report",

@@ -32,6 +32,8 @@ from pathlib import Path
 from typing import Any
 
 from dynts.errors import DynTSError
+from dynts.harness.grading import DEFAULT_TIMEOUT_S, extract_answer, grade_answer
+from dynts.harness.prompts import gold_for_grading
 
 MANIFEST_FILE = "run.json"
 SAMPLES_FILE = "samples.jsonl"
@@ -261,8 +263,6 @@ def build_record(
     timeout: float | None = None,
 ) -> dict:
     """Grade one generated response and shape it as a store record."""
-    from dynts.harness.grading import DEFAULT_TIMEOUT_S, extract_answer, grade_answer
-    from dynts.harness.prompts import gold_for_grading
 
     stats = dict(stats or {})
     gold = gold_for_grading(problem, shuffle_seed)

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from dynts.errors import DynTSError
+from dynts.models.loading import SUPPORTED_TYPES, prepare_model
 
 
 @dataclass(frozen=True)
@@ -152,8 +153,6 @@ class NullTokenizer:
 def random_model(name: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, seed: int = 0):
     """The architecture of `name` with random weights, built directly on `device` in `dtype`, ready for the engine."""
     from transformers import AutoModelForCausalLM
-
-    from dynts.models.loading import SUPPORTED_TYPES, prepare_model
 
     config = shape_config(name)
     if getattr(config, "model_type", "?") not in SUPPORTED_TYPES:
