@@ -122,7 +122,7 @@ def test_stream_yields_each_result_when_it_ends(lm_with_eos):
 def test_fast_path_rows_are_released_in_buckets(lm_with_eos):
     """With no request waiting, the static path keeps its rows until the live ones fall to half, then moves
     them to the front in place: few distinct row counts, not one per finished sequence."""
-    engine = engines(lm_with_eos, "window", 6, fast=True, check_every=2)
+    engine = engines(lm_with_eos, "window", 6, fast=True, check_every=7)  # idle rows run 7+ steps between reads
     counts = []
     original = engine.stepper
 

@@ -130,7 +130,16 @@ class StaticStepper:
         self._draining = False
 
     def idle(self, row: int) -> None:
+        """A row left without a sequence: it runs on with the batch until released, restarting from slot 0 now
+        and at every read, so it never outgrows the cache (it is never compacted)."""
         self.idle_rows.add(row)
+        self._restart_idle([row])
+
+    def _restart_idle(self, rows: list[int]) -> None:
+        with self._on_device():
+            self.step_.idle_rows(device_index(rows, self.device))
+        for row in rows:
+            self.cache.lengths[row] = self.cache.next_position[row] = 0
 
     def release(self, live: list[int]) -> None:
         with self._on_device():
@@ -175,11 +184,8 @@ class StaticStepper:
             else:
                 host, event = chunk.clone(), None
             self.step_.state.chunk_step.zero_()  # after the copy, in stream order: the next chunk starts at column 1
-            if self.idle_rows:  # rows without a sequence restart from slot 0 every chunk
-                idle = sorted(self.idle_rows)
-                self.step_.idle_rows(device_index(idle, self.device))
-                for row in idle:
-                    self.cache.lengths[row] = self.cache.next_position[row] = 0
+            if self.idle_rows:
+                self._restart_idle(sorted(self.idle_rows))
         now = time.perf_counter()
         self.reads.append(_Read(list(held), set(self.admitted), self.logs, host, event, now - self.read_started))
         self.read_started = now
