@@ -131,12 +131,13 @@ class Scheduler:
                 for seq in ended:
                     yield seq.request, self._result(seq, run, stepper)
                 ending = [row for row, seq in enumerate(held) if seq is not None and seq.finished]
+                freed = []
                 for row in ending:
                     held[row] = None
                     nxt = next(queue, None) if waiting else None
                     if nxt is None:
                         waiting = False
-                        stepper.idle(row)
+                        freed.append(row)
                     else:
                         held[row] = self._admit(stepper, row, nxt, counter, run)
                         admitted = True
@@ -148,6 +149,8 @@ class Scheduler:
                     if len(ending) < len(held):  # the cache keeps the rows of the last sequences, for inspection
                         stepper.release(ending)
                     return
+                for row in freed:
+                    stepper.idle(row)
                 if not waiting and len(live) < len(held) and self._release_now(stepper, len(live), len(held)):
                     stepper.release(live)
                     held = [held[row] for row in live]
