@@ -155,12 +155,15 @@ def build_trace(loaded: LoadedModel, problems: list[Problem], instruction: str =
     )
 
 
-def solution_traces(loaded: LoadedModel, problems: list[Problem], layout: TraceLayout) -> list[SolutionTrace]:
-    """Group the problems (in order, each used once, those without a usable solution left out) into traces."""
+def solution_traces(
+    loaded: LoadedModel, problems: list[Problem], layout: TraceLayout, limit: int | None = None
+) -> list[SolutionTrace]:
+    """Group the problems (in order, each used once, those without a usable solution left out) into traces; at
+    most `limit` traces."""
     usable = [p for p in problems if clean_solution(p.solution) is not None]
     rng = random.Random(layout.seed)
     traces, i = [], 0
-    while i < len(usable):
+    while i < len(usable) and (limit is None or len(traces) < limit):
         count = rng.randint(*layout.per_trace)
         group = usable[i : i + count]
         trace = build_trace(loaded, group, layout.instruction)
