@@ -1,7 +1,7 @@
 """DynTS against the baselines in the paper's proportions: W/B = 0.4, r = 0.4, a prompt that is at most 20% of what a
 compression keeps, and at least 3 compressions per trace (src/dynts/experiments/fidelity_paper.py says why).
 
-    python benchmarks/fidelity_paper.py [--dataset gsm8k] [--split train] [--limit 16] [--out runs/fidelity-paper]
+    python benchmarks/fidelity_paper.py [--dataset gsm8k] [--split train] [--limit 24] [--out runs/fidelity-paper]
                                         [--budgets 400,500] [--policies LIST] [--head HEAD]
 
 Builds reference traces from the dataset (teacher-forced reference solutions where it has them, else the model's
@@ -10,7 +10,8 @@ OUT/per_trace.jsonl (a rerun resumes), and writes OUT/fidelity.json (one record 
 policy, scope, budget, kl_answer, kl_after, top1_answer, top1_after, ...), OUT/fidelity.md and a KL plot, then
 prints the table and whether DynTS has the lowest answer-span KL of the shared-scope baselines at every budget.
 Runtime on the embedded model is about (traces x policies x tokens after the first compression) / 210 tokens/s
-per core: the defaults take about 25 min on 2 cores. Not a test: the lead runs it on a quiet machine.
+per core: a 930-token trace takes about 50 s of one core for the 11 compressing policies at two budgets, so the
+default 24 traces take about 20 min on one core. Not a test: the full run wants a quiet machine.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--dataset", default="gsm8k", help="any registered math dataset (default gsm8k)")
     p.add_argument("--split", default=None, help="default: train where the dataset has one, else its default split")
-    p.add_argument("--limit", type=int, default=16, help="reference traces to measure (default 16, at least 4)")
+    p.add_argument("--limit", type=int, default=24, help="reference traces to measure (default 24, at least 4)")
     p.add_argument("--out", default="runs/fidelity-paper", help="output directory (default runs/fidelity-paper)")
     p.add_argument(
         "--budgets", default=",".join(map(str, paper.DEFAULT_BUDGETS)), help="multiples of 5 (default 400,500)"
@@ -37,7 +38,8 @@ def main(argv=None) -> int:
     p.add_argument(
         "--policies",
         default=None,
-        help="comma-separated subset, NAME:KEY=VALUE for options (default: " + ",".join(paper.DEFAULT_POLICIES) + ")",
+        help="comma-separated, NAME:KEY=VALUE for options (default: full, every baseline in each scope, dynts, and "
+        f"the prompt-protecting Window {paper.PROMPT_WINDOW}: " + ",".join(paper.default_policies()) + ")",
     )
     p.add_argument("--head", default=None, help="importance head for dynts (default: the shipped one)")
     p.add_argument("--model", default="smollm2-135m")

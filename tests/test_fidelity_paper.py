@@ -75,7 +75,8 @@ def test_aggregate_weights_by_positions_and_verdict():
     merged = paper.aggregate([[rec("window", 400, 0.1, 10)], [rec("window", 400, 0.4, 30)]])
     assert len(merged) == 1 and merged[0]["kl_answer"] == pytest.approx((0.1 * 10 + 0.4 * 30) / 40)
     assert merged[0]["traces"] == 2 and merged[0]["compressions"] == 6 and merged[0]["positions_answer"] == 40
-    assert merged[0]["scope"] is None  # window has no scope option
+    assert merged[0]["scope"] is None  # window has no scope option: one index set for all
+    assert paper.scope_of("h2o", {}) is not None  # per-head by nature, or its scope option
     records = paper.aggregate([[rec("window", 400, 0.3, 10), rec("sepllm", 400, 0.2, 10), rec("dynts", 400, 0.1, 10)]])
     assert paper.verdict(records) == ["B=400: dynts KL answer 0.1000; lowest of the 2 shared-scope baselines"]
     records = paper.aggregate([[rec("window", 400, 0.05, 10), rec("dynts", 400, 0.1, 10)]])
@@ -86,8 +87,12 @@ def test_aggregate_weights_by_positions_and_verdict():
 
 def test_policy_list_is_checked_before_any_work():
     assert paper.policies_from_text("full,window,dynts") == ["full", "window", "dynts"]
-    assert "dynts" in paper.DEFAULT_POLICIES and paper.PROMPT_WINDOW in paper.DEFAULT_POLICIES
-    assert {"h2o", "h2o:scope=shared", "rkv:scope=shared"} <= set(paper.DEFAULT_POLICIES)
+    listed = paper.default_policies()
+    assert listed[0] == "full" and "dynts" in listed and paper.PROMPT_WINDOW in listed
+    for name in paper.SCOPED:  # every scope the policy's `scope` option takes (just the name before it exists)
+        specs = [spec for spec in listed if spec.split(":")[0] == name]
+        assert specs == paper.scoped_specs(name) and len(specs) in (1, 2, 3)
+        assert len(specs) == 1 or all(":scope=" in spec for spec in specs)
     with pytest.raises(DynTSError, match="--policies"):
         paper.policies_from_text("window:no_such_option=1")
 

@@ -326,7 +326,7 @@ def test_attention_reference_metric_and_compared_heads(tmp_path, trained):
     assert metrics["compared"]["other"]["spearman"] == pytest.approx(trained_metrics["spearman"], abs=1e-6)
     saved = json.loads((tmp_path / "head" / "head.json").read_text())
     assert saved["metrics"]["baseline_attention"]["topk_recall"] == 1.0
-    assert saved["training"]["clip_norm"] == 1.0 and saved["training"]["band"] == "quantile:0.9"
+    assert saved["training"]["clip_norm"] == 1.0 and saved["training"]["band"] == "quantile:0.75:0.9"
     reversed_dir = tmp_path / "reversed"
     write_label_set(reversed_dir, reference="reversed")
     label_set = load_label_set(reversed_dir)

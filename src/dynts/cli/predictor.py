@@ -71,7 +71,7 @@ def register(sub) -> None:
         "--band",
         default=DEFAULT_BAND,
         help="transformed labels that get loss weight 5: quantile:LO[:HI] of the training labels, value:LO:HI "
-        f"(value:4:5 is the paper's band, sized for 10k-token traces) or none (default {DEFAULT_BAND}: the top 10%%)",
+        f"(value:4:5 is the paper's band, sized for 10k-token traces) or none (default {DEFAULT_BAND})",
     )
     tr.add_argument("--clip", type=float, default=1.0, help="gradient clipping norm, 0 = off (default 1.0)")
     tr.add_argument(

@@ -30,6 +30,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import typing
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,7 +44,7 @@ from dynts.harness.evaluate import EvalPlan, run_eval
 from dynts.harness.store import MANIFEST_FILE, read_manifest, read_records
 from dynts.models.loading import LoadedModel
 from dynts.policies.options import as_dict, format_spec
-from dynts.policies.registry import policy_config, resolve_spec
+from dynts.policies.registry import policy_class, policy_config, resolve_spec
 from dynts.predictor.solution_traces import TraceLayout, solution_traces, write_solution_traces
 
 WINDOW_SHARE = 0.4  # W / B, the paper's 2000 / 5000
@@ -55,15 +56,6 @@ DEFAULT_BUDGETS = (400, 500)
 SCOPED = ("h2o", "snapkv", "rkv")  # the baselines that rank per layer and KV head, or shared with `scope=shared`
 BASELINES = ("window", "streaming", "sepllm", *SCOPED)
 PROMPT_WINDOW = "window:protect_prompt=true"  # the control: Window that never evicts the prompt
-DEFAULT_POLICIES = (
-    "full",
-    "window",
-    "streaming",
-    "sepllm",
-    *(spec for name in SCOPED for spec in (name, f"{name}:scope=shared")),
-    "dynts",
-    PROMPT_WINDOW,
-)
 PER_TRACE_FILE = "per_trace.jsonl"
 SHUFFLE_SEED = 16
 
@@ -188,8 +180,12 @@ def stored_traces(loaded: LoadedModel, trace_dir: Path) -> list[tuple[list, Trac
 
 
 def scope_of(policy: str, options: dict) -> str | None:
-    """The scope a policy ran with (its `scope` option, given or default), None for a policy without one."""
-    return as_dict(policy_config(policy, options)).get("scope")
+    """The scope a policy ran with: its `scope` option (given or default); for a policy without one, "per-head"
+    where it ranks per layer and KV head, else None (one index set for all: nothing to scope)."""
+    config = as_dict(policy_config(policy, options))
+    if "scope" in config:
+        return config["scope"]
+    return "per-head" if policy_class(policy).per_head else None
 
 
 def aggregate(per_trace: list[list[dict]]) -> list[dict]:
@@ -269,9 +265,12 @@ def verdict(records: list[dict]) -> list[str]:
         ]
         worse = [label_of(r) for r in shared if r["kl_answer"] <= kl]
         line = f"B={budget}: dynts KL answer {kl:.4f}; "
-        line += (
-            f"lowest of the {len(shared)} shared-scope baselines" if not worse else f"not lower than {', '.join(worse)}"
-        )
+        if not shared:
+            line += "no shared-scope baseline ran"
+        elif worse:
+            line += f"not lower than {', '.join(worse)}"
+        else:
+            line += f"lowest of the {len(shared)} shared-scope baselines"
         gate = [r for r in here if label_of(r) == control]
         if gate:
             line += f"; {'beats' if kl < gate[0]['kl_answer'] else 'does not beat'} the prompt-protecting Window"
@@ -337,9 +336,32 @@ def run_benchmark(
     return records
 
 
+def scoped_specs(name: str) -> list[str]:
+    """A baseline in every scope its `scope` option takes (h2o:scope=per-head, h2o:scope=shared, ...); the bare
+    name for a policy without the option."""
+    hints = typing.get_type_hints(policy_class(name).Config)
+    if "scope" not in hints:
+        return [name]
+    values = [v for v in typing.get_args(hints["scope"]) if isinstance(v, str)]
+    return [f"{name}:scope={v}" for v in values] if values else [name, f"{name}:scope=shared"]
+
+
+def default_policies() -> list[str]:
+    """full, the baselines in both scopes, dynts and the prompt-protecting Window control."""
+    return [
+        "full",
+        "window",
+        "streaming",
+        "sepllm",
+        *(s for n in SCOPED for s in scoped_specs(n)),
+        "dynts",
+        PROMPT_WINDOW,
+    ]
+
+
 def policies_from_text(text: str | None) -> list[str]:
-    """The policy list (DEFAULT_POLICIES when none is given); each spec is checked against the registry."""
-    policies = [p.strip() for p in (text.split(",") if text else DEFAULT_POLICIES) if p.strip()]
+    """The policy list (default_policies() when none is given); each spec is checked against the registry."""
+    policies = [p.strip() for p in (text.split(",") if text else default_policies()) if p.strip()]
     for spec in policies:
         try:
             resolve_spec(spec)
