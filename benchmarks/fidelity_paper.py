@@ -97,6 +97,7 @@ def run(args, paper, parse_int_list) -> int:
         "frame": frame.describe(),
         "policies": policies,
         "head": args.head,
+        "head_digest": paper.head_digest(engines),
         "traces_source": source,
         "trace_dir": str((out / "traces").resolve()),
         "mean_trace_tokens": sum(lengths) / len(lengths),

@@ -128,3 +128,13 @@ def test_teacher_forced_traces_fit_the_paper_proportions(smollm, tmp_path):
         assert answer.strip().startswith("The answers are: (1) ") and len(t.prompt_ids) <= frame.max_prompt()
     paper.build_traces(smollm, "gsm8k", "train", str(data), frame, 4, out)
     assert len(paper.stored_traces(smollm, out)) == 4
+
+
+def test_a_rerun_must_measure_the_same_thing(tmp_path):
+    manifest = {"model": "m", "dataset": "gsm8k", "split": "train", "frame": [], "policies": ["full"], "head": None}
+    paper.check_manifest(tmp_path, manifest)  # nothing there yet
+    (tmp_path / "run.json").write_text(json.dumps({**manifest, "head_digest": "abc", "n_traces": 4}))
+    (tmp_path / "per_trace.jsonl").write_text("")
+    paper.check_manifest(tmp_path, {**manifest, "head_digest": "abc", "n_traces": 8})  # more traces: resumes
+    with pytest.raises(DynTSError, match="head_digest"):
+        paper.check_manifest(tmp_path, {**manifest, "head_digest": "def"})

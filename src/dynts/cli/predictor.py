@@ -128,6 +128,8 @@ def collect_from_solutions(args, split: str | None) -> int:
 
     if args.ray is not None:
         raise DynTSError("--from-solutions only tokenizes: it runs here, without --ray")
+    if args.samples != 1:
+        raise DynTSError("--from-solutions writes one teacher-forced trace per group of problems: --samples must be 1")
     layout = TraceLayout(per_trace=parse_per_trace(args.problems_per_trace), seed=args.seed)
     problems = load_dataset(args.dataset, data_dir=args.data_dir, limit=args.limit, split=split)
     if not any(p.solution for p in problems):

@@ -27,6 +27,7 @@ rerun with the same settings resumes.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import random
@@ -279,12 +280,22 @@ def verdict(records: list[dict]) -> list[str]:
     return lines
 
 
+def head_digest(engines: dict) -> str | None:
+    """A short digest of the importance head the engines use (None without one): a rerun after the shipped head
+    changed must not mix two heads' results."""
+    heads = [e.policy.head for e in engines.values() if getattr(e.policy, "head", None) is not None]
+    if not heads:
+        return None
+    data = b"".join(p.detach().cpu().numpy().tobytes() for p in heads[0].parameters())
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
 def check_manifest(out_dir: Path, manifest: dict) -> None:
     """A rerun must measure the same thing as the run it resumes (the trace count may grow)."""
     if not (out_dir / MANIFEST_FILE).is_file() or not (out_dir / PER_TRACE_FILE).is_file():
         return
     stored = read_manifest(out_dir)
-    fixed = ("model", "dataset", "split", "frame", "policies", "head")
+    fixed = ("model", "dataset", "split", "frame", "policies", "head", "head_digest")
     differs = [k for k in fixed if stored.get(k) != manifest.get(k)]
     if differs:
         raise DynTSError(
