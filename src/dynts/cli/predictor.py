@@ -188,7 +188,8 @@ def cmd_train(args) -> int:
         if path == "shipped":
             from dynts.models.importance_head import shipped_head_path
 
-            shipped = shipped_head_path(read_label_model(args.dir))
+            model = read_label_model(args.dir)
+            shipped = shipped_head_path(model) if model else None
             if shipped is None:
                 raise DynTSError("--compare shipped: no head ships for the model of these labels")
             compare["shipped"] = shipped
