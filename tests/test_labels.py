@@ -1,5 +1,6 @@
 """Answer-attention labels and answer-span detection (DESIGN §3.2)."""
 
+import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -50,11 +51,46 @@ def test_labels_equal_brute_force_full_attention():
     loaded = tiny_llama()
     ids = torch.randint(0, 300, (40,), generator=torch.Generator().manual_seed(1)).tolist()
     answer_start = 31
-    labels, hidden = label_trace(loaded, ids, answer_start, chunk=3)  # chunking must not change the result
+    labels, hidden, reference = label_trace(loaded, ids, answer_start, chunk=3)  # chunking must not change results
+    assert reference is None  # not asked for
     expected = brute_force_labels(loaded.model, ids, answer_start)
     assert labels.shape == (40,) and hidden.shape == (40, 32)
     torch.testing.assert_close(labels, expected, rtol=1e-4, atol=1e-6)
     assert labels[:answer_start].sum() > 0  # earlier tokens get credit
+
+
+def test_attention_reference_equals_brute_force_accumulated_attention():
+    loaded = tiny_llama(seed=2)
+    ids = torch.randint(0, 300, (40,), generator=torch.Generator().manual_seed(3)).tolist()
+    think_start, answer_start = 6, 31
+    chunked = label_trace(loaded, ids, answer_start, chunk=4, reference_from=think_start)
+    whole = label_trace(loaded, ids, answer_start, chunk=64, reference_from=think_start)
+    loaded.model.set_attn_implementation("eager")
+    try:
+        out = loaded.model(torch.tensor([ids]), output_attentions=True)
+    finally:
+        loaded.model.set_attn_implementation("dynts")
+    attn = torch.stack([a[0] for a in out.attentions]).mean(dim=(0, 1))  # [L, L], mean over layers and heads
+    attn.fill_diagonal_(0.0)
+    expected = attn[think_start:answer_start].sum(dim=0)  # from every thinking query, summed
+    torch.testing.assert_close(chunked.reference, expected, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(whole.reference, chunked.reference, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(chunked.labels, whole.labels)
+
+
+def test_uniform_attention_gives_hand_computed_labels_and_reference():
+    """With zeroed query projections every query attends uniformly to itself and all earlier tokens: a query at
+    position i gives each earlier token 1/(i+1), itself nothing (the diagonal is zeroed)."""
+    loaded = tiny_llama(seed=4)
+    for layer in loaded.model.model.layers:
+        layer.self_attn.q_proj.weight.data.zero_()
+    length, think_start, answer_start = 12, 3, 9
+    out = label_trace(loaded, list(range(1, length + 1)), answer_start, chunk=2, reference_from=think_start)
+    for j in range(length):
+        reference = sum(1 / (i + 1) for i in range(think_start, answer_start) if i > j)
+        label = sum(1 / (i + 1) for i in range(answer_start, length) if i > j) / (length - answer_start)
+        assert out.reference[j].item() == pytest.approx(reference, rel=1e-5)
+        assert out.labels[j].item() == pytest.approx(label, rel=1e-5)
 
 
 def test_think_marker_spans():

@@ -8,18 +8,22 @@ import torch
 from safetensors.torch import save_file
 
 from dynts.errors import DynTSError
-from dynts.models.importance_head import ImportanceHead
+from dynts.models.importance_head import HeadConfig, ImportanceHead
 from dynts.predictor.train import (
     TrainConfig,
+    band_limits,
     evaluate_head,
     evaluate_recency,
+    evaluate_reference,
     load_label_set,
     loss_weights,
     lr_factor,
+    parse_band,
     parse_transform,
     ranking_metrics,
     split_traces,
     train_head,
+    train_step,
     weighted_mse,
 )
 
@@ -33,9 +37,21 @@ def true_score(features: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 
 def write_label_set(
-    root, traces=40, hidden=HIDDEN, model=MODEL, shard_size=16, seed=0, think=True, samples=1, noise=0.05
+    root,
+    traces=40,
+    hidden=HIDDEN,
+    model=MODEL,
+    shard_size=16,
+    seed=0,
+    think=True,
+    samples=1,
+    noise=0.05,
+    reference=None,
 ):
-    """Write root/labels/{index.json, labels-*.safetensors} as `dynts label` does; returns the hidden weights."""
+    """Write root/labels/{index.json, labels-*.safetensors} as `dynts label` does; returns the hidden weights.
+
+    reference: None (shards without an attention reference, as labelled before it existed), "labels" (the
+    reference equals the labels) or "reversed" (it ranks the thinking tokens in the opposite order)."""
     gen = torch.Generator().manual_seed(seed)
     w = torch.randn(hidden, generator=gen)
     w = w / w.norm()
@@ -51,8 +67,10 @@ def write_label_set(
         target = true_score(features, w) + noise * torch.randn(length, generator=gen).abs()
         labels = torch.zeros(length)
         labels[think_start:think_end] = target[think_start:think_end] / 10000.0
+        attention = {None: None, "labels": labels, "reversed": -labels}[reference]
         items.append(
             {
+                "reference": attention,
                 "ids": torch.randint(0, 1000, (length,), generator=gen, dtype=torch.int32),
                 "spans": [prompt_len, think_start, think_end, think_end],
                 "labels": labels,
@@ -67,14 +85,17 @@ def write_label_set(
         for item in chunk:
             offsets.append(offsets[-1] + len(item["ids"]))
         name = f"labels-{len(shards):05d}.safetensors"
+        tensors = {
+            "token_ids": torch.cat([i["ids"] for i in chunk]),
+            "offsets": torch.tensor(offsets, dtype=torch.int64),
+            "spans": torch.tensor([i["spans"] for i in chunk], dtype=torch.int64),
+            "labels": torch.cat([i["labels"] for i in chunk]),
+            "features": torch.cat([i["features"] for i in chunk]),
+        }
+        if reference is not None:
+            tensors["reference"] = torch.cat([i["reference"] for i in chunk])
         save_file(
-            {
-                "token_ids": torch.cat([i["ids"] for i in chunk]),
-                "offsets": torch.tensor(offsets, dtype=torch.int64),
-                "spans": torch.tensor([i["spans"] for i in chunk], dtype=torch.int64),
-                "labels": torch.cat([i["labels"] for i in chunk]),
-                "features": torch.cat([i["features"] for i in chunk]),
-            },
+            tensors,
             str(out / name),
             metadata={"model": model, "keys": json.dumps([i["key"] for i in chunk])},
         )
@@ -128,7 +149,8 @@ def test_checkpoint_holds_metrics_and_checks_hidden_size(trained):
     head = ImportanceHead.load(out, expected_hidden_size=HIDDEN)
     label_set = load_label_set(root)
     _, held = split_traces(label_set, 0.2, 0)
-    again = evaluate_head(head, label_set, held, 0.4)
+    band = tuple(math.inf if x is None else x for x in saved["training"]["band_limits"])  # the training's band
+    again = evaluate_head(head, label_set, held, 0.4, band=band)
     assert again["spearman"] == pytest.approx(m["spearman"], abs=1e-6)
     assert again["loss"] == pytest.approx(m["heldout_loss"], rel=1e-5)
     with pytest.raises(DynTSError, match="hidden size"):
@@ -242,3 +264,72 @@ def test_train_config_validation():
     ):
         with pytest.raises(DynTSError):
             TrainConfig(**bad)
+
+
+def test_quantile_band_weights_the_top_share_of_training_labels():
+    targets = torch.arange(100.0)[torch.randperm(100, generator=torch.Generator().manual_seed(0))]
+    low, high = band_limits("quantile:0.9", targets)
+    assert (low, high) == (90.0, math.inf)
+    weights = loss_weights(targets, (low, high))
+    assert int((weights == 5).sum()) == 10 and bool((weights[targets >= 90] == 5).all())
+    assert band_limits("quantile:0.5:0.8", targets) == (50.0, 80.0)
+    assert int((loss_weights(targets, band_limits("quantile:0.5:0.8", targets)) == 5).sum()) == 30
+    # the same share whatever the scale of the labels (a value band would not follow)
+    assert int((loss_weights(targets / 1000, band_limits("quantile:0.9", targets / 1000)) == 5).sum()) == 10
+    assert band_limits("value:4:5", targets) == (4.0, 5.0)
+    assert bool((loss_weights(targets, band_limits("none", targets)) == 1).all())
+    assert parse_band("quantile:0.25:0.75") == ("quantile", 0.25, 0.75)
+    for bad in ("", "quantile", "quantile:1.5", "quantile:0.8:0.2", "value:5", "value:5:4", "top:0.1", None):
+        with pytest.raises(DynTSError):
+            parse_band(bad)
+    with pytest.raises(DynTSError):
+        TrainConfig(band="quantile:2")
+
+
+def test_gradient_clipping_bounds_the_step():
+    """With plain SGD (lr 1) the update is the gradient: clipped to norm 1, unclipped far larger."""
+    features = torch.randn(64, HIDDEN, generator=torch.Generator().manual_seed(0))
+    targets = torch.full((64,), 1000.0)  # far from a fresh head's output: a huge gradient
+
+    def step(clip):
+        torch.manual_seed(0)
+        head = ImportanceHead(HeadConfig(HIDDEN, (8,)))
+        before = torch.cat([p.detach().flatten().clone() for p in head.parameters()])
+        optimizer = torch.optim.SGD(head.parameters(), lr=1.0)
+        loss, norm = train_step(head, optimizer, features, targets, (4.0, 5.0), clip_norm=clip)
+        after = torch.cat([p.detach().flatten() for p in head.parameters()])
+        grads = torch.cat([p.grad.flatten() for p in head.parameters()])
+        return norm, float((after - before).norm()), float(grads.norm())
+
+    raw_norm, raw_update, _ = step(None)
+    norm, update, grad_after = step(1.0)
+    assert norm == pytest.approx(raw_norm) and raw_norm > 10.0
+    assert raw_update == pytest.approx(raw_norm, rel=1e-4)
+    assert update == pytest.approx(1.0, rel=1e-4) and grad_after == pytest.approx(1.0, rel=1e-4)
+    assert TrainConfig().clip_norm == 1.0
+    for bad in (0.0, -1.0, math.inf):
+        with pytest.raises(DynTSError):
+            TrainConfig(clip_norm=bad)
+
+
+def test_attention_reference_metric_and_compared_heads(tmp_path, trained):
+    _, shipped, trained_metrics = trained
+    assert trained_metrics["baseline_attention"] is None  # shards labelled without a reference
+    write_label_set(tmp_path, reference="labels")
+    metrics = train_head(tmp_path, tmp_path / "head", tiny_config(epochs=2), progress=False, compare={"other": shipped})
+    assert metrics["baseline_attention"] == {
+        "spearman": pytest.approx(1.0),
+        "kendall": pytest.approx(1.0),
+        "topk_recall": 1.0,
+    }
+    # the same synthetic data and split: the compared head scores what it scored when it was trained
+    assert metrics["compared"]["other"]["spearman"] == pytest.approx(trained_metrics["spearman"], abs=1e-6)
+    saved = json.loads((tmp_path / "head" / "head.json").read_text())
+    assert saved["metrics"]["baseline_attention"]["topk_recall"] == 1.0
+    assert saved["training"]["clip_norm"] == 1.0 and saved["training"]["band"] == "quantile:0.75:0.9"
+    reversed_dir = tmp_path / "reversed"
+    write_label_set(reversed_dir, reference="reversed")
+    label_set = load_label_set(reversed_dir)
+    _, held = split_traces(label_set, 0.2, 0)
+    worst = evaluate_reference(label_set, held, 0.4)
+    assert worst["spearman"] == pytest.approx(-1.0) and worst["topk_recall"] < 0.1

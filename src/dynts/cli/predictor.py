@@ -10,6 +10,7 @@ from dynts.cli.args import add_model_flags, add_ray_flags, add_sampling_flags, e
 from dynts.cli.execution import open_executor
 from dynts.config import PAPER_MAX_NEW_TOKENS
 from dynts.errors import DynTSError
+from dynts.predictor.train import DEFAULT_BAND
 
 
 def register(sub) -> None:
@@ -28,6 +29,18 @@ def register(sub) -> None:
         help="label only the first correct trace of each problem (paper); off for tiny models",
     )
     col.add_argument("--data-dir", default=None, help="directory of dataset JSONL files (default: $DYNTS_DATA_DIR)")
+    col.add_argument(
+        "--from-solutions",
+        action="store_true",
+        help="do not generate: teacher-force the dataset's reference solutions (GSM8K, MATH) as thinking, "
+        "closed by </think> and a short answer restating the final result (traces whose labels mean something)",
+    )
+    col.add_argument(
+        "--problems-per-trace",
+        default="1",
+        help="with --from-solutions: N or LOW:HIGH problems per trace (drawn per trace); several problems go "
+        "in the thinking under a one-line instruction and the answer restates every final answer (default 1)",
+    )
     col.add_argument("--out", required=True, help="trace directory (rerunning resumes)")
     add_model_flags(col)
     add_sampling_flags(col, max_new_tokens=PAPER_MAX_NEW_TOKENS)
@@ -53,6 +66,20 @@ def register(sub) -> None:
         "--transform",
         default="scale:10000",
         help="label transform: scale:S (y = S x) or pow:P (y = 10 x^P / P) (default scale:10000)",
+    )
+    tr.add_argument(
+        "--band",
+        default=DEFAULT_BAND,
+        help="transformed labels that get loss weight 5: quantile:LO[:HI] of the training labels, value:LO:HI "
+        f"(value:4:5 is the paper's band, sized for 10k-token traces) or none (default {DEFAULT_BAND})",
+    )
+    tr.add_argument("--clip", type=float, default=1.0, help="gradient clipping norm, 0 = off (default 1.0)")
+    tr.add_argument(
+        "--compare",
+        action="append",
+        default=[],
+        metavar="HEAD",
+        help="also evaluate this head on the same held-out traces ('shipped' = the shipped head); repeatable",
     )
     tr.add_argument("--retention", type=float, default=0.4, help="r for the reported top-k recall (default 0.4)")
     tr.add_argument("--seed", type=int, default=0)
@@ -90,6 +117,8 @@ def cmd_collect(args) -> int:
     from dynts.harness.report import format_table
 
     split = args.split or ("train" if args.dataset in ("gsm8k",) else None)
+    if args.from_solutions:
+        return collect_from_solutions(args, split)
     plan = EvalPlan(
         datasets=[args.dataset], samples=args.samples, limit=args.limit, data_dir=args.data_dir, split=split
     )
@@ -107,6 +136,33 @@ def cmd_collect(args) -> int:
         )
     print(format_table(metrics))
     print(f"\ntraces: {Path(args.out) / 'samples.jsonl'}; next: dynts label {args.out}")
+    return 0
+
+
+def collect_from_solutions(args, split: str | None) -> int:
+    from dynts.harness.datasets import load_dataset
+    from dynts.models.loading import load_model
+    from dynts.predictor.solution_traces import TraceLayout, parse_per_trace, solution_traces, write_solution_traces
+
+    if args.ray is not None:
+        raise DynTSError("--from-solutions only tokenizes: it runs here, without --ray")
+    if args.samples != 1:
+        raise DynTSError("--from-solutions writes one teacher-forced trace per group of problems: --samples must be 1")
+    layout = TraceLayout(per_trace=parse_per_trace(args.problems_per_trace), seed=args.seed)
+    problems = load_dataset(args.dataset, data_dir=args.data_dir, limit=args.limit, split=split)
+    if not any(p.solution for p in problems):
+        raise DynTSError(f"dataset {args.dataset!r} carries no reference solutions: collect without --from-solutions")
+    loaded = load_model(args.model, device="cpu", dtype=args.dtype)
+    traces = solution_traces(loaded, problems, layout)
+    new = write_solution_traces(
+        loaded, traces, args.out, layout, {"split": split, "limit": args.limit, "data_dir": args.data_dir}
+    )
+    tokens = sum(t.length for t in traces)
+    used = sum(len(t.problems) for t in traces)
+    print(
+        f"{len(traces)} teacher-forced traces ({new} new) from {used} of {len(problems)} problems, "
+        f"{tokens} tokens (mean {tokens / max(len(traces), 1):.0f}) in {args.out}; next: dynts label {args.out}"
+    )
     return 0
 
 
@@ -139,20 +195,49 @@ def cmd_train(args) -> int:
         epochs=args.epochs,
         lr=args.lr,
         transform=args.transform,
+        band=args.band,
+        clip_norm=args.clip or None,
         retention=args.retention,
         seed=args.seed,
         device=args.device,
     )
-    metrics = train_head(existing_run(args.dir), args.out, config)
-    base = metrics.get("baseline_recency", {})
+    compare = {}
+    for path in args.compare:
+        if path == "shipped":
+            from dynts.models.importance_head import shipped_head_path
+
+            model = read_label_model(args.dir)
+            shipped = shipped_head_path(model) if model else None
+            if shipped is None:
+                raise DynTSError("--compare shipped: no head ships for the model of these labels")
+            compare["shipped"] = shipped
+        else:
+            compare[path] = path
+    metrics = train_head(existing_run(args.dir), args.out, config, compare=compare)
     print(f"head written to {args.out}")
-    print(f"{'held-out':<18}{'head':>9}{'recency':>9}")
-    for key in ("spearman", "kendall", "topk_recall"):
-        mine, theirs = metrics.get(key), base.get(key)
-        print(
-            f"{key:<18}{mine if mine is None else f'{mine:.3f}':>9}{theirs if theirs is None else f'{theirs:.3f}':>9}"
-        )
+    print(heldout_table(metrics))
     return 0
+
+
+def read_label_model(directory: str) -> str | None:
+    """The model named in a trace directory's label index (None when unreadable: training then says why)."""
+    try:
+        return json.loads((Path(directory) / "labels" / "index.json").read_text()).get("model")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def heldout_table(metrics: dict) -> str:
+    """Held-out ranking figures: the head, recency, the attention reference and any compared heads."""
+    columns = {"head": metrics, "recency": metrics.get("baseline_recency") or {}}
+    columns["attention"] = metrics.get("baseline_attention") or {}
+    columns.update(metrics.get("compared") or {})
+    width = max(11, *(len(name) + 2 for name in columns))
+    lines = [f"{'held-out (r=' + str(metrics.get('retention')) + ')':<18}" + "".join(f"{n:>{width}}" for n in columns)]
+    for key in ("spearman", "kendall", "topk_recall"):
+        cells = [column.get(key) for column in columns.values()]
+        lines.append(f"{key:<18}" + "".join(f"{'-' if v is None else f'{v:.3f}':>{width}}" for v in cells))
+    return "\n".join(lines)
 
 
 def cmd_head_show(args) -> int:

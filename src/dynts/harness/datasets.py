@@ -39,6 +39,8 @@ class Problem:
     gold: str
     kind: str = "math"
     choices: tuple[str, ...] | None = None
+    # a worked reference solution, where the data has one (GSM8K, MATH)
+    solution: str | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         for name in ("dataset", "id", "question", "gold"):
@@ -369,7 +371,16 @@ def _math_problem(spec: DatasetSpec, row: dict, index: int, split: str) -> Probl
             f"dataset {spec.name!r}, item {problem_id!r}: missing question "
             f"({'/'.join(spec.question_keys)}) or answer field"
         )
-    return Problem(spec.name, problem_id, str(question), _clean_gold(gold), "math")
+    return Problem(spec.name, problem_id, str(question), _clean_gold(gold), "math", solution=_solution(row))
+
+
+def _solution(row: dict) -> str | None:
+    """The worked solution of GSM8K / MATH rows (the hub's GSM8K keeps it under ``answer``, ending in ``#### N``)."""
+    solution = row.get("solution")
+    if isinstance(solution, str) and solution.strip():
+        return solution
+    answer = row.get("answer")
+    return answer if isinstance(answer, str) and "####" in answer else None
 
 
 def _gpqa_problem(spec: DatasetSpec, row: dict, index: int, split: str) -> Problem:

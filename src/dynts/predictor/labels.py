@@ -5,6 +5,11 @@ function hands the queries and keys to an `AnswerAttention` observer, which comp
 answer queries only (in chunks, never the full L x L map), zeroes each query's attention to itself, and adds
 the rows up. label[j] = mean over layers, query heads and answer queries of the attention paid to token j.
 
+In the same forward it computes the attention reference `dynts train` compares heads with: the attention each
+thinking token has received from the later thinking queries by the time the answer starts (H2O's accumulated
+score at a selection made then). It costs the thinking rows of the attention map, again in chunks, and is stored
+beside the labels in the shards ("reference").
+
 Answer span: after the last end-of-thinking marker (`</think>`) when the model has one. Otherwise (a model
 without think markers, such as the embedded one) the answer is the final sentence of the response that holds
 its last `\\boxed{...}`, or the final sentence when there is no box; everything generated before it counts as
@@ -16,6 +21,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -24,6 +30,10 @@ from dynts.kv.attention import StepContext, use_dynts_attention
 from dynts.models.loading import LoadedModel
 
 INDEX_FILE = "index.json"
+REFERENCE_RULE = (
+    "accumulated attention (mean over layers and query heads, summed over queries) each thinking token receives "
+    "from later thinking queries before the answer, self-attention excluded"
+)
 SENTENCE_ENDS = (". ", "! ", "? ", "\n")
 ANSWER_RULE = (
     "after the last </think>; without think markers: the final sentence holding the last \\boxed{}, "
@@ -93,48 +103,83 @@ def _final_sentence_start(generated: list[int], tokenizer) -> int | None:
 
 
 class AnswerAttention:
-    """Attention observer summing, per key, the attention of answer queries (diagonal zeroed)."""
+    """Attention observer: per key, the attention of answer queries (the labels) and, optionally, of later thinking
+    queries (the attention reference), each query's attention to itself zeroed.
+
+    label[j] = mean over layers, query heads and answer queries i >= answer_start of A[i, j].
+    reference[j] = sum over thinking queries think_start <= i < answer_start, i != j, of the mean over layers and
+    query heads of A[i, j]: the attention token j has received from every later query by the end of thinking,
+    i.e. H2O's accumulated score for a selection made just before the answer, with nothing evicted before it.
+    """
 
     observes_attention = True
     wants_probs = False
 
-    def __init__(self, length: int, answer_start: int, chunk: int = 128, device="cpu"):
+    def __init__(
+        self, length: int, answer_start: int, chunk: int = 128, device="cpu", reference_from: int | None = None
+    ):
         self.length, self.answer_start, self.chunk = length, answer_start, chunk
+        self.reference_from = reference_from
         self.total = torch.zeros(length, dtype=torch.float64, device=device)
-        self.rows = 0  # (layer, head, query) rows summed
+        self.received = torch.zeros(length, dtype=torch.float64, device=device)
+        self.rows = 0  # (layer, head, answer query) rows summed into total
+        self.layer_heads = 0  # (layer, head) pairs summed into received
 
     def observe_attention(self, layer_idx, query, key, probs, ctx) -> None:
+        _, heads, _, _ = query.shape
+        for start in range(self.answer_start, self.length, self.chunk):
+            end = min(start + self.chunk, self.length)
+            self.total += self._attention(query, key, start, end).sum(dim=(0, 1, 2)).double()
+            self.rows += heads * (end - start)
+        if self.reference_from is not None:
+            for start in range(self.reference_from, self.answer_start, self.chunk):
+                end = min(start + self.chunk, self.answer_start)
+                self.received += self._attention(query, key, start, end).sum(dim=(0, 1, 2)).double()
+            self.layer_heads += heads
+
+    def _attention(self, query, key, start: int, end: int) -> torch.Tensor:
+        """Causal attention probabilities [kv_heads, group, end - start, L] of queries [start, end), diagonal zeroed."""
         _, heads, _, dim = query.shape
         kv_heads = key.shape[1]
         keys = key[0].float()  # [kvh, L, d]
         positions = torch.arange(self.length, device=key.device)
-        for start in range(self.answer_start, self.length, self.chunk):
-            end = min(start + self.chunk, self.length)
-            q = query[0, :, start:end].float().reshape(kv_heads, heads // kv_heads, end - start, dim)
-            scores = torch.matmul(q, keys.unsqueeze(1).transpose(-1, -2)) * dim**-0.5  # [kvh, g, A, L]
-            rows = torch.arange(start, end, device=key.device)
-            scores = scores.masked_fill(positions[None, :] > rows[:, None], float("-inf"))
-            attn = scores.softmax(dim=-1)
-            attn[..., torch.arange(end - start), rows] = 0.0  # no credit for attending to oneself
-            self.total += attn.sum(dim=(0, 1, 2)).double()
-            self.rows += heads * (end - start)
+        q = query[0, :, start:end].float().reshape(kv_heads, heads // kv_heads, end - start, dim)
+        scores = torch.matmul(q, keys.unsqueeze(1).transpose(-1, -2)) * dim**-0.5  # [kvh, g, A, L]
+        rows = torch.arange(start, end, device=key.device)
+        scores = scores.masked_fill(positions[None, :] > rows[:, None], float("-inf"))
+        attn = scores.softmax(dim=-1)
+        attn[..., torch.arange(end - start), rows] = 0.0  # no credit for attending to oneself
+        return attn
 
     def labels(self) -> torch.Tensor:
         return (self.total / max(self.rows, 1)).float()
 
+    def reference(self) -> torch.Tensor:
+        return (self.received / max(self.layer_heads, 1)).float()
+
+
+class TraceLabels(NamedTuple):
+    labels: torch.Tensor  # [L] float32, answer attention
+    hidden: torch.Tensor  # [L, hidden] last hidden states
+    reference: torch.Tensor | None  # [L] float32, accumulated attention by the end of thinking (None: not asked)
+
 
 @torch.no_grad()
-def label_trace(loaded: LoadedModel, token_ids: list[int], answer_start: int, chunk: int = 128):
-    """(labels [L] float32, last hidden states [L, hidden]) for one full trace."""
+def label_trace(
+    loaded: LoadedModel, token_ids: list[int], answer_start: int, chunk: int = 128, reference_from: int | None = None
+) -> TraceLabels:
+    """Labels and last hidden states of one full trace; with reference_from (the first thinking position), also
+    the attention reference (see AnswerAttention)."""
     device = loaded.device
     tokens = torch.tensor([token_ids], device=device)
-    observer = AnswerAttention(len(token_ids), answer_start, chunk=chunk, device=device)
+    observer = AnswerAttention(len(token_ids), answer_start, chunk=chunk, device=device, reference_from=reference_from)
     ctx = StepContext(prefill_row=0, observer=observer)
     use_dynts_attention(loaded.model)
     hidden = loaded.model.get_decoder()(
         input_ids=tokens, position_ids=torch.arange(len(token_ids), device=device)[None], use_cache=False, dynts_ctx=ctx
     ).last_hidden_state[0]
-    return observer.labels().cpu(), hidden.cpu()
+    reference = observer.reference().cpu() if reference_from is not None else None
+    return TraceLabels(observer.labels().cpu(), hidden.cpu(), reference)
 
 
 def select_traces(records: list[dict], correct_only: bool) -> list[dict]:
@@ -163,7 +208,7 @@ def label_traces(host, traces: list[dict]) -> list[dict | None]:
         if spans is None:
             out.append(None)
             continue
-        labels, hidden = label_trace(loaded, ids, spans.answer_start)
+        labels, hidden, reference = label_trace(loaded, ids, spans.answer_start, reference_from=spans.think_start)
         supervised = torch.zeros_like(labels, dtype=torch.bool)
         supervised[spans.think_start : spans.think_end] = True
         out.append(
@@ -171,6 +216,7 @@ def label_traces(host, traces: list[dict]) -> list[dict | None]:
                 "ids": ids,
                 "spans": spans.as_list(),
                 "labels": labels * supervised,
+                "reference": reference * supervised,
                 "features": hidden.to(torch.float16),
                 "key": list(trace["key"]),
             }
@@ -242,6 +288,7 @@ def label_store(
             "offsets": torch.tensor(offsets, dtype=torch.int64),
             "spans": torch.tensor([item["spans"] for item in buffer], dtype=torch.int64),
             "labels": torch.cat([item["labels"] for item in buffer]),
+            "reference": torch.cat([item["reference"] for item in buffer]),
             "features": torch.cat([item["features"] for item in buffer]).to(torch.float16),
         }
         keys = [item["key"] for item in buffer]
@@ -285,6 +332,7 @@ def label_store(
         "skipped": skipped,
         "tokens": tokens,
         "answer_rule": ANSWER_RULE,
+        "reference_rule": REFERENCE_RULE,
         "correct_only": correct_only,
     }
     (out / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")

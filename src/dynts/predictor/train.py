@@ -12,8 +12,15 @@ holds the supervised rows of all shards in memory at the same 2 bytes x hidden p
 training rows to the training device once and casts each minibatch to float32.
 
 Fit. Labels are transformed (`scale:S` -> S*x; `pow:P` -> 10*x^P/P), the loss is a weighted MSE (weight 5 where
-the transformed label lies in [4, 5), else 1), AdamW with linear warm-up over the first `warmup` fraction of
-steps and cosine decay to 0, `epochs` passes over shuffled token minibatches of `batch_tokens` tokens.
+the transformed label lies in the heavy band, else 1), AdamW with linear warm-up over the first `warmup` fraction
+of steps and cosine decay to 0, gradients clipped to norm `clip_norm` (1.0), `epochs` passes over shuffled token
+minibatches of `batch_tokens` tokens. The heavy band is by default the transformed training labels between their
+0.75 and 0.9 quantiles (`quantile:0.75:0.9`): a band of label *values* such as the paper's [4, 5) depends on trace
+length (a label is a mean attention, about 1/L for a typical token), so [4, 5) sized for 10k-token traces lands on
+typical tokens of 300-token ones; a quantile band weights the same share of tokens at any length. The band sits
+just above the typical token, where a top-k selection decides (on our 380-token GSM8K solution traces [4, 5) of
+pow:0.3 lies at the 0.81-0.92 quantiles); weighting the extreme top (`quantile:0.9`) fitted worse on held-out
+rankings (docs/algorithm.md). `value:4:5` keeps the paper's band.
 
 Split. Traces are split into training and held-out traces by `seed`; all samples of one problem (same dataset
 and id in the shard keys) land on the same side, so a held-out problem was never seen in training.
@@ -24,8 +31,11 @@ Kendall tau-b between predicted score and raw label, and top-k recall with k = m
 over traces (traces where a correlation is undefined, e.g. a constant label, are left out of that average).
 `heldout_loss` is the weighted MSE on transformed labels over all held-out tokens; `heldout_loss_initial` is
 the same for the freshly initialised head. `random_init` holds the three ranking figures of the untrained
-head, and `baseline_recency` those of scoring by position (newer = more important), which is what a
-window policy keeps: a head is only useful if it beats that baseline.
+head, `baseline_recency` those of scoring by position (newer = more important), which is what a window
+policy keeps, and `baseline_attention` those of the attention reference stored by `dynts label` (the attention
+each thinking token has received from the later thinking queries by the time the answer starts: what H2O would
+rank by if it selected then, with nothing evicted before). A head is useful where it beats recency; beating the
+attention reference means it predicts the answer's needs better than accumulated attention does.
 """
 
 from __future__ import annotations
@@ -45,7 +55,8 @@ from dynts.models.importance_head import HeadConfig, ImportanceHead
 INDEX_FILE = "index.json"
 LABELS_DIR = "labels"
 HEAVY_WEIGHT = 5.0
-HEAVY_RANGE = (4.0, 5.0)
+HEAVY_RANGE = (4.0, 5.0)  # the paper's band of transformed label values, sized for 10k-token R1 traces
+DEFAULT_BAND = "quantile:0.75:0.9"
 
 
 # ----------------------------------------------------------------------------------------------- transforms
@@ -73,16 +84,74 @@ def parse_transform(spec: str) -> Callable:
     raise DynTSError(f"unknown label transform {kind!r} in {spec!r}: use 'scale:S' or 'pow:P'")
 
 
-def loss_weights(target: torch.Tensor) -> torch.Tensor:
-    """Weight 5 where the transformed label lies in [4, 5), else 1."""
-    low, high = HEAVY_RANGE
+def parse_band(spec: str) -> tuple[str, float, float]:
+    """The heavy-weight band named by `spec`: ("quantile", LO, HI) or ("value", LO, HI).
+
+    quantile:LO[:HI]  the transformed training labels between their LO and HI quantiles (HI defaults to 1: the
+                      top 1 - LO of the labels), whatever the trace lengths and transform;
+    value:LO:HI       transformed labels in [LO, HI) (value:4:5 is the paper's band);
+    none              no heavy weight (plain MSE).
+    """
+    text = str(spec).strip().lower() if spec is not None else ""
+    if text == "none":
+        return ("value", math.inf, math.inf)
+    kind, _, rest = text.partition(":")
+    try:
+        numbers = [float(x) for x in rest.split(":")] if rest else []
+    except ValueError:
+        numbers = []
+    if kind == "quantile" and len(numbers) == 1:
+        numbers.append(1.0)
+    ok = len(numbers) == 2 and all(math.isfinite(x) for x in numbers) and numbers[0] < numbers[1]
+    if kind == "quantile" and ok and 0.0 <= numbers[0] and numbers[1] <= 1.0:
+        return ("quantile", numbers[0], numbers[1])
+    if kind == "value" and ok:
+        return ("value", numbers[0], numbers[1])
+    raise DynTSError(
+        f"loss band must be quantile:LO[:HI] (0 <= LO < HI <= 1), value:LO:HI (LO < HI) or none, got {spec!r}"
+    )
+
+
+def band_limits(spec: str, targets: torch.Tensor) -> tuple[float, float]:
+    """[low, high) in transformed-label values: a value band as given, a quantile band from `targets`."""
+    kind, low, high = parse_band(spec)
+    if kind == "value":
+        return low, high
+    ordered = targets.detach().flatten().double().sort().values
+    if ordered.numel() == 0:
+        raise DynTSError("a quantile loss band needs training labels")
+    at = lambda q: float(ordered[min(ordered.numel() - 1, int(math.floor(q * ordered.numel())))])
+    return at(low), (math.inf if high >= 1.0 else at(high))
+
+
+def loss_weights(target: torch.Tensor, band: tuple[float, float] = HEAVY_RANGE, weight: float = HEAVY_WEIGHT):
+    """`weight` where the transformed label lies in [band[0], band[1]), else 1."""
+    low, high = band
     heavy = (target >= low) & (target < high)
-    return torch.where(heavy, torch.full_like(target, HEAVY_WEIGHT), torch.ones_like(target))
+    return torch.where(heavy, torch.full_like(target, weight), torch.ones_like(target))
 
 
-def weighted_mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+def weighted_mse(
+    pred: torch.Tensor, target: torch.Tensor, band: tuple[float, float] = HEAVY_RANGE, weight: float = HEAVY_WEIGHT
+) -> torch.Tensor:
     """mean(w * (pred - target)^2) with w from `loss_weights` (on the transformed labels)."""
-    return (loss_weights(target) * (pred - target) ** 2).mean()
+    return (loss_weights(target, band, weight) * (pred - target) ** 2).mean()
+
+
+def train_step(head, optimizer, features, targets, band, weight: float = HEAVY_WEIGHT, clip_norm=None):
+    """One optimizer step on a minibatch; returns (loss, gradient norm before clipping).
+
+    clip_norm: rescale the gradients to this total norm when they exceed it (None: no clipping)."""
+    loss = weighted_mse(head(features.float()), targets, band, weight)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    params = [p for p in head.parameters() if p.grad is not None]
+    if clip_norm is not None:
+        norm = torch.nn.utils.clip_grad_norm_(params, clip_norm)
+    else:
+        norm = torch.linalg.vector_norm(torch.stack([p.grad.detach().norm() for p in params]))
+    optimizer.step()
+    return float(loss.detach()), float(norm)
 
 
 def lr_factor(step: int, total_steps: int, warmup_steps: int) -> float:
@@ -104,6 +173,8 @@ class TrainConfig:
     hidden: widths of the head's hidden layers (a small model wants a much smaller head than (8192, 2048)).
     warmup: fraction of the optimizer steps spent in linear warm-up.
     batch_tokens: supervised tokens per optimizer step.
+    band: which transformed labels get the heavy loss weight (parse_band); weight: that weight.
+    clip_norm: gradients are rescaled to this total norm when larger (the method's recipe: 1.0); None: off.
     heldout: fraction of the traces (at least one problem) held out for the metrics.
     retention: the r of the top-k recall metric, k = floor(r * thinking tokens).
     device: where to train; None picks CUDA when available, else CPU.
@@ -117,6 +188,9 @@ class TrainConfig:
     warmup: float = 0.1
     batch_tokens: int = 4096
     transform: str = "scale:10000"
+    band: str = DEFAULT_BAND
+    weight: float = HEAVY_WEIGHT
+    clip_norm: float | None = 1.0
     heldout: float = 0.1
     seed: int = 0
     retention: float = 0.4
@@ -146,6 +220,11 @@ class TrainConfig:
         if not _is_int(self.batch_tokens) or self.batch_tokens < 1:
             raise DynTSError(f"batch_tokens must be a positive integer, got {self.batch_tokens!r}")
         parse_transform(self.transform)
+        parse_band(self.band)
+        if not _finite(self.weight) or self.weight < 1.0:
+            raise DynTSError(f"the heavy loss weight must be a number >= 1, got {self.weight!r}")
+        if self.clip_norm is not None and (not _finite(self.clip_norm) or self.clip_norm <= 0):
+            raise DynTSError(f"gradient clipping norm must be a positive number (or None: off), got {self.clip_norm!r}")
         if not _finite(self.heldout) or not 0.0 < self.heldout < 1.0:
             raise DynTSError(f"heldout is a fraction of the traces in (0, 1), got {self.heldout!r}")
         if not _is_int(self.seed):
@@ -195,6 +274,7 @@ class LabelSet:
     features: torch.Tensor  # float16 [S, hidden]
     labels: torch.Tensor  # float32 [S], raw
     positions: torch.Tensor  # int64 [S]
+    reference: torch.Tensor | None = None  # float32 [S], the attention reference; None in shards made without it
     index: dict = field(default_factory=dict)
 
     @property
@@ -274,7 +354,7 @@ def load_label_set(
 
     keys: list[tuple] = []
     spans_parts, length_parts, count_parts = [], [], []
-    feature_parts, label_parts, position_parts = [], [], []
+    feature_parts, label_parts, position_parts, reference_parts = [], [], [], []
     for name in shards:
         path = labels_dir / name
         if not path.is_file():
@@ -283,6 +363,7 @@ def load_label_set(
             with safe_open(str(path), framework="pt") as f:
                 metadata = f.metadata() or {}
                 tensors = {k: f.get_tensor(k) for k in ("token_ids", "offsets", "spans", "labels", "features")}
+                reference = f.get_tensor("reference") if "reference" in f.keys() else None
         except (SafetensorError, OSError, RuntimeError, ValueError, KeyError) as exc:
             first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise DynTSError(f"label shard {path} is corrupt ({first}); run `dynts label` again") from None
@@ -308,6 +389,9 @@ def load_label_set(
         features = tensors["features"][rows_t].to(torch.float16)
         if features.numel() and not torch.isfinite(features).all():
             raise DynTSError(f"label shard {path} holds non-finite hidden states; run `dynts label` again")
+        if reference is not None and tuple(reference.shape) != tuple(tensors["labels"].shape):
+            raise DynTSError(f"label shard {path} is corrupt: its attention reference does not match its labels")
+        reference_parts.append(None if reference is None else reference[rows_t].float())
         feature_parts.append(features)
         label_parts.append(labels)
         position_parts.append(torch.cat(positions) if positions else torch.zeros(0, dtype=torch.int64))
@@ -334,6 +418,7 @@ def load_label_set(
         features=torch.cat(feature_parts),
         labels=torch.cat(label_parts),
         positions=torch.cat(position_parts),
+        reference=None if any(r is None for r in reference_parts) else torch.cat(reference_parts),
         index=index,
     )
 
@@ -442,9 +527,12 @@ def ranking_metrics(pred, true, retention: float) -> dict:
     }
 
 
+RANKING = ("spearman", "kendall", "topk_recall")
+
+
 def _average(per_trace: list[dict]) -> dict:
     out = {}
-    for name in ("spearman", "kendall", "topk_recall"):
+    for name in RANKING:
         values = [m[name] for m in per_trace if m[name] is not None]
         out[name] = float(sum(values) / len(values)) if values else None
     return out
@@ -465,7 +553,13 @@ def predict(head: ImportanceHead, features: torch.Tensor, chunk: int = 8192) -> 
 
 
 def evaluate_head(
-    head: ImportanceHead, label_set: LabelSet, traces: Sequence[int], retention: float, transform: str | None = None
+    head: ImportanceHead,
+    label_set: LabelSet,
+    traces: Sequence[int],
+    retention: float,
+    transform: str | None = None,
+    band: tuple[float, float] = HEAVY_RANGE,
+    weight: float = HEAVY_WEIGHT,
 ) -> dict:
     """Held-out figures of a head on `traces` (see the module docstring).
 
@@ -485,20 +579,33 @@ def evaluate_head(
         per_trace.append(ranking_metrics(scores[start : start + n], labels[start : start + n], retention))
         start += n
     out = _average(per_trace)
-    out["loss"] = float(weighted_mse(scores, fn(labels)))
+    out["loss"] = float(weighted_mse(scores, fn(labels), band, weight))
     out["traces"], out["tokens"] = len(traces), int(rows.numel())
     return out
 
 
-def evaluate_recency(label_set: LabelSet, traces: Sequence[int], retention: float) -> dict:
-    """The length-only baseline: score = position in the trace (newer = more important)."""
+def evaluate_scores(label_set: LabelSet, traces: Sequence[int], retention: float, scores: torch.Tensor) -> dict:
+    """Ranking figures of per-row `scores` (aligned with the label set's rows) against the labels."""
     per_trace = []
     for t in traces:
         if label_set.supervised_count(t) == 0:
             continue
         rows = label_set.trace_rows(t)
-        per_trace.append(ranking_metrics(label_set.positions[rows].float(), label_set.labels[rows], retention))
+        per_trace.append(ranking_metrics(scores[rows].float(), label_set.labels[rows], retention))
     return _average(per_trace)
+
+
+def evaluate_recency(label_set: LabelSet, traces: Sequence[int], retention: float) -> dict:
+    """The length-only baseline: score = position in the trace (newer = more important)."""
+    return evaluate_scores(label_set, traces, retention, label_set.positions)
+
+
+def evaluate_reference(label_set: LabelSet, traces: Sequence[int], retention: float) -> dict | None:
+    """The attention baseline: score = attention received from later thinking queries by the end of thinking
+    (labels.py, AnswerAttention); None when the shards were labelled without it."""
+    if label_set.reference is None:
+        return None
+    return evaluate_scores(label_set, traces, retention, label_set.reference)
 
 
 # ----------------------------------------------------------------------------------------------- training
@@ -510,8 +617,12 @@ def train_head(
     config: TrainConfig | None = None,
     expected_model: str | None = None,
     progress: bool = True,
+    compare: dict[str, str | Path] | None = None,
 ) -> dict:
-    """Train an importance head on DIR/labels, save it to out_dir (head.safetensors + head.json), return metrics."""
+    """Train an importance head on DIR/labels, save it to out_dir (head.safetensors + head.json), return metrics.
+
+    compare: other heads (name -> checkpoint path) to evaluate on the same held-out traces, reported under
+    metrics["compared"] (a head made for another model fails here, before any training)."""
     from tqdm import tqdm
 
     config = config or TrainConfig()
@@ -519,6 +630,10 @@ def train_head(
     device = config.resolved_device()
     label_set = load_label_set(label_dir, expected_model=expected_model)
     train, held = split_traces(label_set, config.heldout, config.seed)
+    others = {
+        name: ImportanceHead.load(path, expected_hidden_size=label_set.hidden_size)
+        for name, path in (compare or {}).items()
+    }
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
@@ -531,11 +646,12 @@ def train_head(
             )
         )
     head.to(device)
-    initial = evaluate_head(head, label_set, held, config.retention, config.transform)
 
     train_rows = label_set.rows(train)
     features = label_set.features[train_rows].to(device)
     targets = transform(label_set.labels[train_rows]).to(device)
+    band = band_limits(config.band, targets)
+    initial = evaluate_head(head, label_set, held, config.retention, config.transform, band, config.weight)
     n_tokens = int(train_rows.numel())
     steps_per_epoch = math.ceil(n_tokens / config.batch_tokens)
     total_steps = steps_per_epoch * config.epochs
@@ -546,27 +662,28 @@ def train_head(
 
     started = time.perf_counter()
     head.train()
-    epoch_loss = float("nan")
+    epoch_loss, clipped = float("nan"), 0
     bar = tqdm(range(config.epochs), desc="train", unit="epoch", disable=not progress or None)
     for _ in bar:
         order = torch.randperm(n_tokens, generator=generator).to(device)
         total, seen = 0.0, 0
         for start in range(0, n_tokens, config.batch_tokens):
             batch = order[start : start + config.batch_tokens]
-            loss = weighted_mse(head(features[batch].float()), targets[batch])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            loss, norm = train_step(
+                head, optimizer, features[batch], targets[batch], band, config.weight, config.clip_norm
+            )
             scheduler.step()
-            total += float(loss.detach()) * batch.numel()
+            clipped += config.clip_norm is not None and norm > config.clip_norm
+            total += loss * batch.numel()
             seen += batch.numel()
         epoch_loss = total / max(seen, 1)
         bar.set_postfix(loss=f"{epoch_loss:.4g}")
     bar.close()
     train_time = time.perf_counter() - started
+    heavy_share = float(((targets >= band[0]) & (targets < band[1])).float().mean())
     del features, targets
 
-    final = evaluate_head(head, label_set, held, config.retention, config.transform)
+    final = evaluate_head(head, label_set, held, config.retention, config.transform, band, config.weight)
     metrics = {
         "spearman": final["spearman"],
         "kendall": final["kendall"],
@@ -576,13 +693,17 @@ def train_head(
         "train_loss_final": epoch_loss,
         "retention": config.retention,
         "baseline_recency": evaluate_recency(label_set, held, config.retention),
-        "random_init": {k: initial[k] for k in ("spearman", "kendall", "topk_recall")},
+        "baseline_attention": evaluate_reference(label_set, held, config.retention),
+        "random_init": {k: initial[k] for k in RANKING},
         "train_time_s": round(train_time, 3),
         "traces_train": len(train),
         "traces_heldout": final["traces"],
         "tokens_train": n_tokens,
         "tokens_heldout": final["tokens"],
     }
+    for name, other in others.items():
+        scores = evaluate_head(other, label_set, held, config.retention)
+        metrics.setdefault("compared", {})[name] = {k: scores[k] for k in RANKING}
     training = {k: v for k, v in asdict(config).items() if k not in ("hidden", "transform", "device")}
     training.update(
         {
@@ -594,7 +715,10 @@ def train_head(
             "supervised_tokens": label_set.num_tokens,
             "steps": total_steps,
             "warmup_steps": warmup_steps,
-            "loss": "weighted MSE, weight 5 where the transformed label is in [4, 5)",
+            "loss": f"weighted MSE, weight {config.weight:g} where the transformed label is in "
+            f"[{band[0]:.4g}, {band[1]:.4g}) ({config.band}: {heavy_share:.1%} of training tokens)",
+            "band_limits": [x if math.isfinite(x) else None for x in band],
+            "steps_clipped": int(clipped),
             "device": str(device),
         }
     )

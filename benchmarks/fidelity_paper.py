@@ -1,0 +1,119 @@
+"""DynTS against the baselines in the paper's proportions: W/B = 0.4, r = 0.4, a prompt that is at most 20% of what a
+compression keeps, and at least 3 compressions per trace (src/dynts/experiments/fidelity_paper.py says why).
+
+    python benchmarks/fidelity_paper.py [--dataset gsm8k] [--split train] [--limit 24] [--out runs/fidelity-paper]
+                                        [--budgets 400,500] [--policies LIST] [--head HEAD]
+
+Builds reference traces from the dataset (teacher-forced reference solutions where it has them, else the model's
+own greedy traces) into OUT/traces, replays each under every policy and budget, appends per-trace results to
+OUT/per_trace.jsonl (a rerun resumes), and writes OUT/fidelity.json (one record per policy, scope and budget:
+policy, scope, budget, kl_answer, kl_after, top1_answer, top1_after, ...), OUT/fidelity.md and a KL plot, then
+prints the table and whether DynTS has the lowest answer-span KL of the shared-scope baselines at every budget.
+Runtime on the embedded model is about (traces x policies x tokens after the first compression) / 210 tokens/s
+per core: a 930-token trace takes about 50 s of one core for the 11 compressing policies at two budgets, so the
+default 24 traces take about 20 min on one core. Not a test: the full run wants a quiet machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+
+def main(argv=None) -> int:
+    from dynts.cli.args import parse_int_list
+    from dynts.errors import DynTSError
+    from dynts.experiments import fidelity_paper as paper
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--dataset", default="gsm8k", help="any registered math dataset (default gsm8k)")
+    p.add_argument("--split", default=None, help="default: train where the dataset has one, else its default split")
+    p.add_argument("--limit", type=int, default=24, help="reference traces to measure (default 24, at least 4)")
+    p.add_argument("--out", default="runs/fidelity-paper", help="output directory (default runs/fidelity-paper)")
+    p.add_argument(
+        "--budgets", default=",".join(map(str, paper.DEFAULT_BUDGETS)), help="multiples of 5 (default 400,500)"
+    )
+    p.add_argument(
+        "--policies",
+        default=None,
+        help="comma-separated, NAME:KEY=VALUE for options (default: full, every baseline in each scope, dynts, and "
+        f"the prompt-protecting Window {paper.PROMPT_WINDOW}: " + ",".join(paper.default_policies()) + ")",
+    )
+    p.add_argument("--head", default=None, help="importance head for dynts (default: the shipped one)")
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--data-dir", default=None, help="dataset directory (default: $DYNTS_DATA_DIR, else the hub)")
+    p.add_argument("--device", default="cpu")
+    args = p.parse_args(argv)
+    try:
+        return run(args, paper, parse_int_list)
+    except DynTSError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+def run(args, paper, parse_int_list) -> int:
+    from dynts.errors import DynTSError
+    from dynts.experiments.fidelity import build_engines, check_traces
+    from dynts.harness.datasets import REGISTRY, dataset_kind
+    from dynts.models.loading import load_model
+
+    if args.limit < paper.MIN_TRACES:
+        raise DynTSError(f"--limit must be at least {paper.MIN_TRACES}, got {args.limit}")
+    if dataset_kind(args.dataset) != "math":
+        raise DynTSError(f"--dataset {args.dataset}: the benchmark runs on math datasets")
+    spec = REGISTRY.get(args.dataset)
+    split = args.split or ("train" if spec is not None and "train" in spec.files else None)
+    frame = paper.PaperFrame(tuple(parse_int_list(args.budgets, "--budgets")))
+    policies = paper.policies_from_text(args.policies)
+    out = Path(args.out)
+    started = time.perf_counter()
+    loaded = load_model(args.model, device=args.device, dtype="fp32")
+    engines = {}  # one window per budget: W = 0.4 B
+    for budget in frame.budgets:
+        engines.update(
+            build_engines(loaded, policies, [budget], frame.window(budget), paper.RATIO, head_path=args.head)
+        )
+    print(
+        "frame: "
+        + "; ".join(f"B={d['budget']} W={d['window']} r={d['ratio']} keeps {d['kept']}" for d in frame.describe())
+        + f"; prompt <= {frame.max_prompt()} tokens, traces >= {frame.min_length()} tokens",
+        file=sys.stderr,
+    )
+    source = paper.build_traces(loaded, args.dataset, split, args.data_dir, frame, args.limit, out / "traces")
+    print(f"reference traces: {source} ({out / 'traces'})", file=sys.stderr)
+    keyed = paper.stored_traces(loaded, out / "traces")
+    chosen, skipped = paper.select_traces(frame, keyed, args.limit)
+    check_traces(engines, [t for _, t in chosen])  # the frame's rules are stricter: this never fires
+    for reason, n in skipped.items():
+        print(f"skipped {n} traces: {reason}", file=sys.stderr)
+    lengths = [len(t.prompt_ids) + len(t.token_ids) for _, t in chosen]
+    prompts = [len(t.prompt_ids) for _, t in chosen]
+    manifest = {
+        "model": loaded.name,
+        "dataset": args.dataset,
+        "split": split,
+        "frame": frame.describe(),
+        "policies": policies,
+        "head": args.head,
+        "head_digest": paper.head_digest(engines),
+        "traces_source": source,
+        "trace_dir": str((out / "traces").resolve()),
+        "mean_trace_tokens": sum(lengths) / len(lengths),
+        "mean_prompt_tokens": sum(prompts) / len(prompts),
+        "compressions_per_trace": {
+            str(b): min(frame.compressions(n, b) for n in lengths) for b in frame.budgets
+        },  # the fewest, per budget
+    }
+    records = paper.run_benchmark(loaded, chosen, engines, out, manifest)
+    print(paper.format_table(records))
+    print()
+    for line in paper.verdict(records):
+        print(line)
+    print(f"\n{out / 'fidelity.json'}  ({len(chosen)} traces, {time.perf_counter() - started:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
