@@ -89,10 +89,9 @@ def test_policy_list_is_checked_before_any_work():
     assert paper.policies_from_text("full,window,dynts") == ["full", "window", "dynts"]
     listed = paper.default_policies()
     assert listed[0] == "full" and "dynts" in listed and paper.PROMPT_WINDOW in listed
-    for name in paper.SCOPED:  # every scope the policy's `scope` option takes (just the name before it exists)
+    for name in paper.SCOPED:  # both scopes: per-head (the default, plain name) and shared
         specs = [spec for spec in listed if spec.split(":")[0] == name]
-        assert specs == paper.scoped_specs(name) and len(specs) in (1, 2, 3)
-        assert len(specs) == 1 or all(":scope=" in spec for spec in specs)
+        assert specs == paper.scoped_specs(name) == [name, f"{name}:scope=shared"]
     with pytest.raises(DynTSError, match="--policies"):
         paper.policies_from_text("window:no_such_option=1")
 

@@ -63,7 +63,8 @@ def register(sub) -> None:
 def cmd_eval(args) -> int:
     from dynts.harness.datasets import load_dataset
     from dynts.harness.evaluate import EvalPlan, run_eval
-    from dynts.harness.report import format_table
+    from dynts.harness.report import REPORT_FILE, format_table
+    from dynts.harness.store import SAMPLES_FILE
 
     datasets = [d.strip() for d in args.datasets.split(",") if d.strip()]
     plan = EvalPlan(datasets=datasets, samples=args.samples, limit=args.limit, data_dir=args.data_dir)
@@ -73,7 +74,7 @@ def cmd_eval(args) -> int:
     with closing(open_executor(args, args.model, args.dtype)) as executor:
         metrics = run_eval(spec, plan, args.out, executor=executor)
     print(format_table(metrics))
-    print(f"\nresults: {Path(args.out) / 'samples.jsonl'}  report: {Path(args.out) / 'report.md'}")
+    print(f"\nresults: {Path(args.out) / SAMPLES_FILE}  report: {Path(args.out) / REPORT_FILE}")
     return 0
 
 

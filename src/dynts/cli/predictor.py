@@ -115,6 +115,7 @@ def cmd_collect(args) -> int:
     from dynts.harness.datasets import load_dataset
     from dynts.harness.evaluate import EvalPlan, run_eval
     from dynts.harness.report import format_table
+    from dynts.harness.store import SAMPLES_FILE
 
     split = args.split or ("train" if args.dataset in ("gsm8k",) else None)
     if args.from_solutions:
@@ -135,7 +136,7 @@ def cmd_collect(args) -> int:
             extra_manifest={"purpose": "traces", "correct_only": args.correct_only},
         )
     print(format_table(metrics))
-    print(f"\ntraces: {Path(args.out) / 'samples.jsonl'}; next: dynts label {args.out}")
+    print(f"\ntraces: {Path(args.out) / SAMPLES_FILE}; next: dynts label {args.out}")
     return 0
 
 

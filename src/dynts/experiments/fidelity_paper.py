@@ -31,7 +31,6 @@ import hashlib
 import json
 import math
 import random
-import typing
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,7 +44,7 @@ from dynts.harness.evaluate import EvalPlan, run_eval
 from dynts.harness.store import MANIFEST_FILE, read_manifest, read_records
 from dynts.models.loading import LoadedModel
 from dynts.policies.options import as_dict, format_spec
-from dynts.policies.registry import policy_class, policy_config, resolve_spec
+from dynts.policies.registry import option_names, policy_class, policy_config, resolve_spec
 from dynts.predictor.solution_traces import TraceLayout, solution_traces, write_solution_traces
 
 WINDOW_SHARE = 0.4  # W / B, the paper's 2000 / 5000
@@ -348,13 +347,8 @@ def run_benchmark(
 
 
 def scoped_specs(name: str) -> list[str]:
-    """A baseline in every scope its `scope` option takes (h2o:scope=per-head, h2o:scope=shared, ...); the bare
-    name for a policy without the option."""
-    hints = typing.get_type_hints(policy_class(name).Config)
-    if "scope" not in hints:
-        return [name]
-    values = [v for v in typing.get_args(hints["scope"]) if isinstance(v, str)]
-    return [f"{name}:scope={v}" for v in values] if values else [name, f"{name}:scope=shared"]
+    """A baseline in both scopes (per-head, its default, and shared); the bare name for a policy without one."""
+    return [name, f"{name}:scope=shared"] if "scope" in option_names(name) else [name]
 
 
 def default_policies() -> list[str]:

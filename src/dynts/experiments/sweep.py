@@ -18,7 +18,7 @@ Why it works this way:
   requested number of samples) and that holds its step trace (when asked for) is skipped without loading
   the model; a half-finished cell is resumed by run_evals, which skips the samples it already stored.
 * The samples of every unfinished cell go through one executor together (one pool of workers with --ray, see
-  distributed.py), then the probes; each cell's metrics.json and the summary are written as it completes.
+  runtime/ray_executor.py), then the probes; each cell's metrics.json and the summary are written as it completes.
 * Rerunning with a different grid into the same SWEEP extends it (sweep.json keeps the union); the flags
   that change per-sample results (model, dtype, sampling, samples, limit, data, head, probe length) must
   match, so every cell of one sweep is comparable.

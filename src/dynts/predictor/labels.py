@@ -26,6 +26,7 @@ from typing import NamedTuple
 import torch
 
 from dynts.errors import DynTSError
+from dynts.harness.store import MANIFEST_FILE
 from dynts.kv.attention import StepContext, use_dynts_attention
 from dynts.models.loading import LoadedModel
 
@@ -249,8 +250,8 @@ def label_store(
     from dynts.runtime.executor import LocalExecutor, Task
 
     trace_dir = Path(trace_dir)
-    if not (trace_dir / "run.json").is_file():
-        raise DynTSError(f"{trace_dir} is not a trace directory written by `dynts collect` (no run.json)")
+    if not (trace_dir / MANIFEST_FILE).is_file():
+        raise DynTSError(f"{trace_dir} is not a trace directory written by `dynts collect` (no {MANIFEST_FILE})")
     if shard_size < 1:
         raise DynTSError(f"--shard-size must be at least 1, got {shard_size}")
     manifest = read_manifest(trace_dir)
