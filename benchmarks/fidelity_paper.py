@@ -11,7 +11,8 @@ policy, scope, budget, kl_answer, kl_after, top1_answer, top1_after, ...), OUT/f
 prints the table and whether DynTS has the lowest answer-span KL of the shared-scope baselines at every budget.
 Runtime on the embedded model is about (traces x policies x tokens after the first compression) / 210 tokens/s
 per core: a 930-token trace takes about 50 s of one core for the 11 compressing policies at two budgets, so the
-default 24 traces take about 20 min on one core. Not a test: the full run wants a quiet machine.
+default 24 traces take about 20 min on one core (measured: 12 min on the 2-core CPU). Not a test: the full run
+wants a quiet machine.
 """
 
 from __future__ import annotations
