@@ -91,3 +91,37 @@ def test_both_scopes_in_one_call(smollm, tmp_path, capsys):
     code = main(argv[:-2] + ["--window", "8", "--window-fraction", "0.4", "--out", str(tmp_path / "none")])
     assert code == 2 and "not both" in capsys.readouterr().err
     assert not (tmp_path / "none").exists()
+
+
+def test_dataset_prompts_are_checked_before_any_trace_is_generated(tmp_path, capsys, monkeypatch):
+    """`--dataset` with a budget its prompts do not fit: one error line before the reference traces are made."""
+    from dynts.engine.engine import Engine
+
+    def no_generation(*args, **kwargs):
+        raise AssertionError("reference traces were generated before the prompts were checked")
+
+    monkeypatch.setattr(Engine, "generate", no_generation)
+    code = main(
+        [
+            "fidelity",
+            "--dataset",
+            "demo",
+            "--limit",
+            "2",
+            "--budgets",
+            "40",
+            "--window",
+            "8",
+            "--policies",
+            "full,window",
+            "--out",
+            str(tmp_path / "fid"),
+            "--device",
+            "cpu",
+            "--dtype",
+            "fp32",
+        ]
+    )
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err[-1].startswith("dynts: error:") and "does not fit under --budget 40" in err[-1]
+    assert not (tmp_path / "fid").exists()

@@ -126,9 +126,8 @@ def cmd_fidelity(args) -> int:
             )
     else:
         traces = fidelity.traces_from_dataset(
-            loaded, args.dataset, args.limit or 20, args.max_new_tokens, data_dir=args.data_dir
+            loaded, args.dataset, args.limit or 20, args.max_new_tokens, data_dir=args.data_dir, engines=engines
         )
-        fidelity.check_traces(engines, traces)
     records = fidelity.measure_engines(loaded, traces, engines)
     manifest = {
         "model": loaded.name,

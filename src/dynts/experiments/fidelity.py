@@ -107,11 +107,15 @@ def traces_from_dataset(
     data_dir=None,
     batch_size: int = 8,
     progress: bool = True,
+    engines: dict[tuple, Engine] | None = None,
 ) -> list[Trace]:
-    """Reference traces generated here with the full cache, greedily."""
+    """Reference traces generated here with the full cache, greedily. With `engines`, every prompt is checked
+    against their budgets before anything is generated."""
     problems = load_dataset(dataset, data_dir=data_dir, limit=limit)
     engine = Engine(loaded, "full", None, SamplingConfig(greedy=True, max_new_tokens=max_new_tokens), batch_size)
     prompts = [engine.encode(question_text(p)) for p in problems]
+    for policy_engine in (engines or {}).values():
+        policy_engine.check_prompts(prompts)
     bar = tqdm(total=len(prompts), unit="trace", desc="reference traces", disable=not progress or None)
     output = engine.generate(prompts, on_result=lambda i, r: bar.update(1))
     bar.close()
