@@ -87,7 +87,7 @@ class Scheduler:
         self.make_stepper = make_stepper  # (rows, capacity) -> stepper
         self.batching = batching
         loaded, sampling = engine.loaded, engine.sampling
-        self.eos = set() if sampling.ignore_eos else set(loaded.eos_token_ids)
+        self.eos = frozenset() if sampling.ignore_eos else frozenset(loaded.eos_token_ids)
         self.think_end = list(loaded.think_end_ids)
         self.stepper = None
 
@@ -199,15 +199,15 @@ class Scheduler:
                 seq.generated.append(token)
                 if self.think_end and seq.generated[-len(self.think_end) :] == self.think_end:
                     seq.in_answer = True
-                reason = stop_reason(
-                    token, len(seq.generated), self.eos if seq.request.forced is None else set(), seq.limit
-                )
+                eos = self.eos if seq.request.forced is None else frozenset()  # forced: the tokens given, all
+                reason = stop_reason(token, len(seq.generated), eos, seq.limit)
                 if reason:
                     seq.stats.finish_reason = reason
                     ended.append(seq)
                     break
         run.decode_time_s += poll.wall_s
         budget = self.engine.budget
+        bytes_per_token = self.stepper.bytes_per_token() if self.engine.trace_steps and poll.settled else 0
         for log, step_time, forward_time in poll.settled:
             counted = [
                 r
@@ -235,7 +235,7 @@ class Scheduler:
                         step_time,
                         forward_time,
                         total_kv,
-                        self.stepper.bytes_per_token(),
+                        bytes_per_token,
                         compressed,
                     )
                 )

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 
-def stop_reason(token: int, generated: int, eos: set[int], limit: int) -> str | None:
+def stop_reason(token: int, generated: int, eos: frozenset[int] | set[int], limit: int) -> str | None:
     """Why a sequence ends with `token`, its `generated`-th token: "eos" (an end-of-sequence token), "length"
     (max_new_tokens reached), or None (it goes on)."""
     if token in eos:

@@ -25,7 +25,7 @@ from dynts.harness.prompts import question_text
 from dynts.harness.store import MANIFEST_FILE, read_manifest, read_records
 from dynts.models.loading import LoadedModel
 from dynts.policies import budget_for, policy_class, policy_config
-from dynts.policies.options import format_spec, parse_spec
+from dynts.policies.options import as_dict, format_spec, parse_spec
 from dynts.policies.registry import check_common_options, resolve_spec
 from dynts.predictor.labels import find_spans, think_start_ids
 
@@ -71,6 +71,15 @@ class _Sums:
 
     def means(self) -> tuple[float | None, float | None]:
         return (self.kl / self.count, self.agree / self.count) if self.count else (None, None)
+
+
+def scope_of(policy: str, options: dict) -> str | None:
+    """The scope a policy ran with: its `scope` option (given or default); for a policy without one, "per-head"
+    where it ranks per layer and KV head, else None (one index set for all: nothing to scope)."""
+    config = as_dict(policy_config(policy, options))
+    if "scope" in config:
+        return config["scope"]
+    return "per-head" if policy_class(policy).per_head else None
 
 
 def traces_from_store(directory: str | Path, loaded: LoadedModel, limit: int | None = None) -> list[Trace]:
@@ -256,7 +265,7 @@ def measure_engines(
                 FidelityRecord(
                     policy=name,
                     options=options,
-                    scope=getattr(policy_config(name, options), "scope", None),
+                    scope=scope_of(name, options),
                     budget=config.budget if compressing else None,
                     window=config.window if compressing else None,
                     ratio=config.ratio if compressing else None,

@@ -38,13 +38,13 @@ from pathlib import Path
 from dynts.config import BudgetConfig, SamplingConfig
 from dynts.engine.engine import Engine
 from dynts.errors import DynTSError
-from dynts.experiments.fidelity import Trace, make_trace, measure_engines
+from dynts.experiments.fidelity import Trace, make_trace, measure_engines, scope_of
 from dynts.harness.datasets import Problem, load_dataset
 from dynts.harness.evaluate import EvalPlan, run_eval
 from dynts.harness.store import MANIFEST_FILE, read_manifest, read_records
 from dynts.models.loading import LoadedModel
-from dynts.policies.options import as_dict, format_spec
-from dynts.policies.registry import option_names, policy_class, policy_config, resolve_spec
+from dynts.policies.options import format_spec
+from dynts.policies.registry import option_names, resolve_spec
 from dynts.predictor.solution_traces import TraceLayout, solution_traces, write_solution_traces
 
 WINDOW_SHARE = 0.4  # W / B, the paper's 2000 / 5000
@@ -177,15 +177,6 @@ def stored_traces(loaded: LoadedModel, trace_dir: Path) -> list[tuple[list, Trac
     return [
         ([r["dataset"], r["id"], r["sample"]], make_trace(loaded, r["prompt_ids"], r["token_ids"])) for r in records
     ]
-
-
-def scope_of(policy: str, options: dict) -> str | None:
-    """The scope a policy ran with: its `scope` option (given or default); for a policy without one, "per-head"
-    where it ranks per layer and KV head, else None (one index set for all: nothing to scope)."""
-    config = as_dict(policy_config(policy, options))
-    if "scope" in config:
-        return config["scope"]
-    return "per-head" if policy_class(policy).per_head else None
 
 
 def aggregate(per_trace: list[list[dict]]) -> list[dict]:

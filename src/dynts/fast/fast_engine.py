@@ -122,6 +122,7 @@ class FastEngine(Engine):
                 f"policy {self.policy.name!r} ({type(self.policy).__name__}) is not known to be capturable"
             )
         self.last_profile: DecodeProfile | None = None
+        self._eager_reason: str | None = None  # set by generate() for teacher forcing / a logits callback
         self.kernel_checked: dict = {}  # kernel -> why it failed its check against SDPA, or None
         self._warned = False
 
@@ -145,11 +146,7 @@ class FastEngine(Engine):
         return super().stream(requests, run, on_logits)
 
     def stepper(self, rows: int, capacity: int, on_logits=None):
-        reason = (
-            self.fallback_reason
-            or getattr(self, "_eager_reason", None)
-            or ("a logits callback" if on_logits is not None else None)
-        )
+        reason = self.fallback_reason or self._eager_reason or ("a logits callback" if on_logits is not None else None)
         if reason is not None:
             if not self._warned:
                 warnings.warn(f"fast decode path off for {reason}: using the eager engine", stacklevel=4)
