@@ -69,6 +69,7 @@ class StaticStepper:
                 warmup_steps=fast.warmup_steps,
                 sync_check=fast.sync_check,
                 compile_forward=fast.compile,
+                capture_check=fast.capture_check,
             )
         self._attention = static_attention(engine.loaded.model)
         self._attention.__enter__()
