@@ -341,6 +341,37 @@ def test_sampled_generation_is_batch_invariant(make_tiny):
     assert alone.token_ids == together.results[1].token_ids
 
 
+def test_kernel_check_runs_at_fewer_rows_when_out_of_memory(monkeypatch):
+    """The kernel self-check's inputs and reference live inside its try: at a row count whose inputs do not fit
+    (the largest batch) it checks at a quarter of the rows, and so on, instead of crashing; a kernel that can't
+    run even at one row is reported, so the engine falls back to sdpa."""
+    import dynts.fast.attention as attention
+
+    real = torch.nn.functional.scaled_dot_product_attention
+    seen = []
+
+    def fits_four_rows(query, key, value, lengths, scale, kernel):
+        seen.append(query.shape[0])
+        if query.shape[0] > 4:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        b, heads, d = query.shape
+        kv_heads, capacity = key.shape[1], key.shape[2]
+        mask = (torch.arange(capacity)[None, :] < lengths[:, None])[:, None, None, :]
+        out = real(query.reshape(b, kv_heads, heads // kv_heads, d), key, value, attn_mask=mask, scale=scale)
+        return out.reshape(b, heads, d)
+
+    monkeypatch.setattr(attention, "length_aware_attention", fits_four_rows)
+    assert attention.check_kernel("triton", 64, 4, 2, 16, 40, torch.float32, torch.device("cpu")) is None
+    assert seen == [64, 16, 4]
+
+    def never_fits(*args):
+        raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(attention, "length_aware_attention", never_fits)
+    reason = attention.check_kernel("triton", 64, 4, 2, 16, 40, torch.float32, torch.device("cpu"))
+    assert reason == "out of memory checking it at 1 row of 40 slots"
+
+
 # --- the Triton kernel, interpreted on the CPU ----------------------------------------------------------------
 TRITON_SCRIPT = textwrap.dedent("""
     import sys, torch

@@ -18,6 +18,7 @@ from dataclasses import dataclass, fields
 import torch
 
 from dynts.config import SamplingConfig
+from dynts.engine.transfer import to_device
 from dynts.fast.attention import StaticStepContext
 from dynts.fast.capture_guard import CaptureGuard
 from dynts.fast.host_sync import HostSyncGuard
@@ -292,6 +293,4 @@ class StaticStep:
 
 def device_index(values: list[int], device: torch.device) -> torch.Tensor:
     """A small index tensor on `device`; on a GPU through pinned memory, so the host does not wait for the copy."""
-    if device.type == "cuda":
-        return torch.tensor(values, dtype=torch.long).pin_memory().to(device, non_blocking=True)
-    return torch.tensor(values, dtype=torch.long, device=device)
+    return to_device(values, device, torch.long)
