@@ -7,7 +7,7 @@ capacity a kernel reads:
 - "triton": our split-K kernel (triton_decode.py), reading only each sequence's own length;
 - "flash": flash-attn's `flash_attn_with_kvcache(cache_seqlens=...)`, same idea, when flash-attn is installed.
 "auto" picks flash, then triton, on CUDA, and sdpa elsewhere. Which is fastest is measured by `dynts bench
---kernel ...` (benchmarks/gpu_fast_path.sh).
+--kernel ...` (benchmarks/gpu_probe.sh).
 
 The function registered here is a superset of the engine's: without a StaticStepContext (prefill, the eager
 engine, plain transformers calls) it does exactly what `dynts_attention` does.
