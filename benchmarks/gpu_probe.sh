@@ -73,11 +73,12 @@ if [[ $DEVICE != cpu ]] && ! grep -q '^\[env\] PASS' "$SUMMARY"; then say "[prob
 (command -v nvidia-smi > /dev/null && nvidia-smi --query-gpu=name,memory.used,memory.total,clocks.sm --format=csv,noheader) >> "$FULL" 2>&1
 
 # 1. the project, without dependencies and without the network (PYTHONPATH=src covers a failure)
-step install 40 bash -c "$PYTHON -m pip install -q --no-deps --no-index --no-build-isolation -e . > /dev/null 2>&1 \
-  && echo '[install] PASS pip install --no-deps -e .' || echo '[install] INFO pip install -e . failed (no setuptools?); using PYTHONPATH=src'"
+step install 40 bash -c "$PYTHON -m pip install -q --no-deps --no-index --no-build-isolation -e . > $TMPDIR_PROBE/pip.log 2>&1 \
+  && echo '[install] PASS pip install --no-deps -e .' || { cat $TMPDIR_PROBE/pip.log; echo '[install] INFO pip install -e . \
+failed (it needs setuptools>=68 and wheel in the image); using PYTHONPATH=src instead'; }"
 
 # 2. the CUDA tests
-step tests 120 $PYTHON "$PY" tests 115
+step tests 120 $PYTHON "$PY" tests $((115 * SCALE))
 
 # 3. fast vs eager with refills after the capture
 step equality 70 $PYTHON "$PY" equality
@@ -89,12 +90,12 @@ if [[ $DEVICE == cpu ]]; then
 num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16).save_pretrained('$SHAPE')" >> "$FULL" 2>&1
   BENCH=(--shape "$SHAPE" --random-weights --budget 48 --window 16 --ratio 0.4 --prompt-len 8 --policy dynts
          --head-layers 16,8 --device cpu --bandwidth 10)
-  step qwen-b20 60 $PYTHON "$PY" cli-bench "tiny-b4 (dry run)" "$OUT/qwen-b20.json" 55 -- "${BENCH[@]}" --batch 4 --new-tokens 60
-  step qwen-max 20 $PYTHON "$PY" cli-bench "tiny-max (dry run: needs CUDA)" "$OUT/qwen-max.json" 15 -- "${BENCH[@]}" --batch max --new-tokens 8
+  step qwen-b20 60 $PYTHON "$PY" cli-bench "tiny-b4 (dry run)" "$OUT/qwen-b20.json" $((55 * SCALE)) -- "${BENCH[@]}" --batch 4 --new-tokens 60
+  step qwen-max 20 $PYTHON "$PY" cli-bench "tiny-max (dry run: needs CUDA)" "$OUT/qwen-max.json" $((15 * SCALE)) -- "${BENCH[@]}" --batch max --new-tokens 8
 else
   BENCH=(--shape r1-qwen-7b --random-weights --budget 5000 --window 2000 --ratio 0.4 --prompt-len 128 --policy dynts)
-  step qwen-b20 110 $PYTHON "$PY" cli-bench qwen-b20 "$OUT/qwen-b20.json" 105 -- "${BENCH[@]}" --batch 20 --new-tokens 5000
-  step qwen-max 110 $PYTHON "$PY" cli-bench qwen-max "$OUT/qwen-max.json" 105 -- "${BENCH[@]}" --batch max --new-tokens 1000
+  step qwen-b20 110 $PYTHON "$PY" cli-bench qwen-b20 "$OUT/qwen-b20.json" $((105 * SCALE)) -- "${BENCH[@]}" --batch 20 --new-tokens 5000
+  step qwen-max 110 $PYTHON "$PY" cli-bench qwen-max "$OUT/qwen-max.json" $((105 * SCALE)) -- "${BENCH[@]}" --batch max --new-tokens 1000
 fi
 
 # 5. continuous vs static batching
