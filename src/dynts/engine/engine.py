@@ -18,6 +18,7 @@ from dynts.engine.eager_step import EagerStepper
 from dynts.engine.requests import Request
 from dynts.engine.scheduler import BATCHING, Scheduler
 from dynts.engine.stats import GenerationOutput, GenerationResult, RunStats
+from dynts.engine.transfer import to_device
 from dynts.errors import DynTSError
 from dynts.kv.attention import StepContext, use_dynts_attention
 from dynts.kv.cache import BudgetedCache
@@ -167,7 +168,7 @@ class Engine:
         """Append a run of known tokens to one row in one causal forward (a prompt, or a teacher-forced chunk);
         the policy sees them as it would token by token. observer overrides who sees the attention (default: the
         policy, if it asks). Returns the last hidden states [1, n, hidden]."""
-        tokens = torch.tensor([list(token_ids)], device=self.device)
+        tokens = to_device(list(token_ids), self.device)[None]  # no wait on the steps queued before a refill
         positions = self.plan_run(cache, row, len(token_ids))
         if observer is None and self.policy.observes_attention:
             observer = self.policy
@@ -207,12 +208,12 @@ class Engine:
         flags = (
             torch.zeros(1, n, dtype=torch.bool, device=self.device)
             if in_answer is None
-            else torch.tensor([list(in_answer)], dtype=torch.bool, device=self.device)
+            else to_device(list(in_answer), self.device, torch.bool)[None]
         )
         self.policy.on_tokens(
             cache,
             TokenBatch(
-                rows=torch.tensor([row], device=self.device),
+                rows=to_device([row], self.device),
                 slots=slots[None],
                 positions=positions[None],
                 token_ids=tokens,

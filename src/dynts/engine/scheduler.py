@@ -7,7 +7,7 @@ every row holds at most B tokens whichever sequence it decodes. When no request 
 released: at once by a stepper whose step costs what its rows cost (the eager engine), in buckets (when the live
 rows fall to half) by one that captures a CUDA graph per row count (the static fast path).
 `batching="static"` is the old behaviour: requests are taken `batch_size` at a time and a batch runs until its
-last sequence ends.
+last sequence ends (its finished rows released by the same rule).
 
 What is shared by both paths lives here: the stop rule (stopping.py), the compression trigger
 (BudgetConfig.reached), the statistics (stats.py). A stepper (engine.eager_step.EagerStepper,
@@ -118,6 +118,7 @@ class Scheduler:
     # --- one stream of requests through one set of rows ----------------------------------------------------
     def _decode(self, queue: Iterator[Request], rows: int, capacity: int, run: RunStats, counter, refill: bool):
         engine = self.engine
+        engine.last_cache = None  # the last run's cache goes before this one is allocated, not after
         stepper = self.make_stepper(rows, capacity)
         self.stepper = stepper
         engine.last_cache = stepper.cache
@@ -171,9 +172,9 @@ class Scheduler:
             stepper.close()
 
     def _release_now(self, stepper, live: int, rows: int) -> bool:
-        if self.batching == "static" or not stepper.release_in_buckets:
-            return True
-        return live <= rows // 2
+        """Finished rows leave at once where a step costs what its rows cost; a stepper that captures a step per row
+        count releases them in buckets, when the live rows fall to half (static batching alike)."""
+        return not stepper.release_in_buckets or live <= rows // 2
 
     def _limit(self, request: Request) -> int:
         return len(request.forced) if request.forced is not None else self.engine.sampling.max_new_tokens

@@ -41,6 +41,8 @@ class FastConfig:
     check_every: decode steps between host reads of the generated tokens (EOS checks): 16 on CUDA, 1 elsewhere.
     compile: torch.compile the forward stage before capture (experimental).
     sync_check: raise HostSyncError on any host sync inside a step or a compaction (debugging, tests).
+    capture_check: record every tensor the captured step touches and raise CaptureSafetyError at any later step
+        where one is gone, moved or reshaped (capture_guard.py; debugging, tests; works without graphs too).
     warmup_steps: eager steps before a capture.
     """
 
@@ -49,6 +51,7 @@ class FastConfig:
     check_every: int | None = None
     compile: bool = False
     sync_check: bool = False
+    capture_check: bool = False
     warmup_steps: int = 2
 
     def __post_init__(self):

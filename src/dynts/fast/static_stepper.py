@@ -52,9 +52,9 @@ class StaticStepper:
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         think_end = tuple(engine.loaded.think_end_ids)
         with self._on_device():
+            kernel = self._checked_kernel(rows, config, head_dim, capacity + slack)  # before the cache takes memory
             self.cache = engine.new_cache(rows, capacity + slack, StaticBudgetedCache)
             self.cache.preallocate(config.num_key_value_heads, head_dim, engine.loaded.dtype)
-            kernel = self._checked_kernel(rows, config, head_dim, capacity + slack)
             state = DecodeState.empty(rows, self.device, self.chunk, max(1, len(think_end)))
             self.step_ = StaticStep(
                 engine.decoder,
@@ -69,6 +69,7 @@ class StaticStepper:
                 warmup_steps=fast.warmup_steps,
                 sync_check=fast.sync_check,
                 compile_forward=fast.compile,
+                capture_check=fast.capture_check,
             )
         self._attention = static_attention(engine.loaded.model)
         self._attention.__enter__()
@@ -81,6 +82,7 @@ class StaticStepper:
         self.read_started = time.perf_counter()
         self._marks: list = []
         self._draining = False  # every row reached its last token: read what is there now
+        self.stepped = False  # a decode step has been launched
 
     def _on_device(self):
         """Every stream, event, capture and launch happens on the engine's GPU, whatever the current one is."""
@@ -123,7 +125,8 @@ class StaticStepper:
             logits = engine.lm_head(hidden[:, -1])
             cache.plan_static_decode(self.step_.state.lengths)  # the prefill planned its own forward
             self.step_.admit_row(row, logits, seq.request.seed, cache.lengths[row], cache.next_position[row])
-            engine.synchronize()
+            if not self.stepped:  # the first rows' prefill is timed; a refill never waits for the queued steps
+                engine.synchronize()
         self.counts[row] = 0
         self.admitted.add(row)
         self.idle_rows.discard(row)
@@ -154,6 +157,7 @@ class StaticStepper:
     def step(self, held: list[LiveSequence | None]) -> tuple[list, list[int]]:
         with self._on_device():
             self._marks = self.step_.run(self.clock.mark)
+        self.stepped = True
         self.cache.advance()
         fed = list(self.counts)
         self.counts = [c + 1 for c in self.counts]

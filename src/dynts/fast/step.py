@@ -18,7 +18,9 @@ from dataclasses import dataclass, fields
 import torch
 
 from dynts.config import SamplingConfig
+from dynts.engine.transfer import to_device
 from dynts.fast.attention import StaticStepContext
+from dynts.fast.capture_guard import CaptureGuard
 from dynts.fast.host_sync import HostSyncGuard
 from dynts.fast.sampling import MASK32, choose_tokens
 from dynts.fast.static_cache import StaticBudgetedCache
@@ -88,6 +90,7 @@ class StaticStep:
         warmup_steps: int = 2,
         sync_check: bool = False,
         compile_forward: bool = False,
+        capture_check: bool = False,
     ):
         self.decoder, self.lm_head, self.policy = decoder, lm_head, policy
         self.cache_keyword = {cache_keyword(decoder): cache}
@@ -97,6 +100,8 @@ class StaticStep:
         self.think_end = torch.tensor(think_end, dtype=torch.long, device=self.device) if think_end else None
         self.graphs, self.warmup_steps, self.sync_check = graphs, warmup_steps, sync_check
         self.capture_s, self.captures = 0.0, 0
+        self.capture_guard = CaptureGuard() if capture_check else None
+        self._events: list[str] = []  # what happened to the rows since the last step (for the guard's message)
         self._forward = torch.compile(self.forward, dynamic=False) if compile_forward else self.forward
         self._reset_shape()
 
@@ -107,6 +112,8 @@ class StaticStep:
         self.cache.plan_static_decode(self.state.lengths)
         self._graphs = None
         self._eager_left = self.warmup_steps
+        if self.capture_guard is not None:
+            self.capture_guard.reset()
 
     # --- the three stages ---------------------------------------------------------------------------
     def forward(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -163,6 +170,7 @@ class StaticStep:
     def admit_row(self, row: int, logits: torch.Tensor, seed: int, length: int, position: int) -> None:
         """A request was prefilled into `row` (its cache row holds `length` tokens, the next at `position`): set
         the row's state and choose its token number 0 from the prefill logits [1, V]."""
+        self._events.append(f"a refill of row {row}")
         s = self.state
         length_t, position_t, seed_t = device_index([length, position, int(seed) & MASK32], self.device)
         s.lengths[row], s.positions[row], s.seeds[row] = length_t, position_t, seed_t
@@ -178,6 +186,7 @@ class StaticStep:
 
     def idle_rows(self, rows: torch.Tensor) -> None:
         """Rows left without a sequence keep running with the batch until they are released: keep them short."""
+        self._events.append("idle rows restarting")
         self.state.lengths.index_fill_(0, rows, 0)
         self.state.positions.index_fill_(0, rows, 0)
 
@@ -189,6 +198,9 @@ class StaticStep:
         """One step; mark() is called before, between and after the stages, and the marks are returned."""
         if self.graphs and self._graphs is None and self._eager_left <= 0:
             self._try_capture()
+        guard, when = self.capture_guard, self._since()
+        if guard is not None:
+            guard.check(when)
         marks = [mark()]
         if self._graphs is not None:
             for graph in self._graphs:
@@ -196,7 +208,10 @@ class StaticStep:
                 marks.append(mark())
             return marks
         side = self._side_stream()
-        with side if side is not None else contextlib.nullcontext():
+        watch = contextlib.nullcontext()
+        if guard is not None and not self.graphs:  # eager: the step a capture would take, and every one after it
+            watch = guard.recording() if self._eager_left == 0 else guard.comparing(when) if guard.active else watch
+        with side if side is not None else contextlib.nullcontext(), watch:
             with self._guard("the forward stage"):
                 hidden, logits = self._forward()
             marks.append(mark())
@@ -211,6 +226,11 @@ class StaticStep:
         self._eager_left -= 1
         return marks
 
+    def _since(self) -> str:
+        """The events since the last step, in words; the list starts again."""
+        events, self._events = self._events, []
+        return "at the step after " + (", ".join(dict.fromkeys(events)) if events else "another step")
+
     def _try_capture(self) -> None:
         """Capture the stages; a capture that raises leaves the step eager for the rest of the run, with one
         warning naming the cause, instead of stopping the run."""
@@ -218,6 +238,8 @@ class StaticStep:
             self._capture()
         except Exception as exc:  # noqa: BLE001 (any failure of the optional graphs falls back)
             self.graphs, self._graphs = False, None
+            if self.capture_guard is not None:
+                self.capture_guard.reset()
             if torch.cuda.is_available():
                 torch.cuda.synchronize(self.device)
             warnings.warn(
@@ -238,12 +260,14 @@ class StaticStep:
         torch.cuda.synchronize(self.device)
         pool = torch.cuda.graph_pool_handle()
         forward, score, sample = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
-        with torch.cuda.graph(forward, pool=pool):
-            hidden, logits = self._forward()
-        with torch.cuda.graph(score, pool=pool):
-            self.score(hidden)
-        with torch.cuda.graph(sample, pool=pool):
-            self.sample(logits)
+        watch = self.capture_guard.recording() if self.capture_guard is not None else contextlib.nullcontext()
+        with watch:
+            with torch.cuda.graph(forward, pool=pool):
+                hidden, logits = self._forward()
+            with torch.cuda.graph(score, pool=pool):
+                self.score(hidden)
+            with torch.cuda.graph(sample, pool=pool):
+                self.sample(logits)
         self._graphs = (forward, score, sample)
         self._static_outputs = (hidden, logits)  # the graphs write here on every replay
         torch.cuda.synchronize(self.device)
@@ -252,6 +276,7 @@ class StaticStep:
 
     def compact(self, rows: list[int]) -> None:
         """Compress `rows` (all at the budget) on the device; only the row list comes from the host."""
+        self._events.append(f"a compaction of rows {rows}")
         index = device_index(rows, self.device)
         with self._guard("compaction"):
             keep = keep_slots(self.policy, self.cache, rows)
@@ -268,6 +293,4 @@ class StaticStep:
 
 def device_index(values: list[int], device: torch.device) -> torch.Tensor:
     """A small index tensor on `device`; on a GPU through pinned memory, so the host does not wait for the copy."""
-    if device.type == "cuda":
-        return torch.tensor(values, dtype=torch.long).pin_memory().to(device, non_blocking=True)
-    return torch.tensor(values, dtype=torch.long, device=device)
+    return to_device(values, device, torch.long)

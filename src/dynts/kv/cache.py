@@ -121,6 +121,7 @@ class BudgetedCache(Cache):
         self.lengths: list[int] = [0] * batch_size
         self.next_position: list[int] = [0] * batch_size  # original position of each row's next token
         self.plan: StepPlan | None = None
+        self._decode_rows: dict[int, torch.Tensor] = {}  # row count -> arange(rows), made once
         self.layer_slot_specs: dict[str, tuple[torch.dtype, float]] = {}
         self.layer_row_specs: dict[str, tuple] = {}
         self.slot: dict[str, torch.Tensor] = {}  # shared by all layers and heads: [batch, capacity]
@@ -146,12 +147,20 @@ class BudgetedCache(Cache):
         start = self.lengths[row]
         self.plan = StepPlan(prefill_row=row, kv_len=start + length, start=start)
 
+    def decode_rows(self, n: int) -> torch.Tensor:
+        """The row index [n] of a decode step over n rows: one tensor per row count, kept for the cache's life, so a
+        captured step that reads it (its K/V writes) still finds it after a refill re-planned the step."""
+        rows = self._decode_rows.get(n)
+        if rows is None:
+            rows = self._decode_rows[n] = torch.arange(n, device=self.device)
+        return rows
+
     def plan_decode(self) -> torch.Tensor | None:
         """Plan one token per row; returns the [batch, 1, 1, kv_len] validity mask (None when no row is shorter)."""
         n = len(self.lengths)
         kv_len = max(self.lengths) + 1
         slots = torch.tensor(self.lengths, device=self.device)
-        self.plan = StepPlan(row_index=torch.arange(n, device=self.device), write_slots=slots, kv_len=kv_len)
+        self.plan = StepPlan(row_index=self.decode_rows(n), write_slots=slots, kv_len=kv_len)
         if min(self.lengths) + 1 == kv_len:
             return None
         return (torch.arange(kv_len, device=self.device)[None, :] <= slots[:, None])[:, None, None, :]
