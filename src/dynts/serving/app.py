@@ -1,5 +1,8 @@
 """The HTTP routes (FastAPI) over an OpenAIService: OpenAI's endpoints under /v1, /health and /metrics.
 
+The service is anything with the OpenAIService surface used here (chat, completions, models, healthy, metrics):
+the local one, or ray_serve.py's, which forwards to engine replicas.
+
 Every error leaves as OpenAI's envelope, whatever raised it: a bad body (400, never FastAPI's 422), a missing or
 wrong key (401), an unknown route or model (404), a body over the size limit (413), a full queue (503 with
 Retry-After). /health and /metrics need no key, as in vLLM.
@@ -80,8 +83,8 @@ def build_app(service: OpenAIService, api_key: str | None = None, max_body_bytes
         except ClientGone:
             return Response(status_code=499)
         if isinstance(reply, JSONReply):
-            return JSONResponse(reply.body, status_code=reply.status)
-        return StreamingResponse(reply.events, media_type="text/event-stream", headers=SSE_HEADERS)
+            return JSONResponse(reply.body, status_code=reply.status, headers=reply.headers)
+        return StreamingResponse(reply.events, media_type="text/event-stream", headers={**SSE_HEADERS, **reply.headers})
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
@@ -94,11 +97,11 @@ def build_app(service: OpenAIService, api_key: str | None = None, max_body_bytes
     @app.get("/v1/models")
     async def models(request: Request):
         check_key(request, api_key)
-        return service.models()
+        return await service.models()
 
     @app.get("/health")
     async def health():
-        if not service.healthy():
+        if not await service.healthy():
             raise APIError(503, "the engine loop is not running")
         return Response(status_code=200)
 
@@ -108,6 +111,6 @@ def build_app(service: OpenAIService, api_key: str | None = None, max_body_bytes
 
     @app.get("/metrics")
     async def metrics():
-        return Response(service.metrics.render(), media_type=service.metrics.content_type)
+        return Response(await service.render_metrics(), media_type=service.metrics_content_type)
 
     return app

@@ -64,11 +64,13 @@ class ServeConfig:
 class JSONReply:
     body: dict
     status: int = 200
+    headers: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
 class StreamReply:
     events: AsyncIterator[str]
+    headers: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -136,7 +138,7 @@ class OpenAIService:
         self.vocab_size = len(tokenizer) if hasattr(tokenizer, "__len__") else None
 
     # --- the endpoints ---------------------------------------------------------------------------------------
-    def models(self) -> dict:
+    async def models(self) -> dict:
         c = self.config
         return {
             "object": "list",
@@ -152,8 +154,13 @@ class OpenAIService:
             ],
         }
 
-    def healthy(self) -> bool:
+    async def healthy(self) -> bool:
         return self.loop.alive
+
+    metrics_content_type = ServerMetrics.content_type
+
+    async def render_metrics(self) -> bytes:
+        return self.metrics.render()
 
     async def chat(self, raw: bytes, disconnected=None) -> JSONReply | StreamReply:
         request = parse_body(raw, ChatRequest)
