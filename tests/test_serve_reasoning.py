@@ -77,6 +77,20 @@ def test_stop_strings_split_over_pieces_are_found_and_held_back():
     assert plain.push("a") + plain.push("b") == "ab"
 
 
+def test_incremental_text_equals_decoding_everything_at_once():
+    """Token by token, hidden (special) tokens included: the pieces join to what one decode of all tokens gives."""
+    import random
+
+    from dynts.serving.detokenize import TextChannel
+
+    tokenizer, rng = word_tokenizer(), random.Random(0)
+    for _ in range(30):
+        ids = [rng.randrange(len(WORDS) + len(MARKERS)) for _ in range(rng.randrange(1, 25))]
+        channel = TextChannel(tokenizer)
+        pieces = [channel.push([t]) for t in ids] + [channel.flush()]
+        assert "".join(pieces) == tokenizer.decode(ids, skip_special_tokens=True), ids
+
+
 # --- over HTTP -----------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def tiny_qwen(make_tiny):

@@ -31,10 +31,11 @@ class IncrementalDetokenizer:
             return ""
         before = self._decode(self.ids[self.prefix : self.read])
         after = self._decode(self.ids[self.prefix :])
-        if after.endswith(REPLACEMENT):
-            return ""
+        new = after[len(before) :] if after.startswith(before) else after
+        if after.endswith(REPLACEMENT) or not new:  # an incomplete character, or a hidden (special) token: the
+            return ""  # window keeps its context, so the next token's leading space is not lost
         self.prefix, self.read = self.read, len(self.ids)
-        return after[len(before) :] if after.startswith(before) else after
+        return new
 
     def flush(self) -> str:
         """Whatever is left at the end of the sequence, incomplete characters included."""

@@ -175,14 +175,12 @@ def core_request(prompt_ids: list[int], params: dict, budget: int | None):
     from dynts.engine.core import SamplingParams
     from dynts.engine.requests import Request
 
-    sampling = SamplingParams(**params)
-    return Request(tuple(prompt_ids), sampling.seed, sampling=sampling, budget=budget)
+    return Request.of(prompt_ids, sampling=SamplingParams(**params), budget=budget)
 
 
 def build_core(loaded, spec):
     """The engine core for a loaded model and an EngineSpec (dynts.runtime.executor)."""
     from dynts.api import make_engine
-    from dynts.engine.core import EngineCore
 
     engine = make_engine(
         loaded,
@@ -196,4 +194,4 @@ def build_core(loaded, spec):
         policy_options=spec.options,
         batching=spec.batching,
     )
-    return EngineCore(engine)
+    return engine.core()

@@ -87,7 +87,7 @@ class LiveChoice:
     done: bool = False
 
 
-@dataclass
+@dataclass(eq=False)
 class Generation:
     """The sequences of one request, their outputs arriving on one asyncio queue."""
 
@@ -411,7 +411,7 @@ class OpenAIService:
             body["prompt_token_ids"] = generation.sequences[0].prompt_ids
         return body
 
-    async def chat_events(self, request: ChatRequest, generation: Generation) -> AsyncIterator[str]:
+    def chat_events(self, request: ChatRequest, generation: Generation) -> AsyncIterator[str]:
         head = {
             "id": f"chatcmpl-{uuid.uuid4().hex}",
             "object": "chat.completion.chunk",
@@ -474,7 +474,7 @@ class OpenAIService:
             "kv": self.kv(generation.sequences),
         }
 
-    async def completion_events(self, request: CompletionRequest, generation: Generation) -> AsyncIterator[str]:
+    def completion_events(self, request: CompletionRequest, generation: Generation) -> AsyncIterator[str]:
         head = {
             "id": f"cmpl-{uuid.uuid4().hex}",
             "object": "text_completion",
