@@ -103,8 +103,9 @@ class ProcessServer:
             self.proc.wait(30)
 
 
-def metric(text: str, name: str, **labels) -> float:
-    """The value of one sample of /metrics (summed over the label sets that match `labels`)."""
+def metric(text: str, name: str, default: float | None = None, **labels) -> float:
+    """The value of one sample of /metrics (summed over the label sets that match `labels`); `default` when none
+    matches (a labelled counter has no sample before its first count), else KeyError."""
     total, found = 0.0, False
     for line in text.splitlines():
         if not line.startswith(name):
@@ -116,6 +117,8 @@ def metric(text: str, name: str, **labels) -> float:
         if all(have.get(k) == v for k, v in labels.items()):
             total += float(m.group(3))
             found = True
+    if not found and default is not None:
+        return default
     if not found:
         raise KeyError(f"{name}{labels} not in /metrics")
     return total

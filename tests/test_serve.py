@@ -2,7 +2,8 @@
 streamed and not, greedy tokens equal to `dynts generate`'s, 32 concurrent streams under a fixed KV budget,
 disconnects, the full queue, auth, stop strings, n, per-request budgets and malformed requests.
 
-One server for the module (dynts B=96 W=16 r=0.5, batch 8, at most 8 queued); the SIGTERM test starts its own.
+One server for the module (dynts B=72 W=8 r=0.75, batch 8, at most 24 queued: the prompts here are 31-44 tokens, so
+a sequence first compresses after about 30 tokens); the SIGTERM test starts its own.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ pytestmark = pytest.mark.slow
 
 KEY = "test-key-123"
 NAME = "smol"
-BUDGET, WINDOW, RATIO, BATCH, QUEUED = 96, 16, 0.5, 8, 8
+BUDGET, WINDOW, RATIO, BATCH, QUEUED = 72, 8, 0.75, 8, 24
 FLAGS = ["--policy", "dynts", "--budget", str(BUDGET), "--window", str(WINDOW), "--ratio", str(RATIO)]
 PROMPTS = [
     "What is 7 times 8?",
@@ -109,17 +110,20 @@ def test_completions_non_streamed_and_streamed_agree(client):
     assert chunks[-1].choices[0].finish_reason == full.choices[0].finish_reason
 
 
-def test_served_greedy_tokens_equal_dynts_generate(client, capsys, tmp_path):
-    """Long enough to compress (prompt + 80 tokens > B): the evictions must match too."""
+def test_served_greedy_tokens_equal_dynts_generate(client, smollm):
+    """What `dynts generate --greedy` runs with these flags (Engine.generate, the engine built from the same flags
+    on the same loaded model), long enough to compress (prompt + 40 tokens > B): the evictions must match too."""
+    from dynts.api import make_engine
+    from dynts.cli.args import engine_spec_from_args
+    from dynts.cli.main import build_parser
+
     prompts = PROMPTS[:3]
-    path = tmp_path / "prompts.txt"
-    path.write_text("\n".join(prompts) + "\n")
-    code = dynts_main(
-        ["generate", "--prompts-file", str(path), "--json", "--greedy", "--max-new-tokens", "80", *FLAGS]
-        + ["--batch-size", str(BATCH), "--device", "cpu", "--dtype", "fp32"]
+    args = build_parser().parse_args(
+        ["generate", "--prompt", "x", "--greedy", "--max-new-tokens", "40", *FLAGS, "--batch-size", str(BATCH)]
     )
-    assert code == 0
-    offline = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    spec = engine_spec_from_args(args)
+    engine = make_engine(smollm, spec.policy, spec.budget, spec.sampling, spec.batch_size, fast=False)
+    offline = engine.generate(prompts).results
 
     async def served():
         async with openai_client(client) as ac:
@@ -128,7 +132,7 @@ def test_served_greedy_tokens_equal_dynts_generate(client, capsys, tmp_path):
                     ac.chat.completions.create(
                         model=NAME,
                         messages=chat(p),
-                        max_tokens=80,
+                        max_tokens=40,
                         temperature=0,
                         extra_body={"return_token_ids": True},
                     )
@@ -139,9 +143,9 @@ def test_served_greedy_tokens_equal_dynts_generate(client, capsys, tmp_path):
     responses = asyncio.run(served())
     assert any(r.model_extra["kv"]["compressions"] > 0 for r in responses)
     for want, got in zip(offline, responses):
-        assert got.choices[0].model_extra["token_ids"] == want["token_ids"]
-        assert got.model_extra["kv"]["compressions"] == want["stats"]["compressions"]
-        assert got.choices[0].message.content == want["text"]
+        assert got.choices[0].model_extra["token_ids"] == want.token_ids
+        assert got.model_extra["kv"]["compressions"] == want.stats.compressions
+        assert got.choices[0].message.content == want.text
 
 
 def openai_client(client):
@@ -172,7 +176,7 @@ def test_32_concurrent_streams_all_complete_under_the_budget(server, client):
 
     async def run():
         async with openai_client(client) as ac:
-            return await asyncio.gather(*[stream_tokens(ac, p, 64, **ignore_eos_body()) for p in prompts])
+            return await asyncio.gather(*[stream_tokens(ac, p, 40, **ignore_eos_body()) for p in prompts])
 
     results = asyncio.run(run())
     assert all(finish == "length" and text for text, finish, _ in results)
@@ -196,20 +200,20 @@ def test_disconnected_streams_free_their_rows_and_leave_the_others_unchanged(ser
         async with openai_client(client) as ac:
             return await asyncio.gather(
                 *[
-                    stream_tokens(ac, p, 400 if i in drop else 40, stop_after=4 if i in drop else None)
+                    stream_tokens(ac, p, 400 if i in drop else 24, stop_after=4 if i in drop else None)
                     for i, p in enumerate(prompts)
                 ]
             )
 
     reference = asyncio.run(run(set()))
-    aborted_before = metric(scrape(server), "dynts:request_success_total", finished_reason="abort")
+    aborted_before = metric(scrape(server), "dynts:request_success_total", 0.0, finished_reason="abort")
     start = time.monotonic()
     results = asyncio.run(run(dropped))
     wait_idle(server, timeout=60)
     # the dropped ones asked for 400 tokens: running 0 this soon means they were aborted, not finished
     assert time.monotonic() - start < 60
     after = scrape(server)
-    assert metric(after, "dynts:request_success_total", finished_reason="abort") - aborted_before == len(dropped)
+    assert metric(after, "dynts:request_success_total", 0.0, finished_reason="abort") - aborted_before == len(dropped)
     for i, (want, got) in enumerate(zip(reference, results)):
         if i not in dropped:
             assert got == want, f"stream {i} changed when others disconnected"
@@ -290,15 +294,15 @@ def test_n_choices_use_consecutive_seeds(client):
 
 
 def test_a_request_can_take_a_smaller_kv_budget(client):
-    r = client.chat.completions.create(
+    r = client.completions.create(
         model=NAME,
-        messages=chat(PROMPTS[3]),
-        max_tokens=48,
+        prompt="Once upon a time",
+        max_tokens=40,
         temperature=0,
-        extra_body={"kv_budget": 64, "ignore_eos": True},
+        extra_body={"kv_budget": 32, "ignore_eos": True},
     )
     kv = r.model_extra["kv"]
-    assert kv["budget"] == 64 and kv["peak_tokens"] <= 64 and kv["compressions"] > 0
+    assert kv["budget"] == 32 and kv["peak_tokens"] <= 32 and kv["compressions"] > 0
 
 
 MALFORMED = [

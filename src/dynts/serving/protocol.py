@@ -151,12 +151,28 @@ def parse_body(raw: bytes, model: type[CommonFields]) -> CommonFields:
 
 
 def validation_error(exc: ValidationError) -> APIError:
+    """The first problem, named by its field path (pydantic's union-branch tags such as `str` dropped)."""
     errors = exc.errors(include_url=False)
-    first = errors[0]
-    param = ".".join(str(part) for part in first["loc"]) or None
-    more = f" (and {len(errors) - 1} more problem{'s' * (len(errors) > 2)})" if len(errors) > 1 else ""
-    where = f"{param}: " if param else ""
-    return APIError(400, f"{where}{first['msg']}{more}", param=param)
+    paths = [field_path(e["loc"]) for e in errors]
+    first = paths[0]
+    same = [e for e, path in zip(errors, paths) if path == first]  # one field, several accepted types
+    what = " or ".join(dict.fromkeys(e["msg"] for e in same))
+    got = f" (got {type(same[0]['input']).__name__})" if "input" in same[0] and len(same) > 1 else ""
+    others = len(set(paths) - {first})
+    more = f" (and {others} more field{'s' * (others > 1)})" if others else ""
+    return APIError(400, f"{first or 'body'}: {what}{got}{more}", param=first or None)
+
+
+def field_path(loc) -> str:
+    parts = []
+    for part in loc:
+        if isinstance(part, str) and (part in UNION_TAGS or "[" in part or part[:1].isupper()):
+            continue  # a union branch (str, list[int], TextPart ...), not a field
+        parts.append(str(part))
+    return ".".join(parts)
+
+
+UNION_TAGS = {"str", "int", "float", "bool", "list", "dict", "function-after", "literal", "none"}
 
 
 def check_unsupported(extra: dict[str, Any]) -> None:
@@ -202,7 +218,7 @@ def check_chat(request: ChatRequest) -> None:
 
 
 def check_completion(request: CompletionRequest) -> None:
-    prompts = request.prompt if isinstance(request.prompt, list) else [request.prompt]
+    prompts = completion_prompts(request) if request.prompt != [] else []
     if not prompts or any(len(p) == 0 for p in prompts):
         raise APIError(400, "prompt must not be empty", param="prompt")
 

@@ -283,7 +283,10 @@ class OpenAIService:
     @staticmethod
     def _sink(event_loop, queue: asyncio.Queue, index: int):
         def put(emitted: Emitted) -> None:
-            event_loop.call_soon_threadsafe(queue.put_nowait, (index, emitted))
+            try:
+                event_loop.call_soon_threadsafe(queue.put_nowait, (index, emitted))
+            except RuntimeError:  # the event loop is closed (the server is gone): nobody is listening
+                pass
 
         return put
 
