@@ -101,6 +101,7 @@ class FastEngine(Engine):
         fast: FastConfig | None = None,
         policy_options=None,
         batching: str = "continuous",
+        max_model_len: int | None = None,
     ):
         super().__init__(
             loaded,
@@ -114,6 +115,7 @@ class FastEngine(Engine):
             on_step=on_step,
             policy_options=policy_options,
             batching=batching,
+            max_model_len=max_model_len,
         )
         self.fast = (fast or FastConfig.from_environment()).for_device(self.device, loaded.dtype)
         self.fallback_reason: str | None = None
@@ -125,6 +127,14 @@ class FastEngine(Engine):
         self._eager_reason: str | None = None  # set by generate() for teacher forcing / a logits callback
         self.kernel_checked: dict = {}  # kernel -> why it failed its check against SDPA, or None
         self._warned = False
+
+    @property
+    def per_request_sampling(self) -> bool:
+        """The captured sampler holds one temperature / top_p / top_k for every row: a request's own are honoured
+        only on the eager fallback. (Its own seed, max_new_tokens, ignore_eos, stop tokens and budget are.)"""
+        return self.fallback_reason is not None
+
+    sampling_rule = "the static fast path's captured sampler"
 
     @property
     def sampler(self) -> str:
@@ -140,10 +150,11 @@ class FastEngine(Engine):
             self._eager_reason = None
 
     def stream(self, requests, run=None, on_logits=None):
-        self.last_profile = DecodeProfile(
-            kernel=self.fast.kernel, graphs=bool(self.fast.graphs), check_every=self.fast.check_every
-        )
+        self.last_profile = self._new_profile()  # one profile per stream (an EngineCore's steppers share one)
         return super().stream(requests, run, on_logits)
+
+    def _new_profile(self) -> DecodeProfile:
+        return DecodeProfile(kernel=self.fast.kernel, graphs=bool(self.fast.graphs), check_every=self.fast.check_every)
 
     def stepper(self, rows: int, capacity: int, on_logits=None):
         reason = self.fallback_reason or self._eager_reason or ("a logits callback" if on_logits is not None else None)
@@ -152,4 +163,6 @@ class FastEngine(Engine):
                 warnings.warn(f"fast decode path off for {reason}: using the eager engine", stacklevel=4)
                 self._warned = True
             return super().stepper(rows, capacity, on_logits)
+        if self.last_profile is None:
+            self.last_profile = self._new_profile()
         return StaticStepper(self, rows, capacity)

@@ -250,11 +250,12 @@ class StaticStep:
         self.capture_s += time.perf_counter() - start
         self.captures += 1
 
-    def compact(self, rows: list[int]) -> None:
-        """Compress `rows` (all at the budget) on the device; only the row list comes from the host."""
+    def compact(self, rows: list[int], budget=None) -> None:
+        """Compress `rows` (all at the budget: the policy's, or `budget`, their requests' own) on the device; only
+        the row list comes from the host."""
         index = device_index(rows, self.device)
         with self._guard("compaction"):
-            keep = keep_slots(self.policy, self.cache, rows)
+            keep = keep_slots(self.policy, self.cache, rows, budget)
             self.cache.compact_rows(rows, index, keep)
             self.state.lengths.index_fill_(0, index, keep.shape[-1])
 
