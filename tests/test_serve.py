@@ -379,14 +379,16 @@ def test_completions_and_routes_refuse_bad_input_too(server):
 
 # --- signals and the command line ---------------------------------------------------------------------------------
 def test_sigterm_finishes_or_cancels_what_is_in_flight_and_exits_0():
-    srv = ProcessServer("smollm2-135m", *FLAGS, "--greedy", "--shutdown-timeout", "2", "--device", "cpu")
+    srv = ProcessServer(
+        "smollm2-135m", *FLAGS, "--greedy", "--shutdown-timeout", "10", "--device", "cpu", "--served-model-name", NAME
+    )
     try:
         srv.wait_ready()
         ac = lambda: openai.AsyncOpenAI(base_url=srv.url + "/v1", api_key="x", max_retries=0, timeout=120)  # noqa: E731
 
         async def run():
             async with ac() as client:
-                short = asyncio.create_task(stream_tokens(client, "hi", 6))
+                short = asyncio.create_task(stream_tokens(client, "hi", 4))
                 long = asyncio.create_task(stream_tokens(client, "tell a story", 5000, **ignore_eos_body()))
                 await asyncio.sleep(1.0)
                 srv.proc.send_signal(signal.SIGTERM)

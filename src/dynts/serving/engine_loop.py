@@ -50,7 +50,8 @@ class EngineLoop:
         self.thread = threading.Thread(target=self._run, name=name, daemon=True)
         self.error: BaseException | None = None
         self.kv_peak = 0
-        self._stopping = False
+        self.prompts: dict[int, tuple[int, ...]] = {}  # open requests' prompts, for the prompt token count
+        self.prefilled: set[int] = set()
 
     # --- the asyncio side ------------------------------------------------------------------------------------
     def start(self) -> EngineLoop:
@@ -96,6 +97,7 @@ class EngineLoop:
                 now = time.perf_counter()
                 self._publish()
                 for output in outputs:
+                    self._count(output)
                     sink = self.sinks.pop(output.request_id) if output.finished else self.sinks.get(output.request_id)
                     if sink is not None:
                         sink(Emitted(output, now))
@@ -128,6 +130,7 @@ class EngineLoop:
                         future.set_exception(exc)
                     else:
                         self.sinks[request_id] = sink
+                        self.prompts[request_id] = request.prompt_ids
                         future.set_result(request_id)
             elif kind == "abort":
                 _, request_id, reason = command
@@ -160,6 +163,26 @@ class EngineLoop:
                 return
             if command[0] == "add" and command[3].set_running_or_notify_cancel():
                 command[3].set_exception(APIError(503, f"the engine loop is not running: {exc}"))
+
+    def _count(self, output) -> None:
+        """Token and finish counts, here rather than where outputs are read: a sequence whose client has gone
+        still counts."""
+        if self.metrics is None:
+            return
+        if output.new_token_ids:
+            if output.request_id not in self.prefilled:
+                self.prefilled.add(output.request_id)
+                self.metrics.prompt_tokens.inc(len(self.prompts.get(output.request_id, ())))
+            self.metrics.generation_tokens.inc(len(output.new_token_ids))
+        if output.finished:
+            self.prefilled.discard(output.request_id)
+            self.prompts.pop(output.request_id, None)
+            stats = output.result.stats if output.result is not None else None
+            self.metrics.finished(
+                output.finish_reason or "stop",
+                getattr(stats, "compressions", 0),
+                getattr(stats, "evicted_tokens", 0),
+            )
 
     def _publish(self) -> None:
         core = self.core

@@ -311,13 +311,11 @@ class OpenAIService:
             if seq.first_token_at is None:
                 seq.first_token_at = emitted.at
                 self.metrics.ttft.observe(emitted.at - generation.arrival)
-                self.metrics.prompt_tokens.inc(len(seq.prompt_ids))
             elif seq.last_token_at is not None:
                 gap = (emitted.at - seq.last_token_at) / taken
                 for _ in range(taken):
                     self.metrics.itl.observe(gap)
             seq.last_token_at = emitted.at
-            self.metrics.generation_tokens.inc(taken)
         if choice.stopped and not output.finished and not seq.done:
             self.loop.abort(seq.request_id, "stop")  # a stop string: the row is freed at the next step
         if not output.finished:
@@ -331,11 +329,6 @@ class OpenAIService:
         if seq.first_token_at is not None:
             prefill = getattr(stats, "prefill_time_s", 0.0) if stats is not None else 0.0
             self.metrics.queue_time.observe(max(0.0, seq.first_token_at - generation.arrival - prefill))
-        self.metrics.finished(
-            choice.finish_reason,
-            getattr(stats, "compressions", 0) if stats is not None else 0,
-            getattr(stats, "evicted_tokens", 0) if stats is not None else 0,
-        )
         if generation.finished:
             self.release(generation)
         return delta, True
