@@ -141,11 +141,8 @@ class EngineCore:
             engine.policy.check_budget(budget)
         budget.check_prompt(len(prompt), engine.policy.protects_prompt)
         params = request.sampling if request.sampling is not None else self.default_params
-        if params.sampler_key() != self.default_params.sampler_key() and not engine.per_request_sampling:
-            raise DynTSError(
-                f"this engine's decode path samples every row alike ({engine.sampling_rule}); a request's own "
-                "temperature / top_p / top_k need the eager path (fast=False)"
-            )
+        if params.sampler_key() != self.default_params.sampler_key():
+            engine.check_sampling(params)
         limit = len(request.forced) if request.forced is not None else params.max_new_tokens
         if not budget.compresses and len(prompt) + limit > self.capacity:
             raise DynTSError(
