@@ -391,3 +391,15 @@ def test_fast_path_admission_between_host_reads(lm):
     for key, prompt, n in cases + [("late", PROMPTS[4], MAX_NEW)]:
         expected = alone(lm, prompt, sampling=dataclasses.replace(sampling, max_new_tokens=n), seed=0)
         assert figures(final[key].result) == figures(expected)
+
+
+def test_teacher_forcing_through_the_core(lm):
+    """Forced tokens are emitted as given on the eager path; the static path refuses them (they need the eager
+    stepper) instead of sampling."""
+    forced = [3, 1, 4, 1, 5]
+    out = drive(EngineCore(build(lm, "eager")), {0: [Request.of(PROMPTS[0], 0, key="f", forced=forced)]})
+    assert out["f"].result.token_ids == forced and out["f"].finish_reason == "length"
+    core = EngineCore(build(lm, "fast"))
+    with pytest.raises(DynTSError, match="teacher forcing"):
+        core.add_request(Request.of(PROMPTS[0], 0, forced=forced))
+    assert not core.has_work()

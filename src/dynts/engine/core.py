@@ -136,6 +136,11 @@ class EngineCore:
         self._check_tokens(prompt, "prompt")
         if request.forced is not None:
             self._check_tokens(request.forced, "forced")
+            if not engine.takes_forced:
+                raise DynTSError(
+                    "teacher forcing (forced tokens) runs on the eager path: use generate(forced=...) on this "
+                    "engine, or an engine built with fast=False"
+                )
         budget = engine.budget if request.budget is None else engine.budget.scaled(request.budget)
         if budget is not engine.budget:
             engine.policy.check_budget(budget)

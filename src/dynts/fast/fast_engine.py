@@ -129,6 +129,12 @@ class FastEngine(Engine):
         self.kernel_checked: dict = {}  # kernel -> why it failed its check against SDPA, or None
         self._warned = False
 
+    @property
+    def takes_forced(self) -> bool:
+        """Teacher forcing runs on the eager stepper: on this engine only inside generate(forced=...) or when the
+        policy sends the whole engine eager."""
+        return self.fallback_reason is not None or self._eager_reason is not None
+
     def check_sampling(self, params) -> None:
         """A request's own sampling params on the static path: per-row device tensors the captured sampler reads
         (greedy, temperature, top-p; top-k within the engine's top-k candidates). A greedy engine's step is argmax
