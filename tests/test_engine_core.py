@@ -217,17 +217,41 @@ def test_stop_tokens_and_ignore_eos_per_request(lm):
     assert out["eos"].result.stats.finish_reason == "eos"
 
 
-def test_fast_path_takes_per_request_seeds_and_limits_but_refuses_other_sampling(lm):
-    engine = build(lm, "fast", sampling=SamplingConfig(max_new_tokens=MAX_NEW, temperature=0.8, ignore_eos=True))
+def test_fast_path_samples_each_row_with_its_own_params(lm):
+    """The static path's captured sampler reads each row's greedy flag, temperature, top-p and top-k from device
+    tensors: one batch holds a greedy row, a row with the engine's params and a hotter, narrower one, and each
+    decodes as it would alone."""
+    sampled = SamplingConfig(max_new_tokens=MAX_NEW, temperature=0.8, ignore_eos=True)  # top_k 20: the candidates
+    engine = build(lm, "fast", sampling=sampled)
+    hot = SamplingParams(temperature=1.3, top_p=0.8, top_k=5, seed=3, max_new_tokens=MAX_NEW, ignore_eos=True)
+    requests = [
+        Request.of(PROMPTS[0], key="greedy", sampling=SamplingParams(0, max_new_tokens=MAX_NEW, ignore_eos=True)),
+        Request.of(PROMPTS[1], 11, key="default"),
+        Request.of(PROMPTS[2], key="hot", sampling=hot),
+        Request.of(PROMPTS[3], key="short", sampling=SamplingParams(0.8, seed=11, max_new_tokens=9)),
+    ]
+    out = drive(EngineCore(engine), {0: requests})
+    assert (
+        out["greedy"].result.token_ids
+        == alone(lm, PROMPTS[0], sampling=dataclasses.replace(GREEDY, ignore_eos=True)).token_ids
+    )
+    assert out["default"].result.token_ids == engine.generate([PROMPTS[1]], seeds=[11]).results[0].token_ids
+    narrow = build(
+        lm,
+        "fast",
+        sampling=SamplingConfig(temperature=1.3, top_p=0.8, top_k=5, max_new_tokens=MAX_NEW, ignore_eos=True),
+    )
+    assert out["hot"].result.token_ids == narrow.generate([PROMPTS[2]], seeds=[3]).results[0].token_ids
+    assert out["hot"].result.token_ids != out["default"].result.token_ids
+    assert out["short"].result.token_ids == engine.generate([PROMPTS[3]], seeds=[11]).results[0].token_ids[:9]
     core = EngineCore(engine)
-    with pytest.raises(DynTSError, match="captured sampler.*eager path"):
-        core.add_request(Request.of(PROMPTS[0], key="x", sampling=SamplingParams(temperature=0.3)))
-    assert not core.has_work() and core.num_waiting == 0
-    same = SamplingParams(temperature=0.8, seed=11, max_new_tokens=9, ignore_eos=True)
-    out = drive(core, {0: [Request.of(PROMPTS[0], key="x", sampling=same)]})
-    assert len(out["x"].result.token_ids) == 9
-    with_seed = engine.generate([PROMPTS[0]], seeds=[11]).results[0].token_ids
-    assert out["x"].result.token_ids == with_seed[:9] and len(with_seed) == MAX_NEW
+    for bad, message in ((dict(top_k=0), "within the engine's 20 candidates"), (dict(top_k=50), "from 1 to 20")):
+        with pytest.raises(DynTSError, match=message):
+            core.add_request(Request.of(PROMPTS[0], sampling=SamplingParams(0.7, **bad)))
+    greedy_core = EngineCore(build(lm, "fast"))
+    with pytest.raises(DynTSError, match="argmax only"):
+        greedy_core.add_request(Request.of(PROMPTS[0], sampling=SamplingParams(0.7)))
+    assert not core.has_work() and not greedy_core.has_work() and core.num_waiting == 0
 
 
 @pytest.mark.parametrize("path", PATHS)
@@ -367,3 +391,15 @@ def test_fast_path_admission_between_host_reads(lm):
     for key, prompt, n in cases + [("late", PROMPTS[4], MAX_NEW)]:
         expected = alone(lm, prompt, sampling=dataclasses.replace(sampling, max_new_tokens=n), seed=0)
         assert figures(final[key].result) == figures(expected)
+
+
+def test_teacher_forcing_through_the_core(lm):
+    """Forced tokens are emitted as given on the eager path; the static path refuses them (they need the eager
+    stepper) instead of sampling."""
+    forced = [3, 1, 4, 1, 5]
+    out = drive(EngineCore(build(lm, "eager")), {0: [Request.of(PROMPTS[0], 0, key="f", forced=forced)]})
+    assert out["f"].result.token_ids == forced and out["f"].finish_reason == "length"
+    core = EngineCore(build(lm, "fast"))
+    with pytest.raises(DynTSError, match="teacher forcing"):
+        core.add_request(Request.of(PROMPTS[0], 0, forced=forced))
+    assert not core.has_work()

@@ -15,6 +15,8 @@ _LAZY = {
     "EngineCore": "dynts.engine.core",
     "RequestOutput": "dynts.engine.core",
     "Request": "dynts.engine.requests",
+    "EngineSpec": "dynts.engine.spec",
+    "build_engine": "dynts.api",
 }
 
 

@@ -1,4 +1,8 @@
-"""Small self-validating configs shared by the engine, the policies and the CLI, and the paper's defaults."""
+"""Small self-validating configs shared by the engine, the policies and the CLI, the paper's defaults, and the
+names and defaults the command-line parser needs.
+
+This module imports nothing heavy (no torch, no transformers), so `dynts --help` can read it.
+"""
 
 from __future__ import annotations
 
@@ -15,6 +19,13 @@ DEFAULT_MAX_NEW_TOKENS = 1024
 # the model's max positions, capped here so that a default full-cache engine does not allocate 32k slots a row.
 DEFAULT_MAX_MODEL_LEN = 4096
 THINK_END = "</think>"  # the end-of-thinking marker of reasoning models: the answer follows it
+
+# Choices the parser offers; the modules that act on them import these.
+DTYPES = ("fp32", "bf16", "fp16")  # weights and cache dtype
+KERNELS = ("auto", "sdpa", "triton", "flash")  # decode attention of the static fast path (fast/attention.py)
+DEFAULT_BAND = "quantile:0.75:0.9"  # the importance head's heavily weighted label band (predictor/train.py)
+FIGURE_KINDS = ("budget", "heatmap", "methods", "steps", "lengths")  # the figures `dynts plot` draws
+DEFAULT_SEED, DEFAULT_RESAMPLES, DEFAULT_PERMUTATIONS = 0, 2000, 10000  # Pass@1 intervals (harness/uncertainty.py)
 
 
 @dataclass(frozen=True)

@@ -136,16 +136,18 @@ class EngineCore:
         self._check_tokens(prompt, "prompt")
         if request.forced is not None:
             self._check_tokens(request.forced, "forced")
+            if not engine.takes_forced:
+                raise DynTSError(
+                    "teacher forcing (forced tokens) runs on the eager path: use generate(forced=...) on this "
+                    "engine, or an engine built with fast=False"
+                )
         budget = engine.budget if request.budget is None else engine.budget.scaled(request.budget)
         if budget is not engine.budget:
             engine.policy.check_budget(budget)
         budget.check_prompt(len(prompt), engine.policy.protects_prompt)
         params = request.sampling if request.sampling is not None else self.default_params
-        if params.sampler_key() != self.default_params.sampler_key() and not engine.per_request_sampling:
-            raise DynTSError(
-                f"this engine's decode path samples every row alike ({engine.sampling_rule}); a request's own "
-                "temperature / top_p / top_k need the eager path (fast=False)"
-            )
+        if params.sampler_key() != self.default_params.sampler_key():
+            engine.check_sampling(params)
         limit = len(request.forced) if request.forced is not None else params.max_new_tokens
         if not budget.compresses and len(prompt) + limit > self.capacity:
             raise DynTSError(

@@ -89,9 +89,11 @@ class Engine:
             raise DynTSError(f"--max-model-len must be at least 2 tokens, got {max_model_len}")
         self.max_model_len = max_model_len or min(positions, DEFAULT_MAX_MODEL_LEN)
 
-    # Whether a request's own temperature / top_p / top_k are honoured (the eager sampler works per row).
-    per_request_sampling = True
-    sampling_rule = "per-row sampling"
+    takes_forced = True  # teacher forcing (Request.forced) runs on this engine's stepper
+
+    def check_sampling(self, params) -> None:
+        """Raise a DynTSError when a request's own SamplingParams cannot be honoured; the eager sampler takes any
+        (it samples each row with its own)."""
 
     # --- public ---------------------------------------------------------------------------------
     def encode(self, prompt: str, chat: bool = True) -> list[int]:

@@ -25,6 +25,7 @@ import torch
 
 from dynts.config import BudgetConfig, SamplingConfig
 from dynts.engine.engine import Engine
+from dynts.engine.sampling import top_k_count
 from dynts.errors import DynTSError
 from dynts.fast.attention import KERNELS, resolve_kernel
 from dynts.fast.profile import DecodeProfile
@@ -129,12 +130,29 @@ class FastEngine(Engine):
         self._warned = False
 
     @property
-    def per_request_sampling(self) -> bool:
-        """The captured sampler holds one temperature / top_p / top_k for every row: a request's own are honoured
-        only on the eager fallback. (Its own seed, max_new_tokens, ignore_eos, stop tokens and budget are.)"""
-        return self.fallback_reason is not None
+    def takes_forced(self) -> bool:
+        """Teacher forcing runs on the eager stepper: on this engine only inside generate(forced=...) or when the
+        policy sends the whole engine eager."""
+        return self.fallback_reason is not None or self._eager_reason is not None
 
-    sampling_rule = "the static fast path's captured sampler"
+    def check_sampling(self, params) -> None:
+        """A request's own sampling params on the static path: per-row device tensors the captured sampler reads
+        (greedy, temperature, top-p; top-k within the engine's top-k candidates). A greedy engine's step is argmax
+        only, so it takes greedy requests alone. (Seeds, max_new_tokens, ignore_eos, stop tokens and budgets are
+        per request on every path.)"""
+        if self.fallback_reason is not None or params.greedy:
+            return
+        if self.sampling.greedy:
+            raise DynTSError(
+                "this engine decodes greedily on the static fast path (its captured step is argmax only): a sampled "
+                "request needs an engine built with sampling, or the eager path (fast=False)"
+            )
+        k = top_k_count(self.sampling, self.vocab_size)
+        if k < self.vocab_size and not 0 < params.top_k <= k:
+            raise DynTSError(
+                f"top_k {params.top_k} is not within the engine's {k} candidates the static fast path samples from: "
+                f"give a top_k from 1 to {k}, or build the engine with a larger top_k (0: the whole vocabulary)"
+            )
 
     @property
     def sampler(self) -> str:

@@ -126,7 +126,7 @@ class StaticStepper:
             hidden = engine.feed(cache, row, seq.request.prompt_ids, is_prompt=True)
             logits = engine.lm_head(hidden[:, -1])
             cache.plan_static_decode(self.step_.state.lengths)  # the prefill planned its own forward
-            self.step_.admit_row(row, logits, seq.seed, cache.lengths[row], cache.next_position[row])
+            self.step_.admit_row(row, logits, seq.seed, cache.lengths[row], cache.next_position[row], seq.params)
             engine.synchronize()
         self.counts[row] = 0
         self.admitted[row] = len(self.logs)
