@@ -25,8 +25,8 @@ def free_port() -> int:
 
 def engine_spec(policy="dynts", budget=96, window=16, ratio=0.5, batch_size=8, max_new_tokens=32, greedy=True, **kw):
     from dynts.config import SamplingConfig
+    from dynts.engine.spec import EngineSpec
     from dynts.policies import budget_for
-    from dynts.runtime.executor import EngineSpec
 
     sampling = SamplingConfig(greedy=greedy, max_new_tokens=max_new_tokens, **kw)
     return EngineSpec(policy, budget_for(policy, budget, window, ratio), sampling, batch_size, fast=False)

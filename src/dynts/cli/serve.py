@@ -56,6 +56,13 @@ def register(sub) -> None:
         "</think> token (deepseek_r1 for an R1 model), else none",
     )
     g.add_argument(
+        "--max-model-len",
+        type=int,
+        default=None,
+        help="cache slots per row when the policy has no budget (full): prompt + max_tokens must fit (default: the "
+        "model's max positions, at most 4096)",
+    )
+    g.add_argument(
         "--shutdown-timeout",
         type=float,
         default=30.0,

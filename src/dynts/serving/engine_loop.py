@@ -202,19 +202,7 @@ def core_request(prompt_ids: list[int], params: dict, budget: int | None):
 
 
 def build_core(loaded, spec):
-    """The engine core for a loaded model and an EngineSpec (dynts.runtime.executor)."""
-    from dynts.api import make_engine
+    """The engine core for a loaded model and an EngineSpec (the engine built by the one constructor)."""
+    from dynts.api import build_engine
 
-    engine = make_engine(
-        loaded,
-        spec.policy,
-        spec.budget,
-        spec.sampling,
-        spec.batch_size,
-        head_path=spec.head_path,
-        fast=spec.fast,
-        fast_config=spec.fast_config(),
-        policy_options=spec.options,
-        batching=spec.batching,
-    )
-    return engine.core()
+    return build_engine(loaded, spec).core()
