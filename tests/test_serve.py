@@ -303,6 +303,7 @@ def test_a_request_can_take_a_smaller_kv_budget(client):
     )
     kv = r.model_extra["kv"]
     assert kv["budget"] == 32 and kv["peak_tokens"] <= 32 and kv["compressions"] > 0
+    assert kv["window"] == round(WINDOW * 32 / BUDGET) and kv["ratio"] == RATIO
 
 
 MALFORMED = [

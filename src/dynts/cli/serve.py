@@ -9,8 +9,7 @@ from __future__ import annotations
 
 from dynts.cli.args import add_model_flags, add_policy_flags, add_sampling_flags, engine_spec_from_args
 from dynts.errors import DynTSError
-
-REASONING_PARSERS = ("deepseek_r1", "qwen3", "none")  # dynts.serving.reasoning.PARSERS (kept light for --help)
+from dynts.serving.reasoning import PARSERS as REASONING_PARSERS  # a light module: no torch, no fastapi
 
 
 def register(sub) -> None:

@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from dynts.config import SamplingConfig
+from dynts.config import BudgetConfig, SamplingConfig
 from dynts.errors import DynTSError
 from dynts.serving.engine_loop import Emitted, EngineDied, EngineLoop, core_request
 from dynts.serving.errors import APIError, envelope
@@ -46,14 +46,16 @@ class ServeConfig:
     model_name: str  # what clients send as `model`
     model_root: str  # what was loaded (a path or a registry name)
     policy: str
-    budget: int | None  # the server's B (None: the policy never compresses)
-    window: int
-    ratio: float
+    frame: BudgetConfig  # the server's B / W / r (B None: the policy never compresses)
     batch_size: int
     max_queued: int
     reasoning_parser: str
     sampling: SamplingConfig  # the defaults for fields a request leaves out (the sampling flags)
     shutdown_timeout: float = 30.0
+
+    @property
+    def budget(self) -> int | None:
+        return self.frame.budget
 
     @property
     def max_open(self) -> int:
@@ -334,12 +336,13 @@ class OpenAIService:
         return delta, True
 
     def kv_frame(self, budget: int | None) -> dict:
-        c = self.config
+        """The frame a sequence compresses in: the server's, or its own budget's (window scaled to W*b/B)."""
+        frame = self.config.frame if budget is None else self.config.frame.scaled(budget)
         return {
-            "budget": budget if budget is not None else c.budget,
-            "window": c.window if c.budget is not None else None,
-            "ratio": c.ratio if c.budget is not None else None,
-            "policy": c.policy,
+            "budget": frame.budget,
+            "window": frame.window if frame.compresses else None,
+            "ratio": frame.ratio if frame.compresses else None,
+            "policy": self.config.policy,
         }
 
     def kv(self, seqs: Sequence[LiveChoice]) -> dict:
