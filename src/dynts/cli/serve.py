@@ -67,7 +67,7 @@ def register(sub) -> None:
         default=30.0,
         help="on SIGTERM, seconds in-flight requests may still run before they are aborted (default 30)",
     )
-    r = p.add_argument_group('scale-out on Ray Serve (pip install "dynts[serve,ray]")')
+    r = p.add_argument_group('scale-out on Ray Serve (pip install "ray[serve]")')
     r.add_argument(
         "--replicas", type=int, default=1, help="engine replicas behind one ingress; above 1 runs on Ray Serve"
     )

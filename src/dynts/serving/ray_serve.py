@@ -160,9 +160,7 @@ def import_serve():
         import ray
         from ray import serve
     except ImportError:
-        raise DynTSError(
-            '--replicas needs Ray Serve, which is not installed: pip install "dynts[serve,ray]" "ray[serve]"'
-        ) from None
+        raise DynTSError('--replicas needs Ray Serve, which is not installed: pip install "ray[serve]"') from None
     return ray, serve
 
 
