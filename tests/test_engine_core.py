@@ -469,3 +469,33 @@ def test_one_spec_builds_every_engine(lm):
             EngineSpec("window", FRAME, GREEDY, **bad)
     with pytest.raises(DynTSError, match="--max-model-len"):
         build_engine(lm, dataclasses.replace(spec, max_model_len=1))
+
+
+def test_fast_core_keeps_full_width_for_late_requests(lm):
+    """A core (full width by default) opens the static stepper with every row and keeps the idle ones short and in
+    place, so requests arriving later are admitted at once; stream opens as wide as its requests."""
+    sampling = dataclasses.replace(GREEDY, ignore_eos=True)
+    engine = build(lm, "fast", batch_size=4, sampling=sampling)
+    core = EngineCore(engine)
+    long = SamplingParams(0, max_new_tokens=80, ignore_eos=True, seed=0)
+    core.add_request(Request.of(PROMPTS[0], key="first", sampling=long))
+    final = {}
+    for _ in range(int(B * 1.5)):  # idle rows run past B steps: they must not outgrow the cache
+        final.update({o.key: o for o in core.step() if o.finished})
+    assert len(core.stepper.cache.lengths) == 4 and core.num_running == 1
+    assert max(core.stepper.cache.lengths) <= B
+    for i in (1, 2):
+        core.add_request(Request.of(PROMPTS[i], 0, key=i))
+    core.step()
+    assert core.num_running == 3 and core.num_waiting == 0
+    while core.has_work():
+        final.update({o.key: o for o in core.step() if o.finished})
+    longer = dataclasses.replace(sampling, max_new_tokens=80)
+    assert figures(final["first"].result) == figures(alone(lm, PROMPTS[0], sampling=longer, seed=0))
+    for key, prompt in ((1, PROMPTS[1]), (2, PROMPTS[2])):
+        assert figures(final[key].result) == figures(alone(lm, prompt, sampling=sampling, seed=0))
+    narrow = EngineCore(engine, full_width=False)
+    narrow.add_request(Request.of(PROMPTS[0], 0))
+    narrow.step()
+    assert len(narrow.stepper.cache.lengths) == 1
+    narrow.close()
