@@ -403,3 +403,99 @@ def test_teacher_forcing_through_the_core(lm):
     with pytest.raises(DynTSError, match="teacher forcing"):
         core.add_request(Request.of(PROMPTS[0], 0, forced=forced))
     assert not core.has_work()
+
+
+@pytest.mark.parametrize("policy", ["h2o", "rkv", "dynts", "sepllm"])
+def test_grown_rows_carry_every_policy_buffer(lm, policy):
+    """Rows the eager stepper adds back hold every per-slot and per-row buffer a policy keeps (attention sums,
+    recent queries, importance scores) at their fill values: a late request decodes as it would alone."""
+    from dynts.models.importance_head import random_head
+
+    head = random_head(lm.hidden_size, seed=3) if policy == "dynts" else None
+    frame = BudgetConfig(B, W, R)
+    sampling = dataclasses.replace(GREEDY, ignore_eos=True)
+    engine = Engine(lm, policy, frame, sampling, 3, head=head)
+    rows: list[int] = []
+    engine.on_step = rows.append
+    requests = [Request.of(PROMPTS[i], 0, key=i) for i in (0, 2, 5)]
+    out = drive(EngineCore(engine), {0: requests[:1], 6: requests[1:]})  # rows 1 and 2 are added at step 6
+    assert rows[:4] == [1] * 4 and 3 in rows  # one row decoding alone, then three
+    for i in (0, 2, 5):
+        expected = Engine(lm, policy, frame, sampling, 1, head=head).generate([PROMPTS[i]]).results[0]
+        assert figures(out[i].result) == figures(expected)
+    assert any(out[i].result.stats.compressions for i in out)
+
+
+def test_requests_added_from_another_thread(lm):
+    """add_request from another thread while this one steps (a server's shape): every request completes with its
+    tokens alone."""
+    import threading
+    import time
+
+    engine = build(lm, "eager")
+    core = EngineCore(engine)
+    done: dict = {}
+
+    def client():
+        for i, p in enumerate(PROMPTS):
+            core.add_request(Request.of(p, 0, key=i))
+            time.sleep(0.01 * i)
+
+    thread = threading.Thread(target=client)
+    thread.start()
+    while thread.is_alive() or core.has_work():
+        done.update({o.key: o for o in core.step() if o.finished})
+    thread.join()
+    assert sorted(done) == list(range(len(PROMPTS)))
+    for i, p in enumerate(PROMPTS):
+        assert figures(done[i].result) == figures(alone(lm, p, seed=0))
+
+
+def test_one_spec_builds_every_engine(lm):
+    from dynts.api import build_engine, make_engine
+    from dynts.engine.spec import EngineSpec
+    from dynts.runtime.executor import EngineSpec as Reexported
+
+    assert Reexported is EngineSpec
+    spec = EngineSpec("window", FRAME, GREEDY, 2, policy_options={"protect_prompt": True}, max_model_len=64)
+    assert spec.policy_options == (("protect_prompt", True),) and hash(spec)
+    eager, fast = build_engine(lm, spec), build_engine(lm, dataclasses.replace(spec, fast=True))
+    assert type(eager) is Engine and type(fast) is FastEngine
+    assert eager.policy.protects_prompt and fast.policy.protects_prompt and eager.max_model_len == 64
+    assert EngineSpec.of(eager) == dataclasses.replace(spec, policy_options=(("protect_prompt", True),))
+    assert type(make_engine(lm, "window", FRAME, GREEDY, 2, fast=True)) is FastEngine
+    for bad, message in ((dict(batch_size=0), "--batch-size"), (dict(batching="dynamic"), "--batching")):
+        with pytest.raises(DynTSError, match=message):
+            EngineSpec("window", FRAME, GREEDY, **bad)
+    with pytest.raises(DynTSError, match="--max-model-len"):
+        build_engine(lm, dataclasses.replace(spec, max_model_len=1))
+
+
+def test_fast_core_keeps_full_width_for_late_requests(lm):
+    """A core (full width by default) opens the static stepper with every row and keeps the idle ones short and in
+    place, so requests arriving later are admitted at once; stream opens as wide as its requests."""
+    sampling = dataclasses.replace(GREEDY, ignore_eos=True)
+    engine = build(lm, "fast", batch_size=4, sampling=sampling)
+    core = EngineCore(engine)
+    long = SamplingParams(0, max_new_tokens=80, ignore_eos=True, seed=0)
+    core.add_request(Request.of(PROMPTS[0], key="first", sampling=long))
+    final = {}
+    for _ in range(int(B * 1.5)):  # idle rows run past B steps: they must not outgrow the cache
+        final.update({o.key: o for o in core.step() if o.finished})
+    assert len(core.stepper.cache.lengths) == 4 and core.num_running == 1
+    assert max(core.stepper.cache.lengths) <= B
+    for i in (1, 2):
+        core.add_request(Request.of(PROMPTS[i], 0, key=i))
+    core.step()
+    assert core.num_running == 3 and core.num_waiting == 0
+    while core.has_work():
+        final.update({o.key: o for o in core.step() if o.finished})
+    longer = dataclasses.replace(sampling, max_new_tokens=80)
+    assert figures(final["first"].result) == figures(alone(lm, PROMPTS[0], sampling=longer, seed=0))
+    for key, prompt in ((1, PROMPTS[1]), (2, PROMPTS[2])):
+        assert figures(final[key].result) == figures(alone(lm, prompt, sampling=sampling, seed=0))
+    narrow = EngineCore(engine, full_width=False)
+    narrow.add_request(Request.of(PROMPTS[0], 0))
+    narrow.step()
+    assert len(narrow.stepper.cache.lengths) == 1
+    narrow.close()

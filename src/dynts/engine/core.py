@@ -55,12 +55,26 @@ class RequestOutput:
 class EngineCore:
     """Takes requests at any time and decodes them with an engine's policy, budget and stepper; see the module
     docstring. capacity: the cache slots per row; a budgeted policy's is its budget B, the full policy's is
-    `engine.max_model_len` unless given (a request whose prompt + max_new_tokens exceeds it is refused)."""
+    `engine.max_model_len` unless given (a request whose prompt + max_new_tokens exceeds it is refused).
 
-    def __init__(self, engine, run: RunStats | None = None, capacity: int | None = None, on_logits=None):
+    full_width (the static fast path; the eager stepper grows back its rows either way): its stepper cannot add
+    rows, so it opens with all batch_size rows and keeps them while any sequence runs (idle rows restart in
+    place): requests that arrive later always find a row, as a server wants. False (stream's way, for work known
+    up front): it opens as wide as the requests waiting and releases idle rows in buckets.
+    """
+
+    def __init__(
+        self,
+        engine,
+        run: RunStats | None = None,
+        capacity: int | None = None,
+        on_logits=None,
+        full_width: bool = True,
+    ):
         self.engine = engine
         self.run = run if run is not None else RunStats()
-        self.scheduler = Scheduler(engine, self.run, engine.batching)
+        wide = full_width and engine.eager_reason(on_logits) is None
+        self.scheduler = Scheduler(engine, self.run, engine.batching, wide)
         budget = engine.budget
         self.capacity = budget.budget if budget.compresses else (capacity or engine.max_model_len)
         self.on_logits = on_logits  # eager path only: (keys, token indices, logits, compressions) per choice
@@ -255,6 +269,8 @@ class EngineCore:
         placed = sch.assign(refill=opened or sch.batching == "continuous")
         for row, seq in placed:
             self._admit(row, seq)
+        if opened:  # a full-width stepper's rows no request took yet idle from the start
+            ending = ending + [row for row, seq in enumerate(sch.held) if seq is None]
         if placed and stepper.reports_at_once:
             return  # a first token may already end its sequence: learn it before stepping on
         live = sch.live_rows()
@@ -267,7 +283,7 @@ class EngineCore:
         for row in ending:
             if sch.held[row] is None:
                 stepper.idle(row)
-        keep = sch.rows_to_keep(stepper.release_in_buckets)
+        keep = sch.rows_to_keep(stepper.release_in_buckets, getattr(stepper, "can_grow", False))
         if keep is not None:
             stepper.release(keep)
             sch.keep(keep)

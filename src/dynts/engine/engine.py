@@ -91,6 +91,10 @@ class Engine:
 
     takes_forced = True  # teacher forcing (Request.forced) runs on this engine's stepper
 
+    def eager_reason(self, on_logits=None) -> str | None:
+        """Why this engine's steppers are eager ones (None: the static fast path); the eager engine's always are."""
+        return "the eager engine"
+
     def check_sampling(self, params) -> None:
         """Raise a DynTSError when a request's own SamplingParams cannot be honoured; the eager sampler takes any
         (it samples each row with its own)."""
@@ -157,7 +161,7 @@ class Engine:
             if not requests:
                 return
             capacity = max(len(r.prompt_ids) + self.request_limit(r) for r in requests)
-        core = EngineCore(self, run, capacity=capacity, on_logits=on_logits)
+        core = EngineCore(self, run, capacity=capacity, on_logits=on_logits, full_width=False)
         queue = iter(requests)
         given: dict[int, Request] = {}
         more = True
@@ -190,7 +194,7 @@ class Engine:
 
     def core(self, run: RunStats | None = None) -> EngineCore:
         """An engine core over this engine, for requests that arrive over time (see core.py)."""
-        return EngineCore(self, run)
+        return EngineCore(self, run, full_width=True)
 
     def stepper(self, rows: int, capacity: int, on_logits=None):
         """The device side of a decode: this engine's steps are eager transformers forwards."""

@@ -33,10 +33,11 @@ BATCHING = ("continuous", "static")
 class Scheduler:
     """Rows, the waiting queue and the run's figures; see the module docstring."""
 
-    def __init__(self, engine, run: RunStats, batching: str = "continuous"):
+    def __init__(self, engine, run: RunStats, batching: str = "continuous", full_width: bool = False):
         if batching not in BATCHING:
             raise DynTSError(f"--batching must be one of {', '.join(BATCHING)}, got {batching!r}")
         self.batching = batching
+        self.full_width = full_width  # a stepper that cannot grow opens with, and keeps, batch_size rows
         self.batch_size = engine.batch_size
         self.trace_steps = engine.trace_steps
         self.think_end = list(engine.loaded.think_end_ids)
@@ -49,7 +50,10 @@ class Scheduler:
 
     # --- decisions ---------------------------------------------------------------------------------
     def rows_to_open(self) -> int:
-        """Rows of a new stepper: as many as there are requests waiting, up to the batch size."""
+        """Rows of a new stepper: as many as there are requests waiting, up to the batch size (full width: the batch
+        size, when anything waits)."""
+        if self.full_width and self.waiting:
+            return self.batch_size
         return min(self.batch_size, len(self.waiting))
 
     def open(self, rows: int) -> None:
@@ -87,11 +91,14 @@ class Scheduler:
     def live_rows(self) -> list[int]:
         return [row for row, seq in enumerate(self.held) if seq is not None]
 
-    def rows_to_keep(self, in_buckets: bool) -> list[int] | None:
+    def rows_to_keep(self, in_buckets: bool, can_grow: bool) -> list[int] | None:
         """With nothing waiting, the live rows to keep (the rest are released), or None to keep every row: at once,
-        or in buckets (when the live rows fall to half) for a stepper whose shapes are captured."""
+        or in buckets (when the live rows fall to half) for a stepper whose shapes are captured; never, at full
+        width, for a stepper that cannot grow back."""
         live = self.live_rows()
         if (self.waiting and self.batching == "continuous") or len(live) == len(self.held):
+            return None
+        if self.full_width and not can_grow and self.batching == "continuous":
             return None
         if self.batching == "static" or not in_buckets or len(live) <= len(self.held) // 2:
             return live

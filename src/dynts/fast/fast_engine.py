@@ -129,11 +129,15 @@ class FastEngine(Engine):
         self.kernel_checked: dict = {}  # kernel -> why it failed its check against SDPA, or None
         self._warned = False
 
+    def eager_reason(self, on_logits=None) -> str | None:
+        """Why this engine's steppers are eager ones (None: the static path)."""
+        return self.fallback_reason or self._eager_reason or ("a logits callback" if on_logits is not None else None)
+
     @property
     def takes_forced(self) -> bool:
         """Teacher forcing runs on the eager stepper: on this engine only inside generate(forced=...) or when the
         policy sends the whole engine eager."""
-        return self.fallback_reason is not None or self._eager_reason is not None
+        return self.eager_reason() is not None
 
     def check_sampling(self, params) -> None:
         """A request's own sampling params on the static path: per-row device tensors the captured sampler reads
@@ -175,7 +179,7 @@ class FastEngine(Engine):
         return DecodeProfile(kernel=self.fast.kernel, graphs=bool(self.fast.graphs), check_every=self.fast.check_every)
 
     def stepper(self, rows: int, capacity: int, on_logits=None):
-        reason = self.fallback_reason or self._eager_reason or ("a logits callback" if on_logits is not None else None)
+        reason = self.eager_reason(on_logits)
         if reason is not None:
             if not self._warned:
                 warnings.warn(f"fast decode path off for {reason}: using the eager engine", stacklevel=4)
