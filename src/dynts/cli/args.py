@@ -160,7 +160,7 @@ def budget_from_args(args):
 
 def engine_spec_from_args(args):
     """The engine settings of the flags, every one checked, without loading anything."""
-    from dynts.runtime.executor import EngineSpec, options_key
+    from dynts.engine.spec import EngineSpec, options_key
 
     budget = budget_from_args(args)
     sampling = sampling_from_args(args)
@@ -180,6 +180,7 @@ def engine_spec_from_args(args):
         batching=args.batching,
         kernel=args.kernel,
         graphs=args.graphs,
+        max_model_len=getattr(args, "max_model_len", None),  # a command with a --max-model-len flag (serve)
     )
 
 

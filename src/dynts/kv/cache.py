@@ -71,6 +71,18 @@ class BudgetedLayer(CacheLayerMixin):
         self.slot = {k: v[index] for k, v in self.slot.items()}
         self.rows = {k: v[index] for k, v in self.rows.items()}
 
+    def add_rows(self, n: int) -> None:
+        """n empty rows at the end (the owner's rows_allocated already counts them)."""
+        if not self.is_initialized:
+            return
+
+        def grown(buf: torch.Tensor, fill) -> torch.Tensor:
+            return torch.cat([buf, torch.full((n, *buf.shape[1:]), fill, dtype=buf.dtype, device=buf.device)])
+
+        self.keys, self.values = grown(self.keys, 0), grown(self.values, 0)
+        self.slot = {k: grown(v, self.owner.layer_slot_specs[k][1]) for k, v in self.slot.items()}
+        self.rows = {k: grown(v, 0) for k, v in self.rows.items()}
+
     def reset_row(self, row: int) -> None:
         if not self.is_initialized:
             return
@@ -207,6 +219,17 @@ class BudgetedCache(Cache):
         self.lengths = [self.lengths[r] for r in rows]
         self.next_position = [self.next_position[r] for r in rows]
         self.rows_allocated = len(rows)
+
+    def add_rows(self, n: int) -> None:
+        """Add n empty rows at the end (continuous batching: requests arrived after rows were dropped)."""
+        self.rows_allocated += n
+        for name, buf in self.slot.items():
+            extra = torch.full((n, *buf.shape[1:]), self.slot_fill[name], dtype=buf.dtype, device=buf.device)
+            self.slot[name] = torch.cat([buf, extra])
+        for layer in self.layers:
+            layer.add_rows(n)
+        self.lengths += [0] * n
+        self.next_position += [0] * n
 
     # --- introspection ------------------------------------------------------------------------
     def get_seq_length(self, layer_idx: int = 0) -> int:
