@@ -15,8 +15,8 @@ import torch
 from dynts.config import BudgetConfig, SamplingConfig
 from dynts.engine.engine import Engine
 from dynts.engine.requests import Request
-from dynts.engine.scheduler import LiveSequence, StepLog
-from dynts.engine.stats import SequenceStats
+from dynts.engine.core import EngineCore
+from dynts.engine.stepper import LiveSequence, StepLog
 from dynts.fast.capture_guard import CaptureGuard, CaptureSafetyError
 from dynts.fast.fast_engine import FastConfig, FastEngine
 from dynts.fast.profile import DecodeProfile
@@ -95,7 +95,8 @@ class Driver:
     def __init__(self, engine, rows: int):
         engine.last_profile = DecodeProfile()
         self.engine = engine
-        self.stepper = engine.stepper(rows, engine.budget.budget or 200)
+        self.stepper = engine.stepper(rows, engine.budget.budget or 512)
+        self.core = EngineCore(engine, capacity=engine.budget.budget or 512)  # resolves requests into sequences
         self.held: list[LiveSequence | None] = [None] * rows
         self.admitted = 0
         self.steps = 0
@@ -123,10 +124,16 @@ class Driver:
     # --- events
     def refill(self, row: int = 0) -> None:
         prompt = PROMPTS[self.admitted % len(PROMPTS)]
-        seq = LiveSequence(Request.of(prompt, self.admitted, key=self.admitted), self.admitted, 500, SequenceStats())
+        seq = self.core.make_sequence(Request.of(prompt, self.admitted, key=self.admitted))
+        seq.index = self.admitted
         self.stepper.admit(row, seq)
         self.held[row] = seq
         self.admitted += 1
+
+    def abort(self, row: int = 1) -> None:
+        """The core's abort: the row's live sequence is dropped and the next request is prefilled into it."""
+        assert self.held[row] is not None
+        self.refill(row)
 
     def compaction(self) -> None:
         """Step until a compaction has run (the step after it is checked)."""
@@ -147,7 +154,7 @@ class Driver:
         self.held = [self.held[r] for r in live]
 
 
-EVENTS = ["refill", "compaction", "refill", "idle", "compaction", "release", "refill", "compaction"]
+EVENTS = ["refill", "compaction", "abort", "refill", "idle", "compaction", "release", "refill", "compaction"]
 
 
 @pytest.mark.parametrize("name", CAPTURED)
@@ -169,7 +176,7 @@ def test_every_row_event_keeps_the_captured_memory(make_tiny, name):
             assert driver.guard.checks == checks + 2
     finally:
         driver.stepper.close()
-    assert driver.admitted == 4 + EVENTS.count("refill")
+    assert driver.admitted == 4 + EVENTS.count("refill") + EVENTS.count("abort")
 
 
 def test_the_decode_plan_survives_a_refill(make_tiny):
