@@ -9,6 +9,11 @@ own greedy traces) into OUT/traces, replays each under every policy and budget, 
 OUT/per_trace.jsonl (a rerun resumes), and writes OUT/fidelity.json (one record per policy, scope and budget:
 policy, scope, budget, kl_answer, kl_after, top1_answer, top1_after, ...), OUT/fidelity.md and a KL plot, then
 prints the table and whether DynTS has the lowest answer-span KL of the shared-scope baselines at every budget.
+Then the intervals (OUT/intervals.json, OUT/intervals.md; src/dynts/experiments/fidelity_intervals.py): for DynTS
+against every other policy at each budget the paired bootstrap difference of answer-span KL over traces, on how
+many traces DynTS is lower and a verdict ("lower", "higher", "not distinguishable"), and each policy's worst trace
+and its count of traces over twice the control's KL. A progress bar (weighted by trace tokens) estimates the time
+left. benchmarks/fidelity_intervals.py recomputes them, also across runs on the same traces.
 Runtime on the embedded model is about (traces x policies x tokens after the first compression) / 210 tokens/s
 per core: a 930-token trace takes about 50 s of one core for the 11 compressing policies at two budgets, so the
 default 24 traces take about 20 min on one core (measured: 12 min on the 2-core CPU). Not a test: the full run
@@ -56,6 +61,7 @@ def main(argv=None) -> int:
 
 def run(args, paper, parse_int_list) -> int:
     from dynts.errors import DynTSError
+    from dynts.experiments import fidelity_intervals as intervals
     from dynts.experiments.fidelity import build_engines, check_traces
     from dynts.harness.datasets import REGISTRY, dataset_kind
     from dynts.models.loading import load_model
@@ -111,6 +117,11 @@ def run(args, paper, parse_int_list) -> int:
     print(paper.format_table(records))
     print()
     for line in paper.verdict(records):
+        print(line)
+    per_trace = intervals.select(intervals.read_per_trace(out / paper.PER_TRACE_FILE), [k for k, _ in chosen])
+    differences, _, text = intervals.write_report(per_trace, out, paper.control_label())
+    print("\n" + text + "\n")
+    for line in intervals.summary_lines(differences):
         print(line)
     print(f"\n{out / 'fidelity.json'}  ({len(chosen)} traces, {time.perf_counter() - started:.0f} s)")
     return 0

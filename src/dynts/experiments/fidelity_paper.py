@@ -320,15 +320,28 @@ def run_benchmark(
             done[json.dumps(item["key"])] = item["records"]
     wanted = [json.dumps(key) for key, _ in keyed]
     records: list[dict] = []
-    bar = tqdm(total=len(keyed), unit="trace", desc="fidelity", disable=not progress or None)
-    bar.update(sum(k in done for k in wanted))
+    # one update per trace, weighted by its tokens (its replay cost), so the estimate of the time left holds
+    # when trace lengths differ; shown in a log file too (disable=False), resumed traces excluded from the rate
+    sizes = [len(t.prompt_ids) + len(t.token_ids) for _, t in keyed]
+    finished = sum(k in done for k in wanted)
+    bar = tqdm(
+        total=sum(sizes),
+        initial=sum(n for n, k in zip(sizes, wanted) if k in done),
+        unit="tok",
+        desc="fidelity",
+        smoothing=0,
+        disable=not progress,
+    )
+    bar.set_postfix_str(f"{finished}/{len(keyed)} traces")
     with path.open("a") as handle:
-        for (key, trace), name in zip(keyed, wanted):
+        for (key, trace), name, size in zip(keyed, wanted, sizes):
             if name not in done:
                 done[name] = measure_engines(loaded, [trace], engines, progress=False)
                 handle.write(json.dumps({"key": key, "records": done[name]}) + "\n")
                 handle.flush()
-                bar.update(1)
+                finished += 1
+                bar.set_postfix_str(f"{finished}/{len(keyed)} traces", refresh=False)
+                bar.update(size)
             records = aggregate([done[k] for k in wanted if k in done])
             if on_trace is not None:
                 on_trace(records)
