@@ -27,6 +27,8 @@ import sys
 import time
 from pathlib import Path
 
+LONG_LIMIT = 6  # experiments/long_regime.py LONG_LIMIT (read here without importing the package for --help)
+
 
 def main(argv=None) -> int:
     from dynts.cli.args import parse_int_list
@@ -34,13 +36,22 @@ def main(argv=None) -> int:
     from dynts.experiments import fidelity_paper as paper
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--dataset", default="gsm8k", help="any registered math dataset (default gsm8k)")
-    p.add_argument("--split", default=None, help="default: train where the dataset has one, else its default split")
-    p.add_argument("--limit", type=int, default=24, help="reference traces to measure (default 24, at least 4)")
-    p.add_argument("--out", default="runs/fidelity-paper", help="output directory (default runs/fidelity-paper)")
     p.add_argument(
-        "--budgets", default=",".join(map(str, paper.DEFAULT_BUDGETS)), help="multiples of 5 (default 400,500)"
+        "--regime",
+        choices=["default", "long"],
+        default="default",
+        help="long: traces of 2.5k+ tokens, >= 10 compressions at B=512, budgets 512,768, dynts's ablations too "
+        "(src/dynts/experiments/long_regime.py)",
     )
+    p.add_argument("--dataset", default=None, help="any registered math dataset (default gsm8k)")
+    p.add_argument(
+        "--split", default=None, help="default: train where the dataset has one (long regime: test), else its default"
+    )
+    p.add_argument(
+        "--limit", type=int, default=None, help=f"reference traces to measure (default 24, long {LONG_LIMIT}; >= 4)"
+    )
+    p.add_argument("--out", default=None, help="output directory (default runs/fidelity-paper[-long])")
+    p.add_argument("--budgets", default=None, help="default 400,500 (multiples of 5); long: 512,768")
     p.add_argument(
         "--policies",
         default=None,
@@ -61,19 +72,32 @@ def main(argv=None) -> int:
 
 def run(args, paper, parse_int_list) -> int:
     from dynts.errors import DynTSError
+    from dynts.experiments import fidelity_diagnosis as diagnosis
     from dynts.experiments import fidelity_intervals as intervals
+    from dynts.experiments import long_regime as long
     from dynts.experiments.fidelity import build_engines, check_traces
     from dynts.harness.datasets import REGISTRY, dataset_kind
     from dynts.models.loading import load_model
 
+    is_long = args.regime == "long"
+    args.dataset = args.dataset or "gsm8k"
+    args.limit = args.limit or (long.LONG_LIMIT if is_long else 24)
+    args.out = args.out or ("runs/fidelity-paper-long" if is_long else "runs/fidelity-paper")
+    if is_long and args.split is None and args.dataset == long.LONG_DATASET:
+        args.split = long.LONG_SPLIT
     if args.limit < paper.MIN_TRACES:
         raise DynTSError(f"--limit must be at least {paper.MIN_TRACES}, got {args.limit}")
     if dataset_kind(args.dataset) != "math":
         raise DynTSError(f"--dataset {args.dataset}: the benchmark runs on math datasets")
     spec = REGISTRY.get(args.dataset)
     split = args.split or ("train" if spec is not None and "train" in spec.files else None)
-    frame = paper.PaperFrame(tuple(parse_int_list(args.budgets, "--budgets")))
-    policies = paper.policies_from_text(args.policies)
+    budgets = tuple(parse_int_list(args.budgets, "--budgets")) if args.budgets else None
+    if is_long:
+        frame = long.LongFrame(budgets or long.LONG_BUDGETS)
+        policies = paper.policies_from_text(args.policies or ",".join(long.default_policies()))
+    else:
+        frame = paper.PaperFrame(budgets or paper.DEFAULT_BUDGETS)
+        policies = paper.policies_from_text(args.policies)
     out = Path(args.out)
     started = time.perf_counter()
     loaded = load_model(args.model, device=args.device, dtype="fp32")
@@ -88,7 +112,8 @@ def run(args, paper, parse_int_list) -> int:
         + f"; prompt <= {frame.max_prompt()} tokens, traces >= {frame.min_length()} tokens",
         file=sys.stderr,
     )
-    source = paper.build_traces(loaded, args.dataset, split, args.data_dir, frame, args.limit, out / "traces")
+    build = long.build_long_traces if is_long else paper.build_traces
+    source = build(loaded, args.dataset, split, args.data_dir, frame, args.limit, out / "traces")
     print(f"reference traces: {source} ({out / 'traces'})", file=sys.stderr)
     keyed = paper.stored_traces(loaded, out / "traces")
     chosen, skipped = paper.select_traces(frame, keyed, args.limit)
@@ -101,6 +126,7 @@ def run(args, paper, parse_int_list) -> int:
         "model": loaded.name,
         "dataset": args.dataset,
         "split": split,
+        "regime": args.regime,
         "frame": frame.describe(),
         "policies": policies,
         "head": args.head,
@@ -113,7 +139,11 @@ def run(args, paper, parse_int_list) -> int:
             str(b): min(frame.compressions(n, b) for n in lengths) for b in frame.budgets
         },  # the fewest, per budget
     }
-    records = paper.run_benchmark(loaded, chosen, engines, out, manifest)
+    prepare = diagnosis.oracle_hook(loaded, engines)  # dynts:scores=oracle gets each trace's labels
+    if is_long:
+        records = long.run_long(loaded, chosen, engines, out, manifest, prepare=prepare)
+    else:
+        records = paper.run_benchmark(loaded, chosen, engines, out, manifest, prepare=prepare)
     print(paper.format_table(records))
     print()
     for line in paper.verdict(records):
@@ -123,6 +153,8 @@ def run(args, paper, parse_int_list) -> int:
     print("\n" + text + "\n")
     for line in intervals.summary_lines(differences):
         print(line)
+    if is_long:
+        print("\n" + (out / "curve.md").read_text().strip("`\n"))
     print(f"\n{out / 'fidelity.json'}  ({len(chosen)} traces, {time.perf_counter() - started:.0f} s)")
     return 0
 

@@ -79,6 +79,10 @@ class PaperFrame:
         for b in self.budgets:
             self.config(b)  # a frame that frees nothing fails here
 
+    @property
+    def min_compressions(self) -> int:
+        return MIN_COMPRESSIONS
+
     def window(self, budget: int) -> int:
         return budget * 2 // 5
 
@@ -116,7 +120,7 @@ def skip_reason(frame: PaperFrame, trace: Trace) -> str | None:
     if prompt > frame.max_prompt():
         return f"prompt over {frame.max_prompt()} tokens ({PROMPT_SHARE:.0%} of what a compression keeps)"
     if length < frame.min_length():
-        return f"under {frame.min_length()} tokens (fewer than {MIN_COMPRESSIONS} compressions)"
+        return f"under {frame.min_length()} tokens (fewer than {frame.min_compressions} compressions)"
     if trace.answer_start is None:
         return "no answer span"
     return None
@@ -301,8 +305,10 @@ def run_benchmark(
     manifest: dict,
     progress: bool = True,
     on_trace=None,
+    prepare=None,
 ) -> list[dict]:
-    """Replay each trace under every engine (resuming from DIR/per_trace.jsonl); returns the aggregated records."""
+    """Replay each trace under every engine (resuming from DIR/per_trace.jsonl); returns the aggregated records.
+    prepare(trace), when given, runs before a trace is replayed (fidelity_diagnosis.oracle_hook: oracle labels)."""
     from tqdm import tqdm
 
     from dynts.experiments.fidelity import write_outputs
@@ -336,6 +342,8 @@ def run_benchmark(
     with path.open("a") as handle:
         for (key, trace), name, size in zip(keyed, wanted, sizes):
             if name not in done:
+                if prepare is not None:
+                    prepare(trace)
                 done[name] = measure_engines(loaded, [trace], engines, progress=False)
                 handle.write(json.dumps({"key": key, "records": done[name]}) + "\n")
                 handle.flush()
