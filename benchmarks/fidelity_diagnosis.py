@@ -2,7 +2,8 @@
 
     python benchmarks/fidelity_diagnosis.py RUN_DIR [--head NAME=PATH ...] [--budget B] [--top 20]
 
-RUN_DIR is an output directory of benchmarks/fidelity_paper.py. Labels its traces once (RUN_DIR/traces/labels,
+RUN_DIR is an output directory of benchmarks/fidelity_paper.py (or a `dynts collect` trace directory, for the
+ranking alone). Labels its traces once (RUN_DIR/traces/labels,
 the `dynts label` pipeline), prints Spearman, Kendall and top-k recall (r = 0.4) of the shipped head (and each
 --head) against the true answer-attention labels on every trace, beside recency and the attention reference; then
 replays DynTS's worst trace (largest answer-span KL at --budget, default: the budget where it is worst) under
@@ -59,7 +60,8 @@ def run(args) -> int:
         if not sep:
             raise DynTSError(f"--head takes NAME=PATH, got {text!r}")
         heads[name] = ImportanceHead.load(path, expected_hidden_size=loaded.hidden_size)
-    trace_dir = diagnosis.label_directory(loaded, run_dir / "traces")
+    traces = run_dir / "traces" if (run_dir / "traces").is_dir() else run_dir  # or a `dynts collect` directory
+    trace_dir = diagnosis.label_directory(loaded, traces)
     ranking = diagnosis.ranking_table(trace_dir, heads)
     out = [
         "Ranking against the true answer-attention labels (every trace of the run):",

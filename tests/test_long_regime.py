@@ -76,3 +76,30 @@ def test_item_curves_and_the_table(tmp_path):
     assert table[512]["window"]["2-3"][0] == pytest.approx(0.6)
     text = long.write_curve(per_trace, tmp_path)
     assert "12+" in text and (tmp_path / long.CURVE_FILE).is_file() and (tmp_path / "curve.md").is_file()
+
+
+def test_run_long_writes_records_items_and_the_curve_and_resumes(smollm, tmp_path):
+    from dynts.experiments.fidelity import build_engines
+    from dynts.experiments.fidelity_intervals import read_per_trace
+
+    problems = [problem(i, 10 * i + 7) for i in range(1, 6)]
+    built = build_trace(smollm, problems)
+    trace = Trace(built.prompt_ids, built.token_ids, built.answer_start)
+    engines = build_engines(smollm, ["full", "window", "window:protect_prompt=true"], [160], 24, 0.6)
+    keyed = [(["gsm8k", "t1+t2+t3+t4+t5", 0], trace)]
+    manifest = {"model": smollm.name, "policies": ["full", "window"]}
+    records = long.run_long(smollm, keyed, engines, tmp_path, manifest, progress=False)
+    assert {(r["policy"], r["budget"]) for r in records} == {("full", None), ("window", 160), ("window", 160)}
+    stored = read_per_trace(tmp_path / "per_trace.jsonl")
+    (item,) = stored.values()
+    rows = item["items"]["window|160"]
+    assert [r[0] for r in rows] == [1, 2, 3, 4, 5]
+    survived = [r[1] for r in rows]
+    assert (
+        survived == sorted(survived, reverse=True) and survived[0] > survived[-1]
+    )  # the first result survived the most
+    assert all(r[2] >= 0 for r in rows)
+    assert (tmp_path / "curve.md").is_file() and (tmp_path / "fidelity.json").is_file()
+    before = (tmp_path / "per_trace.jsonl").read_text()
+    long.run_long(smollm, keyed, engines, tmp_path, manifest, progress=False)  # resumes: nothing replayed again
+    assert (tmp_path / "per_trace.jsonl").read_text() == before

@@ -2,6 +2,7 @@
 `dynts label` and `dynts fidelity` find, and the trace directory `dynts collect --from-solutions` writes."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -160,6 +161,6 @@ def test_mixed_styles_are_drawn_per_problem_and_seeded(smollm):
     texts = [t.text for t in solution_traces(smollm, problems, layout)]
     assert texts == [t.text for t in solution_traces(smollm, problems, layout)]
     assert any("\\boxed" in t.split("</think>")[0] for t in texts)  # boxed or latex thinking
-    assert any("The answer is 2" in t.split("</think>")[0] for t in texts)  # plain
+    assert any(re.search(r"The answer is \d", t.split("</think>")[0]) for t in texts)  # plain
     plain = [t.text for t in solution_traces(smollm, problems, TraceLayout(per_trace=(1, 1)))]
     assert all("\\boxed" not in t.split("</think>")[0] for t in plain)

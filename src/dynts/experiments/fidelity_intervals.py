@@ -43,7 +43,7 @@ def label_of(record: dict) -> str:
 
 
 def read_per_trace(path: str | Path) -> dict[str, dict]:
-    """{json key: {"key": key, "records": [...]}} from a per_trace.jsonl (a torn last line is skipped)."""
+    """{json key: {"key": key, "records": [...], ...}} from a per_trace.jsonl (a torn last line is skipped)."""
     out: dict[str, dict] = {}
     path = Path(path)
     if not path.is_file():
@@ -53,7 +53,7 @@ def read_per_trace(path: str | Path) -> dict[str, dict]:
             item = json.loads(line)
         except ValueError:
             continue
-        out[json.dumps(item["key"])] = {"key": item["key"], "records": item["records"]}
+        out[json.dumps(item["key"])] = item  # key, records (and whatever else a regime stores per trace)
     return out
 
 
