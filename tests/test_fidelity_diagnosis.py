@@ -93,3 +93,27 @@ def test_oracle_hook_sets_labels_only_on_oracle_engines(smollm):
     labels = chosen[0].policy.oracle
     assert float(labels[len(prompt) : len(prompt) + len(thinking)].sum()) > 0
     assert diagnosis.oracle_hook(smollm, {k: v for k, v in engines.items() if not diagnosis.wants_oracle(v)}) is None
+
+
+def test_recency_blend_ranks_and_its_extremes(make_tiny):
+    from dynts.policies.dynts import blend_recency
+
+    inf = float("inf")
+    scores = torch.tensor([inf, 0.9, 0.1, inf, 0.5, 0.3])
+    assert torch.equal(blend_recency(scores, 0.0).argsort()[:4], torch.tensor([2, 5, 4, 1]))  # the head's order
+    assert torch.allclose(blend_recency(scores, 1.0)[[1, 2, 4, 5]], torch.tensor([0.0, 1 / 3, 2 / 3, 1.0]))
+    assert torch.isposinf(blend_recency(scores, 0.4)[[0, 3]]).all()
+    # in a replay, recency=1 keeps what the prompt-protecting window keeps, whatever the head says
+    loaded = make_tiny(vocab_size=64)
+    prompt, tokens = list(range(1, 5)), [7 + i % 40 for i in range(70)]
+    blended = engine(loaded, "dynts:recency=1", head=random_head(loaded.hidden_size, seed=2))
+    control = engine(loaded, "window:protect_prompt=true")
+    replay(blended, prompt, tokens, lambda *_: None, max_chunk=8)
+    replay(control, prompt, tokens, lambda *_: None, max_chunk=8)
+    assert kept_positions(blended) == kept_positions(control)
+    plain = engine(loaded, "dynts", head=random_head(loaded.hidden_size, seed=2))
+    replay(plain, prompt, tokens, lambda *_: None, max_chunk=8)
+    assert kept_positions(plain) != kept_positions(control)
+    for bad in ("dynts:recency=1.5", "dynts:selection=random:recency=0.5"):
+        with pytest.raises(DynTSError):
+            resolve_spec(bad)

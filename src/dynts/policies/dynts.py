@@ -43,6 +43,11 @@ class DynTSConfig:
         "which ignore protection)",
         default=False,
     )
+    recency: float = option_help(
+        "top only: weight of recency in the ranking, 0 to 1: each older thinking token ranks by (1 - w) x its "
+        "head-score rank + w x its position rank among the candidates (0: the paper's head-only ranking)",
+        default=0.0,
+    )
     scores: str = option_help(
         "what ranks the thinking tokens: head (the importance head) or oracle (a teacher-forced trace's true "
         "answer-attention labels, set per trace by the fidelity benchmark: a diagnosis)",
@@ -52,6 +57,10 @@ class DynTSConfig:
     def __post_init__(self):
         if self.selection not in SELECTIONS:
             raise DynTSError(f"selection must be one of {', '.join(SELECTIONS)}, got {self.selection!r}")
+        if not isinstance(self.recency, (int, float)) or isinstance(self.recency, bool) or not 0 <= self.recency <= 1:
+            raise DynTSError(f"recency must be a weight in [0, 1], got {self.recency!r}")
+        if self.recency and self.selection != "top":
+            raise DynTSError("recency blends the head's ranking: it needs selection=top")
         if self.scores not in SCORES:
             raise DynTSError(f"scores must be one of {', '.join(SCORES)}, got {self.scores!r}")
 
@@ -117,7 +126,7 @@ class DynTSPolicy(Policy):
     def score_older(self, cache, row, older):
         scores = cache.slot["importance"][row, :older].clone()
         if self.config.selection == "top":
-            return scores
+            return blend_recency(scores, self.config.recency) if self.config.recency else scores
         protected = torch.isposinf(scores)
         if self.config.selection == "random":
             # Seeded by the sequence's own progress, not a generator shared by the batch: a sequence draws the same
@@ -127,3 +136,18 @@ class DynTSPolicy(Policy):
         else:
             chosen = -scores  # the lowest scores rank first; a protected +inf becomes -inf and goes first
         return chosen.masked_fill(protected, float("inf")) if self.config.keep_protected else chosen
+
+
+def blend_recency(scores: torch.Tensor, weight: float) -> torch.Tensor:
+    """Unprotected slots re-scored (1 - weight) x head rank + weight x position rank, both in [0, 1] among them;
+    protected (+inf) slots stay +inf. Slots hold tokens in their original order, so a slot's position rank is its
+    count of unprotected slots before it. Ranks, not scores: a head's scale moves with trace length and style
+    (labels are mean attentions, about 1/L), a rank does not. No host reads (shapes are fixed)."""
+    protected = torch.isposinf(scores)
+    free = (~protected).float()
+    count = (free.sum() - 1).clamp_min(1.0)
+    ranked = torch.where(protected, torch.full_like(scores, float("-inf")), scores)
+    head_rank = torch.argsort(torch.argsort(ranked, stable=True)).float() - protected.float().sum()
+    position_rank = torch.cumsum(free, 0) - 1
+    blended = (1.0 - weight) * head_rank / count + weight * position_rank / count
+    return torch.where(protected, scores, blended)
