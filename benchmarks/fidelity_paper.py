@@ -18,6 +18,12 @@ Runtime on the embedded model is about (traces x policies x tokens after the fir
 per core: a 930-token trace takes about 50 s of one core for the 11 compressing policies at two budgets, so the
 default 24 traces take about 20 min on one core (measured: 12 min on the 2-core CPU). Not a test: the full run
 wants a quiet machine.
+
+--regime long (src/dynts/experiments/long_regime.py): 6 GSM8K-test traces of 2.5-2.7k tokens (13-16 problems
+each; 11-12 compressions at B=512, 7 at B=768), 15 compressing policies at 2 budgets: about 60k token-forwards
+per trace, so by the rate above about 29 min on one core, 15-20 min on the 2-core CPU. That is an estimate from
+the measured rate, not a measured run: in the session that wrote it the machine ran at load 13-15 (about seven
+agents on two cores) and no full long run could finish.
 """
 
 from __future__ import annotations

@@ -131,3 +131,11 @@ def test_report_files(tmp_path):
     assert payload["bootstrap"]["method"] == fi.METHOD and payload["bootstrap"]["resamples"] >= 100
     assert {t["policy"] for t in payload["tails"]} == {"dynts", CONTROL}
     assert text in (tmp_path / fi.INTERVALS_TABLE).read_text()
+
+
+def test_too_few_traces_are_never_a_verdict():
+    items = per_trace({("dynts", 400): [0.1, 0.2, 0.3], ("window", 400): [0.5, 0.6, 0.7]})
+    (d,) = fi.paired_differences(items)
+    assert d.high < 0 and d.lower_on == 3 and d.verdict == fi.UNCLEAR  # 3 < MIN_VERDICT_TRACES
+    items = per_trace({("dynts", 400): [0.1, 0.2, 0.3, 0.2], ("window", 400): [0.5, 0.6, 0.7, 0.6]})
+    assert fi.paired_differences(items)[0].verdict == fi.LOWER

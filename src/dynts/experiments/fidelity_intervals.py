@@ -9,7 +9,8 @@ rival are compared trace by trace.
   bootstrap that resamples traces with replacement (one draw of traces for both policies: paired), seeded per
   (budget, rival) through `harness/uncertainty.py`'s generators, so a run always prints the same interval.
   The verdict is "lower" when the whole interval is below 0, "higher" when it is above 0, else "not
-  distinguishable". Also: on how many traces DynTS is lower.
+  distinguishable" (always so with fewer than MIN_VERDICT_TRACES paired traces). Also: on how many traces DynTS
+  is lower.
 * Tail: each policy's worst trace (its largest answer-span KL, with the control's on the same trace), and on how
   many traces it is more than TAIL_FACTOR times the control's KL (the control: Window protecting the prompt).
 
@@ -31,6 +32,7 @@ from dynts.harness.uncertainty import PAIRED_STREAM, BootstrapConfig, generator,
 from dynts.policies.options import format_spec
 
 TAIL_FACTOR = 2.0
+MIN_VERDICT_TRACES = 4  # fewer paired traces: a bootstrap interval means nothing, the verdict is "not distinguishable"
 MINE = "dynts"
 INTERVALS_FILE = "intervals.json"
 INTERVALS_TABLE = "intervals.md"
@@ -117,6 +119,8 @@ class PairedDifference:
 
     @property
     def verdict(self) -> str:
+        if self.traces < MIN_VERDICT_TRACES:
+            return UNCLEAR
         if self.high < 0:
             return LOWER
         if self.low > 0:
