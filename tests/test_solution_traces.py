@@ -2,6 +2,7 @@
 `dynts label` and `dynts fidelity` find, and the trace directory `dynts collect --from-solutions` writes."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -126,3 +127,40 @@ def test_collect_from_solutions_then_label(smollm, tmp_path, capsys):
     assert main(bad) == 2 and "no reference solutions" in capsys.readouterr().err
     assert main([*bad, "--problems-per-trace", "0:1"]) == 2 and "LOW:HIGH" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_solution_styles():
+    solution = "She sold 48/2 = <<48/2=24>>24 clips and 0.2 x 50 = $<<0.2*50=10>>10.\n#### 24"
+    plain, _ = clean_solution(solution)
+    assert plain.endswith("The answer is 24.") and "<<" not in plain
+    boxed, final = clean_solution(solution, "boxed")
+    assert final == "24" and boxed.endswith("The answer is $\\boxed{24}$.")
+    latex, _ = clean_solution(solution, "latex")
+    assert "$\\frac{48}{2} = 24$" in latex and "$0.2 \\times 50 = 10$" in latex
+    assert latex.endswith(", so the answer is $\\boxed{24}$.") and "The answer is" not in latex
+    math = "We get $x=\\boxed{3}$."
+    assert clean_solution(math, "latex") == clean_solution(math) == (math, "3")  # MATH keeps its own
+    with pytest.raises(DynTSError, match="style"):
+        clean_solution(solution, "fancy")
+    with pytest.raises(DynTSError, match="styles"):
+        TraceLayout(styles=("plain", "fancy"))
+
+
+def test_mixed_styles_are_drawn_per_problem_and_seeded(smollm):
+    problems = [
+        Problem(
+            "gsm8k",
+            f"p{i}",
+            f"What is {i} + {i}?",
+            str(2 * i),
+            solution=f"{i} + {i} = <<{i}+{i}={2 * i}>>{2 * i}.\n#### {2 * i}",
+        )
+        for i in range(1, 13)
+    ]
+    layout = TraceLayout(per_trace=(1, 1), styles=("plain", "boxed", "latex"))
+    texts = [t.text for t in solution_traces(smollm, problems, layout)]
+    assert texts == [t.text for t in solution_traces(smollm, problems, layout)]
+    assert any("\\boxed" in t.split("</think>")[0] for t in texts)  # boxed or latex thinking
+    assert any(re.search(r"The answer is \d", t.split("</think>")[0]) for t in texts)  # plain
+    plain = [t.text for t in solution_traces(smollm, problems, TraceLayout(per_trace=(1, 1)))]
+    assert all("\\boxed" not in t.split("</think>")[0] for t in plain)

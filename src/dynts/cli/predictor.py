@@ -40,6 +40,13 @@ def register(sub) -> None:
         help="with --from-solutions: N or LOW:HIGH problems per trace (drawn per trace); several problems go "
         "in the thinking under a one-line instruction and the answer restates every final answer (default 1)",
     )
+    col.add_argument(
+        "--solution-styles",
+        default="plain",
+        help="with --from-solutions: comma-separated GSM8K solution styles drawn per problem: plain (The answer is "
+        "N.), boxed (The answer is $\\boxed{N}$.), latex (calculations in inline TeX, closed by \\boxed{N} as in "
+        "MATH) (default plain)",
+    )
     col.add_argument("--out", required=True, help="trace directory (rerunning resumes)")
     add_model_flags(col)
     add_sampling_flags(col, max_new_tokens=PAPER_MAX_NEW_TOKENS)
@@ -148,7 +155,8 @@ def collect_from_solutions(args, split: str | None) -> int:
         raise DynTSError("--from-solutions only tokenizes: it runs here, without --ray")
     if args.samples != 1:
         raise DynTSError("--from-solutions writes one teacher-forced trace per group of problems: --samples must be 1")
-    layout = TraceLayout(per_trace=parse_per_trace(args.problems_per_trace), seed=args.seed)
+    styles = tuple(x.strip() for x in args.solution_styles.split(",") if x.strip())
+    layout = TraceLayout(per_trace=parse_per_trace(args.problems_per_trace), seed=args.seed, styles=styles)
     problems = load_dataset(args.dataset, data_dir=args.data_dir, limit=args.limit, split=split)
     if not any(p.solution for p in problems):
         raise DynTSError(f"dataset {args.dataset!r} carries no reference solutions: collect without --from-solutions")

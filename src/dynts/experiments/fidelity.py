@@ -185,6 +185,7 @@ def measure_engines(
     progress: bool = True,
     max_chunk: int = 512,
     share_prefix: bool = True,
+    on_positions=None,
 ) -> list[dict]:
     """Every trace is replayed once with the full cache for the reference distributions, then once per engine in
     chunks (see replay.py): the evictions are those of generation, the forwards a few per compression.
@@ -192,6 +193,10 @@ def measure_engines(
     share_prefix: a policy's cache equals the full one until its first compression, so the reference replay's
     runs up to each budget are recorded and admitted by the policies instead of recomputed; those positions count
     with KL 0 and agreement 1, which is what computing them gives (a test checks both ways agree).
+
+    on_positions(trace index, engine key, first, kl, compressions): every computed run of per-position KL
+    (token_ids[first : first + len(kl)]) with the compressions before it, for figures per position
+    (experiments/long_regime.py); the shared prefix is not reported (its KL is 0).
     """
     reference_engine = Engine(loaded, "full", None, SamplingConfig(greedy=True, max_new_tokens=1), batch_size=1)
     budgets = sorted({config.budget for _, config in engines if config is not None})
@@ -199,7 +204,7 @@ def measure_engines(
     sums = {key: {"answer": _Sums(), "after": _Sums(), "all": _Sums()} for key in engines}
     compressions = {key: 0 for key in engines}
     bar = tqdm(total=len(traces) * len(engines), unit="replay", desc="fidelity", disable=not progress or None)
-    for trace in traces:
+    for index, trace in enumerate(traces):
         prompt_len, length, answer = len(trace.prompt_ids), len(trace.token_ids), trace.answer_start
         reference = torch.empty(length, loaded.model.config.vocab_size)
 
@@ -226,11 +231,13 @@ def measure_engines(
                     skip = max(0, answer - first)
                     cell["answer"].add(kl[skip:], agree[skip:])
 
-            def compare(first, logits, done, reference=reference, add=add):
+            def compare(first, logits, done, reference=reference, add=add, key=key, index=index):
                 logq = logits.float().log_softmax(dim=-1).cpu()
                 logp = reference[first : first + len(logq)]
                 kl = (logp.exp() * (logp - logq)).sum(dim=-1).clamp_min(0.0)
                 add(first, kl, (logp.argmax(dim=-1) == logq.argmax(dim=-1)).float(), done > 0)
+                if on_positions is not None:
+                    on_positions(index, key, first, kl, done)
 
             config = key[1]
             if share_prefix and config is None:  # never evicts: this is the reference replay itself

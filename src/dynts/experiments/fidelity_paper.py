@@ -79,6 +79,10 @@ class PaperFrame:
         for b in self.budgets:
             self.config(b)  # a frame that frees nothing fails here
 
+    @property
+    def min_compressions(self) -> int:
+        return MIN_COMPRESSIONS
+
     def window(self, budget: int) -> int:
         return budget * 2 // 5
 
@@ -116,7 +120,7 @@ def skip_reason(frame: PaperFrame, trace: Trace) -> str | None:
     if prompt > frame.max_prompt():
         return f"prompt over {frame.max_prompt()} tokens ({PROMPT_SHARE:.0%} of what a compression keeps)"
     if length < frame.min_length():
-        return f"under {frame.min_length()} tokens (fewer than {MIN_COMPRESSIONS} compressions)"
+        return f"under {frame.min_length()} tokens (fewer than {frame.min_compressions} compressions)"
     if trace.answer_start is None:
         return "no answer span"
     return None
@@ -301,8 +305,10 @@ def run_benchmark(
     manifest: dict,
     progress: bool = True,
     on_trace=None,
+    prepare=None,
 ) -> list[dict]:
-    """Replay each trace under every engine (resuming from DIR/per_trace.jsonl); returns the aggregated records."""
+    """Replay each trace under every engine (resuming from DIR/per_trace.jsonl); returns the aggregated records.
+    prepare(trace), when given, runs before a trace is replayed (fidelity_diagnosis.oracle_hook: oracle labels)."""
     from tqdm import tqdm
 
     from dynts.experiments.fidelity import write_outputs
@@ -320,15 +326,30 @@ def run_benchmark(
             done[json.dumps(item["key"])] = item["records"]
     wanted = [json.dumps(key) for key, _ in keyed]
     records: list[dict] = []
-    bar = tqdm(total=len(keyed), unit="trace", desc="fidelity", disable=not progress or None)
-    bar.update(sum(k in done for k in wanted))
+    # one update per trace, weighted by its tokens (its replay cost), so the estimate of the time left holds
+    # when trace lengths differ; shown in a log file too (disable=False), resumed traces excluded from the rate
+    sizes = [len(t.prompt_ids) + len(t.token_ids) for _, t in keyed]
+    finished = sum(k in done for k in wanted)
+    bar = tqdm(
+        total=sum(sizes),
+        initial=sum(n for n, k in zip(sizes, wanted) if k in done),
+        unit="tok",
+        desc="fidelity",
+        smoothing=0,
+        disable=not progress,
+    )
+    bar.set_postfix_str(f"{finished}/{len(keyed)} traces")
     with path.open("a") as handle:
-        for (key, trace), name in zip(keyed, wanted):
+        for (key, trace), name, size in zip(keyed, wanted, sizes):
             if name not in done:
+                if prepare is not None:
+                    prepare(trace)
                 done[name] = measure_engines(loaded, [trace], engines, progress=False)
                 handle.write(json.dumps({"key": key, "records": done[name]}) + "\n")
                 handle.flush()
-                bar.update(1)
+                finished += 1
+                bar.set_postfix_str(f"{finished}/{len(keyed)} traces", refresh=False)
+                bar.update(size)
             records = aggregate([done[k] for k in wanted if k in done])
             if on_trace is not None:
                 on_trace(records)

@@ -10,6 +10,11 @@ scores, where the +inf of prompt and answer tokens ranks last (they go first); w
 `keep_protected=true` is this package's earlier variant of random / bottom: protected tokens survive them as they
 survive top, so only the thinking tokens are chosen at random or from the bottom (head against chance at equal
 protection).
+
+`scores=oracle` is a diagnosis, not a deployable policy: a teacher-forced trace's answer-attention labels are known
+before it is replayed (predictor/labels.py), so the benchmark hands them over with `set_oracle` and DynTS ranks by
+the truth instead of the head. Whatever it still loses to a rival is the selection frame's (band, protection, r),
+not the head's.
 """
 
 from dataclasses import dataclass
@@ -22,6 +27,7 @@ from dynts.policies.base import Policy
 from dynts.policies.options import option_help
 
 SELECTIONS = ("top", "random", "bottom")
+SCORES = ("head", "oracle")
 
 
 @dataclass(frozen=True)
@@ -37,10 +43,26 @@ class DynTSConfig:
         "which ignore protection)",
         default=False,
     )
+    recency: float = option_help(
+        "top only: weight of recency in the ranking, 0 to 1: each older thinking token ranks by (1 - w) x its "
+        "head-score rank + w x its position rank among the candidates (0: the paper's head-only ranking)",
+        default=0.0,
+    )
+    scores: str = option_help(
+        "what ranks the thinking tokens: head (the importance head) or oracle (a teacher-forced trace's true "
+        "answer-attention labels, set per trace by the fidelity benchmark: a diagnosis)",
+        default="head",
+    )
 
     def __post_init__(self):
         if self.selection not in SELECTIONS:
             raise DynTSError(f"selection must be one of {', '.join(SELECTIONS)}, got {self.selection!r}")
+        if not isinstance(self.recency, (int, float)) or isinstance(self.recency, bool) or not 0 <= self.recency <= 1:
+            raise DynTSError(f"recency must be a weight in [0, 1], got {self.recency!r}")
+        if self.recency and self.selection != "top":
+            raise DynTSError("recency blends the head's ranking: it needs selection=top")
+        if self.scores not in SCORES:
+            raise DynTSError(f"scores must be one of {', '.join(SCORES)}, got {self.scores!r}")
 
 
 class DynTSPolicy(Policy):
@@ -59,12 +81,21 @@ class DynTSPolicy(Policy):
         # Budget check (the prompt must fit in what a compression keeps) only where the prompt always survives.
         config = self.config
         self.protects_prompt = config.protect_prompt and (config.selection == "top" or config.keep_protected)
+        self.oracle: torch.Tensor | None = None  # scores=oracle: the label of each original position
+
+    def set_oracle(self, labels) -> None:
+        """scores=oracle: the true label of every position of the trace about to be replayed (prompt included)."""
+        if self.config.scores != "oracle":
+            raise DynTSError("set_oracle needs dynts:scores=oracle")
+        self.oracle = torch.as_tensor(labels, dtype=torch.float32)
 
     @classmethod
     def create(cls, budget, config, head=None, head_path=None, seed=0, **_):
         return cls(budget, config, head=head, head_path=head_path, seed=seed)
 
     def bind(self, loaded):
+        if self.config.scores == "oracle":
+            return  # ranks by labels: no head
         if self.head is None:
             self.head = resolve_head(self.head_path, loaded)
         if self.head.config.hidden_size != loaded.hidden_size:
@@ -82,6 +113,12 @@ class DynTSPolicy(Policy):
         if batch.is_prompt:  # +inf (protected), or 0 for the no-question ablation: the head is not asked
             value = float("inf") if self.protects_prompt else 0.0
             scores = torch.full(batch.token_ids.shape, value, device=batch.hidden.device)
+        elif self.config.scores == "oracle":
+            if self.oracle is None:
+                raise DynTSError("dynts:scores=oracle ranks by a trace's labels: call set_oracle before replaying it")
+            if int(batch.positions.max()) >= self.oracle.numel():
+                raise DynTSError("dynts:scores=oracle: a token lies past the labelled trace (set_oracle of another)")
+            scores = self.oracle.to(batch.hidden.device)[batch.positions].masked_fill(batch.in_answer, float("inf"))
         else:
             scores = self.head(batch.hidden).float().masked_fill(batch.in_answer, float("inf"))  # [n, q]
         cache.slot["importance"][batch.rows[:, None], batch.slots] = scores
@@ -89,7 +126,7 @@ class DynTSPolicy(Policy):
     def score_older(self, cache, row, older):
         scores = cache.slot["importance"][row, :older].clone()
         if self.config.selection == "top":
-            return scores
+            return blend_recency(scores, self.config.recency) if self.config.recency else scores
         protected = torch.isposinf(scores)
         if self.config.selection == "random":
             # Seeded by the sequence's own progress, not a generator shared by the batch: a sequence draws the same
@@ -99,3 +136,18 @@ class DynTSPolicy(Policy):
         else:
             chosen = -scores  # the lowest scores rank first; a protected +inf becomes -inf and goes first
         return chosen.masked_fill(protected, float("inf")) if self.config.keep_protected else chosen
+
+
+def blend_recency(scores: torch.Tensor, weight: float) -> torch.Tensor:
+    """Unprotected slots re-scored (1 - weight) x head rank + weight x position rank, both in [0, 1] among them;
+    protected (+inf) slots stay +inf. Slots hold tokens in their original order, so a slot's position rank is its
+    count of unprotected slots before it. Ranks, not scores: a head's scale moves with trace length and style
+    (labels are mean attentions, about 1/L), a rank does not. No host reads (shapes are fixed)."""
+    protected = torch.isposinf(scores)
+    free = (~protected).float()
+    count = (free.sum() - 1).clamp_min(1.0)
+    ranked = torch.where(protected, torch.full_like(scores, float("-inf")), scores)
+    head_rank = torch.argsort(torch.argsort(ranked, stable=True)).float() - protected.float().sum()
+    position_rank = torch.cumsum(free, 0) - 1
+    blended = (1.0 - weight) * head_rank / count + weight * position_rank / count
+    return torch.where(protected, scores, blended)

@@ -37,6 +37,7 @@ from dynts.harness.store import ResultStore
 from dynts.models.loading import LoadedModel
 
 INSTRUCTION = "Solve each problem below, then list all the final answers in order."
+STYLES = ("plain", "boxed", "latex")
 SOURCE = "reference solutions, teacher-forced"
 _CALCULATOR = re.compile(r"<<[^<>]*>>")
 
@@ -54,6 +55,7 @@ class TraceLayout:
     min_tokens: int = 0
     seed: int = 0
     instruction: str = INSTRUCTION
+    styles: tuple[str, ...] = ("plain",)
 
     def __post_init__(self):
         low, high = self.per_trace
@@ -63,6 +65,10 @@ class TraceLayout:
             raise DynTSError(f"min_tokens must be a non-negative integer, got {self.min_tokens!r}")
         if not self.instruction.strip():
             raise DynTSError("the instruction of a several-problem trace must not be empty")
+        styles = tuple(self.styles)
+        if not styles or any(style not in STYLES for style in styles):
+            raise DynTSError(f"solution styles must be among {', '.join(STYLES)}, got {self.styles!r}")
+        object.__setattr__(self, "styles", styles)
 
 
 def parse_per_trace(text: str) -> tuple[int, int]:
@@ -76,17 +82,42 @@ def parse_per_trace(text: str) -> tuple[int, int]:
     return parts[0], parts[-1]
 
 
-def clean_solution(solution: str | None) -> tuple[str, str] | None:
-    """(solution text, final answer) of a GSM8K or MATH reference solution; None when it states no answer."""
+def clean_solution(solution: str | None, style: str = "plain") -> tuple[str, str] | None:
+    """(solution text, final answer) of a GSM8K or MATH reference solution; None when it states no answer.
+
+    style (GSM8K only; a MATH solution keeps its own): plain ends with "The answer is N."; boxed ends with
+    "The answer is $\\boxed{N}$."; latex writes the calculations in inline TeX ($48 \\div 2 = 24$) and closes the
+    last line with "so the answer is $\\boxed{N}$", as MATH solutions do. A head trained on several styles cannot
+    rely on one phrasing of the result to find what the answer will need."""
     if not solution or not solution.strip():
         return None
+    if style not in STYLES:
+        raise DynTSError(f"solution style must be one of {', '.join(STYLES)}, got {style!r}")
     if "####" in solution:  # GSM8K
         body, _, final = solution.rpartition("####")
         final = final.strip().replace(",", "")
         body = _CALCULATOR.sub("", body).strip()
-        return (f"{body}\nThe answer is {final}.", final) if final and body else None
+        if not (final and body):
+            return None
+        if style == "plain":
+            return f"{body}\nThe answer is {final}.", final
+        if style == "boxed":
+            return f"{body}\nThe answer is $\\boxed{{{final}}}$.", final
+        body = _EQUATION.sub(lambda m: f"${_tex(m.group(0))}$", body).rstrip(". ")
+        return f"{body}, so the answer is $\\boxed{{{final}}}$.", final
     final = last_boxed(solution)  # MATH
     return (solution.strip(), final) if final else None
+
+
+_NUMBER = r"\$?\d+(?:[.,]\d+)*"
+_EQUATION = re.compile(rf"{_NUMBER}(?:\s*[-+*/x×]\s*{_NUMBER})+\s*=\s*{_NUMBER}")
+
+
+def _tex(expression: str) -> str:
+    """A GSM8K calculation in TeX: a / b -> \\frac{a}{b}, * and x -> \\times, $ signs dropped."""
+    text = expression.replace("$", "")
+    text = re.sub(r"(\d[\d.]*)\s*/\s*(\d[\d.]*)", r"\\frac{\1}{\2}", text)
+    return re.sub(r"\s*[*x×]\s*", r" \\times ", text)
 
 
 @dataclass
@@ -117,15 +148,18 @@ def chat_ids(loaded: LoadedModel, text: str) -> list[int]:
     return list(tokenizer.encode(text))
 
 
-def build_trace(loaded: LoadedModel, problems: list[Problem], instruction: str = INSTRUCTION) -> SolutionTrace:
-    """The trace of one or several problems (see the module docstring); every problem needs a solution."""
+def build_trace(
+    loaded: LoadedModel, problems: list[Problem], instruction: str = INSTRUCTION, styles: list[str] | None = None
+) -> SolutionTrace:
+    """The trace of one or several problems (see the module docstring); every problem needs a solution.
+    styles: each problem's solution style (clean_solution; default plain)."""
     if not problems:
         raise DynTSError("a trace needs at least one problem")
     if not loaded.think_end_ids:
         raise DynTSError(f"the tokenizer of {loaded.name} encodes no short end-of-thinking marker (</think>)")
     cleaned = []
-    for p in problems:
-        parts = clean_solution(p.solution)
+    for p, style in zip(problems, styles or ["plain"] * len(problems)):
+        parts = clean_solution(p.solution, style)
         if parts is None:
             raise DynTSError(f"problem {p.id!r} of {p.dataset!r} has no reference solution with a final answer")
         cleaned.append(parts)
@@ -162,14 +196,16 @@ def solution_traces(
     most `limit` traces."""
     usable = [p for p in problems if clean_solution(p.solution) is not None]
     rng = random.Random(layout.seed)
+    # one style per problem, from its own seeded stream (a one-style layout draws nothing: traces as before)
+    styles = [random.Random(f"{layout.seed}/{p.id}").choice(layout.styles) for p in usable]
     traces, i = [], 0
     while i < len(usable) and (limit is None or len(traces) < limit):
         count = rng.randint(*layout.per_trace)
         group = usable[i : i + count]
-        trace = build_trace(loaded, group, layout.instruction)
+        trace = build_trace(loaded, group, layout.instruction, styles[i : i + len(group)])
         while trace.length < layout.min_tokens and i + len(group) < len(usable):
             group = usable[i : i + len(group) + 1]
-            trace = build_trace(loaded, group, layout.instruction)
+            trace = build_trace(loaded, group, layout.instruction, styles[i : i + len(group)])
         i += len(group)
         if trace.length < layout.min_tokens:
             break  # the problems ran out before the last trace was long enough
