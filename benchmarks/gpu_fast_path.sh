@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU fast path's targets (issue 8), measured on one H100 with random weights: prompt 128, 8192 new tokens,
+# The GPU fast path's targets, measured on one H100 with random weights: prompt 128, 8192 new tokens,
 # B=5000, W=2000, DynTS (r=0.4 for R1-Qwen, 0.3 for R1-Llama, the paper's settings).
 #   R1-Qwen-7B shape, batch 20: >= 2300 TPS;  largest batch that fits: >= 6000 TPS
 #   R1-Llama-8B shape, batch 20: >= 1650 TPS;  eviction + scoring <= 3 % of decode time

@@ -374,7 +374,7 @@ def format_report(r: dict) -> str:
         f" = {bound['bytes_per_step'] / 1e9:.3f} GB",
         f"bandwidth {bound['bandwidth_gbps']:.0f} GB/s ({source}) -> bound {bound['tps_bound']:.1f} TPS; "
         f"measured {ours['tps']:.1f} TPS = {r['fraction']:.1%} of the bound",
-        f"(with every row at {bound['max_cached_tokens']} cached tokens, the issue's convention: bound "
+        f"(with every row at {bound['max_cached_tokens']} cached tokens, the worst case: bound "
         f"{bound['tps_bound_at_max']:.1f} TPS, fraction {r['fraction_at_max']:.1%})",
     ]
     if eager and "fraction" in eager:

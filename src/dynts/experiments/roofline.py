@@ -62,7 +62,7 @@ class Roofline:
 
     @property
     def tps_bound_at_max(self) -> float:
-        """The bound with every row holding max_cached_tokens (the issue's convention)."""
+        """The bound with every row holding max_cached_tokens (the worst case: a full cache in every row)."""
         return (
             self.batch
             * self.bandwidth_gbps

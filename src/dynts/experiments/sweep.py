@@ -453,7 +453,7 @@ def run_sweep(
 ) -> SweepResult:
     """Run (or resume, or extend) a sweep into out_dir.
 
-    Where the cells run: make_executor() (e.g. a dynts.distributed.RayExecutor, whose workers share the units of
+    Where the cells run: make_executor() (e.g. a runtime.ray_executor.RayExecutor, whose workers share the units of
     every cell; closed at the end), else this process on `loaded` (tests, notebooks), else on `load()` (default:
     dynts.models.load_model with the spec's model/device/dtype). Each is called only when some cell still has
     work to do.

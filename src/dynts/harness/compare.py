@@ -53,7 +53,7 @@ SETTING_FIELDS = ("model", "sampling", "shuffle_seed")
 
 
 @dataclass
-class Run:
+class ComparedRun:
     """One run directory: its label in the comparison, manifest, and samples (dataset -> id -> index -> record)."""
 
     label: str
@@ -92,7 +92,7 @@ class Shared:
         return " | ".join(parts) if parts else None
 
 
-def load_runs(directories: list[str | os.PathLike]) -> list[Run]:
+def load_runs(directories: list[str | os.PathLike]) -> list[ComparedRun]:
     """The runs to compare, labelled by their directory names (their paths when names repeat, and #N after a
     directory given twice)."""
     if len(directories) < 2:
@@ -112,11 +112,11 @@ def load_runs(directories: list[str | os.PathLike]) -> list[Run]:
         records = read_records(path)
         if not records:
             raise DynTSError(f"{path} holds no samples yet; nothing to compare")
-        runs.append(Run(label, path, read_manifest(path), group_records(records)))
+        runs.append(ComparedRun(label, path, read_manifest(path), group_records(records)))
     return runs
 
 
-def shared_samples(runs: list[Run]) -> Shared:
+def shared_samples(runs: list[ComparedRun]) -> Shared:
     """The problems and sample indices every run holds, and what was left out (see the module docstring)."""
     dropped: list[str] = []
     all_datasets = sorted({d for run in runs for d in run.problems})
@@ -309,7 +309,7 @@ def comparison_markdown(comparison: dict) -> str:
 # --------------------------------------------------------------------------- #
 
 
-def _records(run: Run, dataset: str, pairs: list[tuple[str, list[int]]]) -> list[list[dict]]:
+def _records(run: ComparedRun, dataset: str, pairs: list[tuple[str, list[int]]]) -> list[list[dict]]:
     """Per shared problem (baseline order), the run's records at the shared sample indices."""
     return [[run.problems[dataset][pid][i] for i in indices] for pid, indices in pairs]
 
@@ -374,7 +374,9 @@ def _ratio(value, baseline):
     return None if value is None or baseline in (None, 0) else value / baseline
 
 
-def _row(run: Run, dataset: str, figures: dict, baseline: dict, is_baseline: bool, bootstrap: BootstrapConfig) -> dict:
+def _row(
+    run: ComparedRun, dataset: str, figures: dict, baseline: dict, is_baseline: bool, bootstrap: BootstrapConfig
+) -> dict:
     row = {
         "run": run.label,
         "dataset": dataset,
@@ -404,7 +406,7 @@ def _row(run: Run, dataset: str, figures: dict, baseline: dict, is_baseline: boo
     return row
 
 
-def _setting_differences(runs: list[Run]) -> list[str]:
+def _setting_differences(runs: list[ComparedRun]) -> list[str]:
     """ "sampling.temperature: A 0.6, B 1.0" for every result-defining setting that is not the same in all runs."""
     out = []
     flat = [dict(flatten({k: run.manifest.get(k) for k in SETTING_FIELDS})) for run in runs]

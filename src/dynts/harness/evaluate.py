@@ -182,7 +182,7 @@ def run_eval(
 ) -> dict:
     """Run (or resume) an evaluation into out_dir and return the metrics.
 
-    engine: a built Engine (runs here), or an EngineSpec run by executor (e.g. dynts.distributed.RayExecutor).
+    engine: a built Engine (runs here), or an EngineSpec run by executor (e.g. dynts.runtime.ray_executor.RayExecutor).
     on_record(record) is called after each sample is stored."""
     if not isinstance(engine, EngineSpec):
         if executor is not None:
