@@ -230,15 +230,16 @@ def read_label_model(directory: str) -> str | None:
 
 def heldout_table(metrics: dict) -> str:
     """Held-out ranking figures: the head, recency, the attention reference and any compared heads."""
+    from dynts.harness.tables import fixed, render_table
+
     columns = {"head": metrics, "recency": metrics.get("baseline_recency") or {}}
     columns["attention"] = metrics.get("baseline_attention") or {}
     columns.update(metrics.get("compared") or {})
-    width = max(11, *(len(name) + 2 for name in columns))
-    lines = [f"{'held-out (r=' + str(metrics.get('retention')) + ')':<18}" + "".join(f"{n:>{width}}" for n in columns)]
-    for key in ("spearman", "kendall", "topk_recall"):
-        cells = [column.get(key) for column in columns.values()]
-        lines.append(f"{key:<18}" + "".join(f"{'-' if v is None else f'{v:.3f}':>{width}}" for v in cells))
-    return "\n".join(lines)
+    rows = [
+        [key, *(fixed(column.get(key), 3) for column in columns.values())]
+        for key in ("spearman", "kendall", "topk_recall")
+    ]
+    return render_table([f"held-out (r={metrics.get('retention')})", *columns], rows)
 
 
 def cmd_head_show(args) -> int:

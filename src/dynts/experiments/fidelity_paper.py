@@ -39,6 +39,7 @@ from dynts.config import BudgetConfig, SamplingConfig
 from dynts.engine.engine import Engine
 from dynts.errors import DynTSError
 from dynts.experiments.fidelity import Trace, make_trace, measure_engines, scope_of
+from dynts.experiments.fidelity import format_table as fidelity_table
 from dynts.harness.datasets import Problem, load_dataset
 from dynts.harness.evaluate import EvalPlan, run_eval
 from dynts.harness.store import MANIFEST_FILE, read_manifest, read_records
@@ -222,21 +223,9 @@ def control_label() -> str | None:
 
 
 def format_table(records: list[dict]) -> str:
-    def f(value, digits=4):
-        return "-" if value is None else f"{value:.{digits}f}"
-
-    header = (
-        f"{'policy':<30}{'scope':>9}{'B':>6}{'KL answer':>11}{'KL after':>10}{'top1 ans':>10}{'top1 after':>11}"
-        f"{'compr':>7}"
-    )
-    lines = [header, "-" * len(header)]
+    """The records with their scopes, by budget and, within one, by answer-span KL."""
     order = sorted(records, key=lambda r: (r["budget"] or 0, r["kl_answer"] if r["kl_answer"] is not None else 1e9))
-    for r in order:
-        lines.append(
-            f"{label_of(r):<30}{r.get('scope') or '-':>9}{r['budget'] or '-':>6}{f(r['kl_answer']):>11}"
-            f"{f(r['kl_after']):>10}{f(r['top1_answer'], 3):>10}{f(r['top1_after'], 3):>11}{r['compressions']:>7}"
-        )
-    return "\n".join(lines)
+    return fidelity_table(order, with_scope=True)
 
 
 def verdict(records: list[dict]) -> list[str]:

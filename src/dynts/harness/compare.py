@@ -33,6 +33,7 @@ from dynts.harness.lengths import generated_tokens, length_stats
 from dynts.harness.metrics import group_records
 from dynts.harness.report import flatten
 from dynts.harness.store import MANIFEST_FILE, read_manifest, read_records, write_json_atomic, write_text_atomic
+from dynts.harness.tables import render_table
 from dynts.harness.uncertainty import (
     PAIRED_STREAM,
     PERMUTATION_STREAM,
@@ -258,18 +259,7 @@ def format_comparison(comparison: dict, markdown: bool = False) -> str:
     columns = _columns(comparison)
     headers = [h for h, _ in columns]
     rows = [[cell(row) for _, cell in columns] for row in comparison["rows"]]
-    if markdown:
-        lines = [
-            "| " + " | ".join(headers) + " |",
-            "|" + "|".join("---" if i < 2 else "---:" for i in range(len(headers))) + "|",
-        ]
-        return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
-
-    def line(cells):
-        return "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
-
-    return "\n".join([line(headers), line(["-" * w for w in widths])] + [line(r) for r in rows])
+    return render_table(headers, rows, left=2, markdown=markdown)
 
 
 def describe_runs(comparison: dict) -> str:

@@ -16,6 +16,7 @@ from dynts.harness.datasets import dataset_kind
 from dynts.harness.grading import DEFAULT_TIMEOUT_S, extract_answer, grade_answer
 from dynts.harness.metrics import summarize
 from dynts.harness.store import read_manifest, read_records, rewrite_records, write_json_atomic, write_text_atomic
+from dynts.harness.tables import render_table
 
 METRICS_FILE = "metrics.json"
 REPORT_FILE = "report.md"
@@ -98,20 +99,7 @@ def format_table(metrics: dict, markdown: bool = False) -> str:
     rows = [_row(name, row, columns, mixed) for name, row in datasets.items()]
     if len(datasets) > 1 and metrics.get("mean"):
         rows.append(_row("mean", metrics["mean"], columns, mixed, is_mean=True))
-    headers = [header for header, _, _ in columns]
-    if markdown:
-        lines = [
-            "| " + " | ".join(headers) + " |",
-            "|" + "|".join("---" if i == 0 else "---:" for i in range(len(headers))) + "|",
-        ]
-        lines += ["| " + " | ".join(r) + " |" for r in rows]
-        return "\n".join(lines)
-    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
-
-    def fmt_line(cells: list[str]) -> str:
-        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
-
-    return "\n".join([fmt_line(headers), fmt_line(["-" * w for w in widths])] + [fmt_line(r) for r in rows])
+    return render_table([header for header, _, _ in columns], rows, left=1, markdown=markdown)
 
 
 # --------------------------------------------------------------------------- #
