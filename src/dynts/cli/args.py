@@ -9,7 +9,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from dynts.config import PAPER_BUDGET, PAPER_RATIO, PAPER_WINDOW, SamplingConfig
+from dynts.config import (
+    DTYPES,
+    PAPER_BUDGET,
+    PAPER_RATIO,
+    PAPER_WINDOW,
+    SamplingConfig,
+    check_batch_size,
+)
 from dynts.errors import DynTSError
 from dynts.harness.store import MANIFEST_FILE
 
@@ -28,7 +35,7 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--dtype",
         default=None,
-        choices=["fp32", "bf16", "fp16"],
+        choices=DTYPES,
         help="weights and cache dtype (default: bf16 on CUDA, fp32 on CPU)",
     )
 
@@ -166,8 +173,7 @@ def engine_spec_from_args(args):
     budget = budget_from_args(args)
     sampling = sampling_from_args(args)
     options = policy_options_from_args(args)
-    if args.batch_size < 1:
-        raise DynTSError(f"--batch-size must be at least 1, got {args.batch_size}")
+    check_batch_size(args.batch_size)
     if args.head is not None and not Path(args.head).exists():
         raise DynTSError(f"--head {args.head} does not exist")
     return EngineSpec(
@@ -210,16 +216,6 @@ def add_ray_flags(p: argparse.ArgumentParser) -> None:
 
 
 # --- small parsers ------------------------------------------------------------------------------------
-def parse_int_list(text: str, flag: str) -> list[int]:
-    try:
-        values = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise DynTSError(f"{flag} takes comma-separated integers, got {text!r}") from None
-    if not values:
-        raise DynTSError(f"{flag} is empty")
-    return values
-
-
 def existing_run(out: str) -> Path:
     path = Path(out)
     if not (path / MANIFEST_FILE).is_file():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 from dynts.cli.args import add_frame_flags, add_policy_opt_flag
+from dynts.config import DTYPES
 from dynts.fast.attention import KERNELS
 from dynts.models.shapes import SHAPES
 
@@ -43,7 +44,7 @@ def register(subparsers) -> None:
         help="load the real weights (the embedded GGUF, or the Hugging Face model)",
     )
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    g.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"], help="default: bf16 on CUDA, fp32 on CPU")
+    g.add_argument("--dtype", default=None, choices=DTYPES, help="default: bf16 on CUDA, fp32 on CPU")
     g = b.add_argument_group("workload")
     g.add_argument(
         "--batch", default="20", help="sequences decoded together, or 'max': the largest that fits (CUDA) (default 20)"

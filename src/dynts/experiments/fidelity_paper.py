@@ -27,7 +27,6 @@ rerun with the same settings resumes.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import random
@@ -35,7 +34,15 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from dynts.config import BudgetConfig, SamplingConfig
+from dynts.config import (
+    FIDELITY_POLICIES,
+    PAPER_BUDGET,
+    PAPER_RATIO,
+    PAPER_WINDOW,
+    PAPER_WINDOW_SHARE,
+    BudgetConfig,
+    SamplingConfig,
+)
 from dynts.engine.engine import Engine
 from dynts.errors import DynTSError
 from dynts.experiments.fidelity import Trace, make_trace, measure_engines, scope_of
@@ -43,13 +50,14 @@ from dynts.experiments.fidelity import format_table as fidelity_table
 from dynts.harness.datasets import Problem, load_dataset
 from dynts.harness.evaluate import EvalPlan, run_eval
 from dynts.harness.store import MANIFEST_FILE, read_manifest, read_records
+from dynts.models.importance_head import head_digest as weights_digest
 from dynts.models.loading import LoadedModel
 from dynts.policies.options import format_spec
 from dynts.policies.registry import option_names, resolve_spec
 from dynts.predictor.solution_traces import TraceLayout, solution_traces, write_solution_traces
 
-WINDOW_SHARE = 0.4  # W / B, the paper's 2000 / 5000
-RATIO = 0.4  # r, the paper's R1-Qwen setting
+WINDOW_SHARE = PAPER_WINDOW_SHARE  # W / B, the paper's 2000 / 5000
+RATIO = PAPER_RATIO  # r, the paper's R1-Qwen setting
 PROMPT_SHARE = 0.2  # the protected prompt may take at most this share of what a compression keeps
 MIN_COMPRESSIONS = 3
 MIN_TRACES = 4
@@ -73,7 +81,7 @@ class PaperFrame:
             raise DynTSError(f"budgets must be positive integers, got {self.budgets}")
         if len(set(budgets)) < 2:
             raise DynTSError("the benchmark compares at least two distinct budgets")
-        off = [b for b in budgets if (b * 2) % 5]
+        off = [b for b in budgets if (b * PAPER_WINDOW) % PAPER_BUDGET]
         if off:
             raise DynTSError(f"W/B = 0.4 needs budgets that are multiples of 5, got {off}")
         object.__setattr__(self, "budgets", tuple(sorted(budgets)))
@@ -81,7 +89,7 @@ class PaperFrame:
             self.config(b)  # a frame that frees nothing fails here
 
     def window(self, budget: int) -> int:
-        return budget * 2 // 5
+        return budget * PAPER_WINDOW // PAPER_BUDGET
 
     def config(self, budget: int) -> BudgetConfig:
         return BudgetConfig(budget, self.window(budget), RATIO)
@@ -265,8 +273,7 @@ def head_digest(engines: dict) -> str | None:
     heads = [e.policy.head for e in engines.values() if getattr(e.policy, "head", None) is not None]
     if not heads:
         return None
-    data = b"".join(p.detach().cpu().numpy().tobytes() for p in heads[0].parameters())
-    return hashlib.sha256(data).hexdigest()[:16]
+    return weights_digest(heads[0])
 
 
 def check_manifest(out_dir: Path, manifest: dict) -> None:
@@ -333,15 +340,7 @@ def scoped_specs(name: str) -> list[str]:
 
 def default_policies() -> list[str]:
     """full, the baselines in both scopes, dynts and the prompt-protecting Window control."""
-    return [
-        "full",
-        "window",
-        "streaming",
-        "sepllm",
-        *(s for n in SCOPED for s in scoped_specs(n)),
-        "dynts",
-        PROMPT_WINDOW,
-    ]
+    return list(FIDELITY_POLICIES)
 
 
 def policies_from_text(text: str | None) -> list[str]:

@@ -4,7 +4,7 @@ A decode step reads every weight once (for the whole batch) and every cached tok
     bytes per step = weight bytes + batch x (mean cached tokens per row) x (KV bytes per token)
 and TPS <= batch x bandwidth / bytes per step. Under a budget the cached length follows a fixed schedule
 (grow by one per step, drop to W + floor(r (B - W)) at B), so its mean over a run is known in advance.
-The issue's own figures take every row at the full budget B instead (a slightly lower bound); both are given.
+Taking every row at the full budget B instead gives a slightly lower bound (the worst case); both are given.
 Weight bytes count every parameter once (a tied LM head once); the input embedding is in fact only gathered
 for the batch's tokens, so for a large vocabulary the true bound is a few percent higher.
 """
@@ -17,13 +17,13 @@ from dataclasses import asdict, dataclass
 import torch
 
 from dynts.config import BudgetConfig
+from dynts.models.shapes import head_dim
 
 
 def kv_bytes_per_token(config, dtype: torch.dtype) -> int:
     """K and V of one token over all layers."""
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     element = torch.empty((), dtype=dtype).element_size()
-    return 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * element
+    return 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim(config) * element
 
 
 def parameter_bytes(module: torch.nn.Module) -> int:

@@ -35,7 +35,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import math
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
@@ -44,7 +43,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from dynts.config import BudgetConfig, SamplingConfig
+from dynts.config import BudgetConfig, SamplingConfig, check_batch_size, parse_float_list, parse_int_list
 from dynts.engine.engine import Engine
 from dynts.errors import DynTSError
 from dynts.harness.datasets import load_dataset
@@ -103,53 +102,6 @@ PROBE_FIELDS = ("probe_tokens", "probe_batch")
 # --------------------------------------------------------------------------- #
 # Grid syntax
 # --------------------------------------------------------------------------- #
-
-
-def parse_int_list(text: str, flag: str = "--budgets") -> list[int]:
-    """'2500:5000:500' (inclusive), '2500,3000', or a mix: '2500:3500:500,5000'. Sorted, without duplicates."""
-    values = _parse_list(text, flag, int, "integers")
-    return sorted(set(values))
-
-
-def parse_float_list(text: str, flag: str = "--ratios") -> list[float]:
-    """Like parse_int_list for floats: '0.3,0.4' or '0.2:0.5:0.1' (inclusive, rounded to 10 decimals)."""
-    values = _parse_list(text, flag, float, "numbers")
-    return sorted(set(values))
-
-
-def _parse_list(text, flag, kind, noun):
-    usage = f"{flag} takes comma-separated {noun} and/or inclusive ranges start:stop:step, got {text!r}"
-    if not isinstance(text, str) or not text.strip():
-        raise DynTSError(f"{flag} is empty; it takes comma-separated {noun} and/or ranges start:stop:step")
-    values = []
-    for part in text.split(","):
-        part = part.strip()
-        if not part:
-            raise DynTSError(usage)
-        pieces = part.split(":")
-        try:
-            numbers = [kind(p.strip()) for p in pieces]
-        except ValueError:
-            raise DynTSError(usage) from None
-        if any(isinstance(n, float) and not math.isfinite(n) for n in numbers):
-            raise DynTSError(usage)
-        if len(numbers) == 1:
-            values.append(numbers[0])
-            continue
-        if len(numbers) != 3:
-            raise DynTSError(f"{flag}: range {part!r} must be start:stop:step (all three parts), e.g. 2500:5000:500")
-        start, stop, step = numbers
-        if step <= 0:
-            raise DynTSError(f"{flag}: range {part!r} needs a positive step")
-        if stop < start:
-            raise DynTSError(f"{flag}: range {part!r} has stop < start")
-        count = int(math.floor((stop - start) / step + 1e-9)) + 1
-        if count > 1000:
-            raise DynTSError(f"{flag}: range {part!r} expands to {count} values; that is not a sensible grid")
-        for i in range(count):
-            value = start + i * step
-            values.append(round(value, 10) if kind is float else value)
-    return values
 
 
 def parse_names(text: str, flag: str) -> list[str]:
@@ -235,8 +187,7 @@ class SweepSpec:
         if self.shuffle_seed is None:
             self.shuffle_seed = DEFAULT_SHUFFLE_SEED
         EvalPlan(datasets=list(self.datasets), samples=self.samples, limit=self.limit)  # same checks as eval
-        if self.batch_size < 1:
-            raise DynTSError(f"--batch-size must be at least 1, got {self.batch_size}")
+        check_batch_size(self.batch_size)
         if self.probe_tokens is not None and self.probe_tokens < 1:
             raise DynTSError(f"--probe-tokens must be at least 1, got {self.probe_tokens}")
         if self.probe_batch is not None and self.probe_batch < 1:

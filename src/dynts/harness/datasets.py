@@ -23,10 +23,9 @@ from pathlib import Path
 from typing import Any
 
 from dynts.errors import DynTSError
-from dynts.harness.grading import last_boxed
+from dynts.harness.grading import KINDS, last_boxed
 
 DATA_DIR_ENV = "DYNTS_DATA_DIR"
-KINDS = ("math", "choice")
 
 
 @dataclass(frozen=True)

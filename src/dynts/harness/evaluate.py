@@ -11,7 +11,6 @@ units here; `dynts.runtime.ray_executor.RayExecutor` runs the same units on Ray 
 
 from __future__ import annotations
 
-import hashlib
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ from dynts.harness.datasets import Problem, load_dataset
 from dynts.harness.prompts import DEFAULT_SHUFFLE_SEED, question_text
 from dynts.harness.report import write_report
 from dynts.harness.store import ResultStore, build_record
+from dynts.models.importance_head import head_digest
 from dynts.policies.options import as_dict
 from dynts.runtime.executor import EngineSpec, LocalExecutor, Task
 
@@ -68,9 +68,7 @@ def manifest_for(engine: Engine, plan: EvalPlan) -> dict:
         head_info = {
             "hidden": list(head.config.layers),
             "base_model": head.config.base_model,
-            "digest": hashlib.sha256(
-                b"".join(p.detach().cpu().numpy().tobytes() for p in head.parameters())
-            ).hexdigest()[:16],
+            "digest": head_digest(head),
         }
     budget = engine.budget
     return {

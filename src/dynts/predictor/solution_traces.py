@@ -105,18 +105,6 @@ class SolutionTrace:
         return len(self.prompt_ids) + len(self.token_ids)
 
 
-def chat_ids(loaded: LoadedModel, text: str) -> list[int]:
-    """The prompt ids of a single user turn, as `Engine.encode` builds them."""
-    tokenizer = loaded.tokenizer
-    if getattr(tokenizer, "chat_template", None):
-        return list(
-            tokenizer.apply_chat_template(
-                [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True, return_dict=False
-            )
-        )
-    return list(tokenizer.encode(text))
-
-
 def build_trace(loaded: LoadedModel, problems: list[Problem], instruction: str = INSTRUCTION) -> SolutionTrace:
     """The trace of one or several problems (see the module docstring); every problem needs a solution."""
     if not problems:
@@ -130,11 +118,11 @@ def build_trace(loaded: LoadedModel, problems: list[Problem], instruction: str =
             raise DynTSError(f"problem {p.id!r} of {p.dataset!r} has no reference solution with a final answer")
         cleaned.append(parts)
     if len(problems) == 1:
-        prompt = chat_ids(loaded, question_text(problems[0]))
+        prompt = loaded.prompt_ids(question_text(problems[0]))
         thinking = cleaned[0][0]
         answer = f"The answer is \\boxed{{{cleaned[0][1]}}}."
     else:
-        prompt = chat_ids(loaded, instruction)
+        prompt = loaded.prompt_ids(instruction)
         thinking = "\n\n".join(
             f"Problem {i}: {p.question.strip()}\nSolution: {body}"
             for i, (p, (body, _)) in enumerate(zip(problems, cleaned), start=1)
