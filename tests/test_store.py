@@ -181,3 +181,21 @@ def test_report_on_empty_run_is_an_error(tmp_path):
         write_report(tmp_path)
     with pytest.raises(DynTSError, match="run directory"):
         write_report(tmp_path / "missing")
+
+
+def test_jsonl_appender_is_keyed_durable_and_locked(tmp_path):
+    from dynts.harness.store import JsonlAppender, read_jsonl
+
+    path = tmp_path / "out.jsonl"
+    with JsonlAppender(path, lambda obj: obj["k"]) as out:
+        assert not path.exists()  # nothing is created before the first line
+        assert out.append({"k": 1, "v": "a"}) and not out.append({"k": 1, "v": "b"})
+        with pytest.raises(DynTSError, match="another DynTS process"):
+            JsonlAppender(tmp_path / "other.jsonl", lambda obj: obj["k"])  # one writer per directory
+    with path.open("ab") as handle:
+        handle.write(b'{"k": 2, "v"')
+    with JsonlAppender(path, lambda obj: obj["k"]) as out:
+        assert out.done_keys() == {1} and out.append({"k": 2, "v": "c"})
+    assert read_jsonl(path) == [{"k": 1, "v": "a"}, {"k": 2, "v": "c"}]
+    with pytest.raises(DynTSError, match="closed"):
+        out.append({"k": 3})

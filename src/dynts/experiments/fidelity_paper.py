@@ -49,7 +49,7 @@ from dynts.experiments.fidelity import Trace, make_trace, measure_engines, scope
 from dynts.experiments.fidelity import format_table as fidelity_table
 from dynts.harness.datasets import Problem, load_dataset
 from dynts.harness.evaluate import EvalPlan, run_eval
-from dynts.harness.store import MANIFEST_FILE, read_manifest, read_records
+from dynts.harness.store import MANIFEST_FILE, JsonlAppender, manifest_differences, read_manifest, read_records
 from dynts.models.importance_head import head_digest as weights_digest
 from dynts.models.loading import LoadedModel
 from dynts.policies.options import format_spec
@@ -282,10 +282,10 @@ def check_manifest(out_dir: Path, manifest: dict) -> None:
         return
     stored = read_manifest(out_dir)
     fixed = ("model", "dataset", "split", "frame", "policies", "head", "head_digest")
-    differs = [k for k in fixed if stored.get(k) != manifest.get(k)]
+    differs = manifest_differences(stored, manifest, fixed)
     if differs:
         raise DynTSError(
-            f"{out_dir} holds a run with other settings ({', '.join(differs)}); use a new --out or the same settings"
+            f"{out_dir} holds a run with other settings ({'; '.join(differs)}); use a new --out or the same settings"
         )
 
 
@@ -305,25 +305,17 @@ def run_benchmark(
 
     check_manifest(out_dir, manifest)
     out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / PER_TRACE_FILE
     done: dict[str, list[dict]] = {}
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            try:
-                item = json.loads(line)
-            except ValueError:
-                continue  # a torn last line
-            done[json.dumps(item["key"])] = item["records"]
     wanted = [json.dumps(key) for key, _ in keyed]
     records: list[dict] = []
-    bar = tqdm(total=len(keyed), unit="trace", desc="fidelity", disable=not progress or None)
-    bar.update(sum(k in done for k in wanted))
-    with path.open("a") as handle:
+    with JsonlAppender(out_dir / PER_TRACE_FILE, lambda item: json.dumps(item["key"])) as per_trace:
+        done.update((json.dumps(item["key"]), item["records"]) for item in per_trace.records())
+        bar = tqdm(total=len(keyed), unit="trace", desc="fidelity", disable=not progress or None)
+        bar.update(sum(k in done for k in wanted))
         for (key, trace), name in zip(keyed, wanted):
             if name not in done:
                 done[name] = measure_engines(loaded, [trace], engines, progress=False)
-                handle.write(json.dumps({"key": key, "records": done[name]}) + "\n")
-                handle.flush()
+                per_trace.append({"key": key, "records": done[name]})
                 bar.update(1)
             records = aggregate([done[k] for k in wanted if k in done])
             if on_trace is not None:

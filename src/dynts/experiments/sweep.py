@@ -50,7 +50,13 @@ from dynts.harness.datasets import load_dataset
 from dynts.harness.evaluate import EvalJob, EvalPlan, run_evals
 from dynts.harness.prompts import DEFAULT_SHUFFLE_SEED, question_text
 from dynts.harness.report import METRICS_FILE
-from dynts.harness.store import MANIFEST_FILE, read_manifest, write_json_atomic, write_text_atomic
+from dynts.harness.store import (
+    MANIFEST_FILE,
+    manifest_differences,
+    read_manifest,
+    write_json_atomic,
+    write_text_atomic,
+)
 from dynts.models.importance_head import shipped_head_path
 from dynts.models.loading import load_model
 from dynts.policies import budget_for, make_policy, policy_class, policy_config
@@ -301,20 +307,16 @@ def read_sweep_file(sweep_dir: str | Path) -> dict | None:
 
 
 def shared_differences(stored: dict, new: dict) -> list[str]:
-    out = []
-    for key in STRICT_FIELDS:
-        old_value, new_value = stored.get(key), new.get(key)
-        if isinstance(old_value, dict) and isinstance(new_value, dict):
-            for sub in sorted(old_value.keys() | new_value.keys()):
-                if old_value.get(sub) != new_value.get(sub):
-                    out.append(f"{key}.{sub}: stored {old_value.get(sub)!r}, now {new_value.get(sub)!r}")
-        elif old_value != new_value:
-            out.append(f"{key}: stored {old_value!r}, now {new_value!r}")
-    for key in PROBE_FIELDS:
-        old_value, new_value = stored.get(key), new.get(key)
-        if old_value is not None and new_value is not None and old_value != new_value:
-            out.append(f"{key}: stored {old_value!r}, now {new_value!r} (step traces of one sweep must be comparable)")
-    return out
+    """The shared flags a rerun must keep (a field missing from an older sweep.json counts as null); the probe's
+    shape only once both runs traced steps."""
+    out = manifest_differences(
+        {k: stored.get(k) for k in STRICT_FIELDS}, {k: new.get(k) for k in STRICT_FIELDS}, STRICT_FIELDS
+    )
+    probes = [k for k in PROBE_FIELDS if stored.get(k) is not None and new.get(k) is not None]
+    return out + [
+        f"{difference} (step traces of one sweep must be comparable)"
+        for difference in manifest_differences(stored, new, probes)
+    ]
 
 
 def _check_sweep_file(out: Path, stored: dict | None, shared: dict) -> None:
