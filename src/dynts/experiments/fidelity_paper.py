@@ -308,14 +308,18 @@ def run_benchmark(
     done: dict[str, list[dict]] = {}
     wanted = [json.dumps(key) for key, _ in keyed]
     records: list[dict] = []
-    with JsonlAppender(out_dir / PER_TRACE_FILE, lambda item: json.dumps(item["key"])) as per_trace:
-        done.update((json.dumps(item["key"]), item["records"]) for item in per_trace.records())
+
+    def key_of(item: dict) -> str:
+        return json.dumps(item["key"])
+
+    with JsonlAppender(out_dir / PER_TRACE_FILE, key_of, keep=lambda item: (key_of(item), item["records"])) as stored:
+        done.update(stored.kept())
         bar = tqdm(total=len(keyed), unit="trace", desc="fidelity", disable=not progress or None)
         bar.update(sum(k in done for k in wanted))
         for (key, trace), name in zip(keyed, wanted):
             if name not in done:
                 done[name] = measure_engines(loaded, [trace], engines, progress=False)
-                per_trace.append({"key": key, "records": done[name]})
+                stored.append({"key": key, "records": done[name]})
                 bar.update(1)
             records = aggregate([done[k] for k in wanted if k in done])
             if on_trace is not None:

@@ -24,8 +24,9 @@ from dynts.engine.requests import Request
 from dynts.errors import DynTSError
 from dynts.harness.datasets import Problem, load_dataset
 from dynts.harness.prompts import DEFAULT_SHUFFLE_SEED, question_text
+from dynts.harness.records import build_record
 from dynts.harness.report import write_report
-from dynts.harness.store import ResultStore, build_record
+from dynts.harness.store import ResultStore
 from dynts.models.importance_head import head_digest
 from dynts.policies.options import as_dict
 from dynts.runtime.executor import EngineSpec, LocalExecutor, Task
@@ -226,7 +227,7 @@ def run_evals(
         for j, (job, store) in enumerate(zip(jobs, stores)):
             done = store.done_keys()
             wanted = {(p.dataset, p.id, s) for p in problems[j] for s in range(job.plan.samples)}
-            stored = [r for r in store.records() if (r["dataset"], r["id"], r["sample"]) in wanted]
+            stored = [r for r in store.summaries() if (r["dataset"], r["id"], r["sample"]) in wanted]
             total, finished = total + len(wanted), finished + len(stored)
             correct += sum(bool(r["correct"]) for r in stored)
             seed = job.engine.sampling.seed
@@ -247,7 +248,7 @@ def run_evals(
 
         def finish(j: int) -> None:
             stores[j].close()
-            metrics[j] = write_report(jobs[j].out_dir)
+            metrics[j] = write_report(jobs[j].out_dir, stores[j].summaries())
             if on_done is not None:
                 on_done(j, metrics[j])
 

@@ -12,9 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from dynts.errors import DynTSError
-from dynts.harness.datasets import dataset_kind
-from dynts.harness.grading import DEFAULT_TIMEOUT_S, extract_answer, grade_answer
 from dynts.harness.metrics import summarize
+from dynts.harness.records import regraded
 from dynts.harness.store import read_manifest, read_records, rewrite_records, write_json_atomic, write_text_atomic
 from dynts.harness.tables import render_table
 
@@ -58,11 +57,12 @@ _MANIFEST_ORDER = (
 )
 
 
-def write_report(out_dir: str | os.PathLike) -> dict:
-    """Recompute metrics from the store, write metrics.json and report.md, return the metrics."""
+def write_report(out_dir: str | os.PathLike, records: list[dict] | None = None) -> dict:
+    """Recompute metrics from the stored samples (records: them as a writer already holds them, e.g.
+    ResultStore.summaries(); default: read samples.jsonl), write metrics.json and report.md, return the metrics."""
     out = Path(out_dir)
     manifest = read_manifest(out)
-    records = read_records(out)
+    records = read_records(out) if records is None else records
     if not records:
         raise DynTSError(f"{str(out)!r} holds no samples yet; nothing to report")
     metrics = summarize(records)
@@ -78,13 +78,7 @@ def regrade(out_dir: str | os.PathLike, timeout: float | None = None) -> dict:
     records = read_records(out)
     if not records:
         raise DynTSError(f"{str(out)!r} holds no samples to re-grade")
-    regraded = []
-    for record in records:
-        kind = record.get("kind") or _kind_of(record["dataset"], dataset_kind)
-        extracted = extract_answer(str(record.get("response", "")), kind)
-        correct = grade_answer(extracted, str(record["gold"]), kind, timeout=timeout or DEFAULT_TIMEOUT_S)
-        regraded.append({**record, "kind": kind, "extracted": extracted, "correct": correct})
-    rewrite_records(out, regraded)
+    rewrite_records(out, [regraded(record, timeout) for record in records])
     return write_report(out)
 
 
@@ -105,13 +99,6 @@ def format_table(metrics: dict, markdown: bool = False) -> str:
 # --------------------------------------------------------------------------- #
 # Helpers
 # --------------------------------------------------------------------------- #
-
-
-def _kind_of(dataset: str, dataset_kind) -> str:
-    try:
-        return dataset_kind(dataset)
-    except DynTSError:
-        return "math"
 
 
 def _uniform_k(metrics: dict) -> int | None:

@@ -38,8 +38,6 @@ from pathlib import Path
 from typing import Any
 
 from dynts.errors import DynTSError
-from dynts.harness.grading import DEFAULT_TIMEOUT_S, extract_answer, grade_answer
-from dynts.harness.prompts import gold_for_grading
 
 MANIFEST_FILE = "run.json"
 SAMPLES_FILE = "samples.jsonl"
@@ -54,8 +52,6 @@ REQUIRED_FIELDS = (
     "correct",
     "gold",
     "kind",
-    "prompt_tokens",
-    "generated_tokens",
     "stats",
 )
 RESUMABLE_FIELDS = frozenset(
@@ -89,13 +85,15 @@ class JsonlAppender:
     its key is already stored. Holds its directory's lock (one writer per directory) until closed.
 
     key_of(obj): the identity of a line. is_complete(obj): whether an unterminated last line is a whole object
-    (kept and terminated) rather than the torn tail of an interrupted write (cut off)."""
+    (kept and terminated) rather than the torn tail of an interrupted write (cut off). keep(obj): what of each
+    stored and appended line `kept()` returns, so the file is read once per writer (default: nothing)."""
 
     def __init__(
         self,
         path: str | os.PathLike,
         key_of: Callable[[dict], Hashable],
         is_complete: Callable[[dict], bool] = lambda obj: True,
+        keep: Callable[[dict], Any] | None = None,
     ) -> None:
         self.path = Path(path)
         self._key_of = key_of
@@ -105,7 +103,10 @@ class JsonlAppender:
         self._lock_handle = _acquire_dir_lock(self.path.parent)
         try:
             _repair_torn_tail(self.path, is_complete)
-            self._done = {key_of(obj) for obj in read_jsonl(self.path)}
+            stored = read_jsonl(self.path)
+            self._done = {key_of(obj) for obj in stored}
+            self._keep = keep
+            self._kept = [keep(obj) for obj in stored] if keep is not None else []
         except BaseException:
             _release_dir_lock(self._lock_handle)
             raise
@@ -129,10 +130,17 @@ class JsonlAppender:
             self._handle.flush()
             os.fsync(self._handle.fileno())
             self._done.add(key)
+            if self._keep is not None:
+                self._kept.append(self._keep(obj))
             return True
 
+    def kept(self) -> list:
+        """keep(line) of every line stored before and appended since opening, in the order written."""
+        with self._lock:
+            return list(self._kept)
+
     def records(self) -> list[dict]:
-        """Every stored line, in the order written."""
+        """Every stored line, in the order written (read from the file)."""
         return read_jsonl(self.path)
 
     def close(self) -> None:
@@ -162,7 +170,7 @@ class ResultStore:
         except OSError as exc:
             raise DynTSError(f"cannot create output directory {str(self.out_dir)!r}: {exc}") from None
         new = _jsonable(manifest, "manifest")
-        self._samples = JsonlAppender(self.out_dir / SAMPLES_FILE, record_key, _is_complete_record)
+        self._samples = JsonlAppender(self.out_dir / SAMPLES_FILE, record_key, _is_complete_record, summary_of)
         try:
             self.manifest = self._open_manifest(new)
         except BaseException:
@@ -183,6 +191,11 @@ class ResultStore:
     def records(self) -> list[dict]:
         """All stored samples, in the order they were written."""
         return self._samples.records()
+
+    def summaries(self) -> list[dict]:
+        """Every stored sample without its texts and token ids (summary_of), in the order written: what progress and
+        the report need, without reading samples.jsonl again."""
+        return self._samples.kept()
 
     def close(self) -> None:
         self._samples.close()
@@ -225,6 +238,15 @@ class ResultStore:
 # --------------------------------------------------------------------------- #
 # Module functions (readers work without the writer's lock)
 # --------------------------------------------------------------------------- #
+
+
+# The fields of a record that only regrading, replay and labelling read: left out of its summary.
+BULKY_FIELDS = ("response", "token_ids", "prompt_ids")
+
+
+def summary_of(record: dict) -> dict:
+    """A record without its bulky fields: everything the metrics read (grades, answers, stats)."""
+    return {k: v for k, v in record.items() if k not in BULKY_FIELDS}
 
 
 def validate_record(record: dict) -> None:
@@ -313,36 +335,6 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     """Write a text file via a temp file + rename."""
     _write_atomic(Path(path), text.encode("utf-8"))
-
-
-def build_record(
-    problem: Any,
-    sample: int,
-    response: str,
-    stats: dict | None = None,
-    shuffle_seed: int = 42,
-    timeout: float | None = None,
-) -> dict:
-    """Grade one generated response and shape it as a store record."""
-
-    stats = dict(stats or {})
-    gold = gold_for_grading(problem, shuffle_seed)
-    extracted = extract_answer(response, problem.kind)
-    correct = grade_answer(extracted, gold, problem.kind, timeout=timeout or DEFAULT_TIMEOUT_S)
-    return {
-        "dataset": problem.dataset,
-        "id": problem.id,
-        "sample": sample,
-        "kind": problem.kind,
-        "gold": gold,
-        "extracted": extracted,
-        "correct": correct,
-        "prompt_tokens": stats.get("prompt_tokens"),
-        "generated_tokens": stats.get("generated_tokens"),
-        "finish_reason": stats.get("finish_reason"),
-        "response": response,
-        "stats": stats,
-    }
 
 
 # --------------------------------------------------------------------------- #

@@ -176,11 +176,14 @@ def trace_record(trace: SolutionTrace, sample: int = 0) -> dict:
         "gold": "; ".join(p.gold for p in trace.problems),
         "extracted": "; ".join(trace.answers),
         "correct": True,  # a reference solution, not graded
-        "prompt_tokens": len(trace.prompt_ids),
-        "generated_tokens": len(trace.token_ids),
-        "finish_reason": "reference",
         "response": trace.text,
-        "stats": {"problems": len(trace.problems), "answer_start": trace.answer_start},
+        "stats": {
+            "prompt_tokens": len(trace.prompt_ids),
+            "generated_tokens": len(trace.token_ids),
+            "finish_reason": "reference",
+            "problems": len(trace.problems),
+            "answer_start": trace.answer_start,
+        },
         "prompt_ids": trace.prompt_ids,
         "token_ids": trace.token_ids,
     }
