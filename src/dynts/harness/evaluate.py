@@ -26,7 +26,7 @@ from dynts.harness.datasets import Problem, load_dataset
 from dynts.harness.prompts import DEFAULT_SHUFFLE_SEED, question_text
 from dynts.harness.records import build_record
 from dynts.harness.report import write_report
-from dynts.harness.store import ResultStore
+from dynts.harness.store import Key, ResultStore
 from dynts.models.importance_head import head_digest
 from dynts.policies.options import as_dict
 from dynts.runtime.executor import EngineSpec, LocalExecutor, Task
@@ -110,16 +110,6 @@ class EvalJob:
     extra_manifest: dict | None = None
 
 
-@dataclass(frozen=True)
-class WorkItem:
-    """One (problem, sample) to generate, with its prompt and its own sampler seed."""
-
-    problem: Problem
-    sample: int
-    prompt_ids: tuple[int, ...]
-    seed: int
-
-
 def prepare_runs(host, jobs: list[tuple[EngineSpec, EvalPlan, list[Problem]]]) -> tuple[list[dict], list[dict]]:
     """Task: per job, the manifest and the encoded prompts; raises when a prompt does not fit a job's budget.
 
@@ -142,10 +132,11 @@ def prepare_runs(host, jobs: list[tuple[EngineSpec, EvalPlan, list[Problem]]]) -
 
 @dataclass(frozen=True)
 class SampleRequest:
-    """What a worker needs to decode one sample, and its key (dataset, id, sample): small and hashable, so a
-    streaming task can name what came back."""
+    """One sample from plan to record: its key (dataset, id, sample index; the store's record_key), its prompt and
+    its own sampler seed. Small and hashable, so a worker needs nothing else and a streaming task can name what
+    came back; the driver finds the problem by the key."""
 
-    key: tuple[str, str, int]
+    key: Key
     prompt_ids: tuple[int, ...]
     seed: int
 
@@ -222,7 +213,8 @@ def run_evals(
         for job, manifest in zip(jobs, manifests):
             stores.append(ResultStore(job.out_dir, {**manifest, **(job.extra_manifest or {})}))
         tasks, remaining, total, finished, correct = [], [0] * len(jobs), 0, 0, 0
-        work: dict[tuple, WorkItem] = {}
+        work: dict[tuple, SampleRequest] = {}
+        problem_of = [{(p.dataset, p.id): p for p in ps} for ps in problems]
         parallelism = getattr(executor, "parallelism", 1)
         for j, (job, store) in enumerate(zip(jobs, stores)):
             done = store.done_keys()
@@ -232,19 +224,16 @@ def run_evals(
             correct += sum(bool(r["correct"]) for r in stored)
             seed = job.engine.sampling.seed
             todo = [
-                WorkItem(p, s, tuple(prompt_ids[j][p.dataset, p.id]), sample_seed(seed, p, s))
+                SampleRequest((p.dataset, p.id, s), tuple(prompt_ids[j][p.dataset, p.id]), sample_seed(seed, p, s))
                 for p in problems[j]
                 for s in range(job.plan.samples)
                 if (p.dataset, p.id, s) not in done
             ]
             for item in todo:
-                work[j, item.problem.dataset, item.problem.id, item.sample] = item
+                work[(j, *item.key)] = item
             remaining[j] = len(todo)
             for unit in split_units(todo, parallelism, job.engine.batch_size):
-                items = tuple(
-                    SampleRequest((i.problem.dataset, i.problem.id, i.sample), i.prompt_ids, i.seed) for i in unit
-                )
-                tasks.append(Task(generate_stream, (job.engine,), tag=j, items=items))
+                tasks.append(Task(generate_stream, (job.engine,), tag=j, items=tuple(unit)))
 
         def finish(j: int) -> None:
             stores[j].close()
@@ -264,8 +253,13 @@ def run_evals(
             item = work.pop((j, *sample.key), None)
             if item is None:
                 continue  # delivered twice (a worker died after sending it): stored already
+            dataset, problem_id, index = item.key
             record = build_record(
-                item.problem, item.sample, result["text"], result["stats"], shuffle_seed=jobs[j].plan.shuffle_seed
+                problem_of[j][dataset, problem_id],
+                index,
+                result["text"],
+                result["stats"],
+                shuffle_seed=jobs[j].plan.shuffle_seed,
             )
             record["token_ids"] = result["token_ids"]
             record["prompt_ids"] = list(item.prompt_ids)
