@@ -148,7 +148,7 @@ def test_cli_bad_flags_fail_before_writing(tmp_path):
 @pytest.mark.slow
 def test_default_grid_is_small_and_valid(tmp_path, smollm):
     from dynts.cli.sweep import spec_from_args
-    from dynts.experiments.sweep import _validate_against_model
+    from dynts.experiments.sweep.run import _validate_against_model
 
     args = build_parser().parse_args(["sweep", "--model", "smollm2-135m", "--out", str(tmp_path / "S")])
     spec = spec_from_args(args)

@@ -14,12 +14,16 @@ Answer span: after the last end-of-thinking marker (`</think>`) when the model h
 without think markers, such as the embedded one) the answer is the final sentence of the response that holds
 its last `\\boxed{...}`, or the final sentence when there is no box; everything generated before it counts as
 thinking. A trace without an answer span, or without thinking tokens, is skipped.
+
+The label set lives in TRACE_DIR/labels/ (index.json and safetensors shards); this module writes it and reads it
+back (`load_label_set`, for `dynts train`), so its layout is known in one place.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
@@ -344,3 +348,220 @@ def label_store(
 def think_start_ids(loaded: LoadedModel) -> tuple[int, ...]:
     vocab = loaded.tokenizer.get_vocab() if hasattr(loaded.tokenizer, "get_vocab") else {}
     return (vocab["<think>"],) if "<think>" in vocab else ()
+
+
+# --- reading a label set back (dynts train) ------------------------------------------------------------
+def is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+@dataclass
+class LabelSet:
+    """The supervised (thinking) tokens of every trace in a label directory.
+
+    Rows of `features` / `labels` / `positions` are grouped by trace: trace i owns rows
+    [offsets[i], offsets[i+1]). `positions` are token positions within the trace (prompt included).
+    """
+
+    directory: Path
+    model: str
+    hidden_size: int
+    answer_rule: str
+    keys: list[tuple]
+    spans: torch.Tensor  # int64 [N, 4]
+    lengths: torch.Tensor  # int64 [N], full trace lengths
+    offsets: torch.Tensor  # int64 [N + 1] into the supervised rows
+    features: torch.Tensor  # float16 [S, hidden]
+    labels: torch.Tensor  # float32 [S], raw
+    positions: torch.Tensor  # int64 [S]
+    reference: torch.Tensor | None = None  # float32 [S], the attention reference; None in shards made without it
+    index: dict = field(default_factory=dict)
+
+    @property
+    def num_traces(self) -> int:
+        return len(self.keys)
+
+    @property
+    def num_tokens(self) -> int:
+        """Supervised (thinking) tokens."""
+        return int(self.labels.numel())
+
+    @property
+    def total_tokens(self) -> int:
+        return int(self.lengths.sum())
+
+    def supervised_count(self, trace: int) -> int:
+        return int(self.offsets[trace + 1] - self.offsets[trace])
+
+    def trace_rows(self, trace: int) -> slice:
+        return slice(int(self.offsets[trace]), int(self.offsets[trace + 1]))
+
+    def rows(self, traces: Sequence[int]) -> torch.Tensor:
+        """Row indices of the supervised tokens of `traces`, in order."""
+        parts = [torch.arange(int(self.offsets[t]), int(self.offsets[t + 1])) for t in traces]
+        return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.int64)
+
+
+def _labels_dir(directory: Path) -> Path:
+    if (directory / LABELS_DIR / INDEX_FILE).is_file():
+        return directory / LABELS_DIR
+    if (directory / INDEX_FILE).is_file() and directory.name == LABELS_DIR:
+        return directory  # the labels directory itself
+    trace_dir = directory.parent if directory.name == LABELS_DIR else directory
+    raise DynTSError(
+        f"no label set in {directory}: {trace_dir / LABELS_DIR / INDEX_FILE} is missing; "
+        f"run `dynts label {trace_dir}` first"
+    )
+
+
+def load_label_set(
+    directory: str | Path, expected_model: str | None = None, expected_hidden_size: int | None = None
+) -> LabelSet:
+    """Read DIR/labels/index.json and every shard it lists, keeping the supervised (thinking) tokens."""
+    from safetensors import SafetensorError, safe_open
+
+    directory = Path(directory)
+    labels_dir = _labels_dir(directory)
+    index_path = labels_dir / INDEX_FILE
+    try:
+        index = json.loads(index_path.read_text())
+    except (OSError, ValueError) as exc:
+        raise DynTSError(f"label index {index_path} is unreadable: {exc}; run `dynts label` again") from None
+    if not isinstance(index, dict):
+        raise DynTSError(f"label index {index_path} is malformed (not a JSON object); run `dynts label` again")
+    model, hidden_size, shards = index.get("model"), index.get("hidden_size"), index.get("shards")
+    if (
+        not isinstance(model, str)
+        or not is_int(hidden_size)
+        or hidden_size <= 0
+        or not isinstance(shards, list)
+        or not all(isinstance(s, str) for s in shards)
+    ):
+        raise DynTSError(
+            f"label index {index_path} is malformed: it needs 'model' (string), 'hidden_size' "
+            "(positive integer) and 'shards' (list of file names); run `dynts label` again"
+        )
+    if expected_model is not None and model != expected_model:
+        raise DynTSError(
+            f"labels in {labels_dir} were made with model {model!r}, not {expected_model!r}: "
+            "a head only fits the model whose hidden states it was trained on"
+        )
+    if expected_hidden_size is not None and hidden_size != expected_hidden_size:
+        raise DynTSError(
+            f"labels in {labels_dir} hold hidden states of size {hidden_size} (model {model!r}), "
+            f"but the expected hidden size is {expected_hidden_size}"
+        )
+
+    keys: list[tuple] = []
+    spans_parts, length_parts, count_parts = [], [], []
+    feature_parts, label_parts, position_parts, reference_parts = [], [], [], []
+    for name in shards:
+        path = labels_dir / name
+        if not path.is_file():
+            raise DynTSError(f"label shard {path} listed in {index_path} is missing; run `dynts label` again")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                metadata = f.metadata() or {}
+                tensors = {k: f.get_tensor(k) for k in ("token_ids", "offsets", "spans", "labels", "features")}
+                reference = f.get_tensor("reference") if "reference" in f.keys() else None
+        except (SafetensorError, OSError, RuntimeError, ValueError, KeyError) as exc:
+            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise DynTSError(f"label shard {path} is corrupt ({first}); run `dynts label` again") from None
+        shard = _check_shard(path, tensors, metadata, hidden_size, model)
+        n = shard["spans"].shape[0]
+        keys += shard["keys"]
+        spans_parts.append(shard["spans"])
+        offsets = shard["offsets"]
+        length_parts.append(offsets[1:] - offsets[:-1])
+        rows, positions, counts = [], [], []
+        for i in range(n):
+            start, think_start, think_end = int(offsets[i]), int(shard["spans"][i, 1]), int(shard["spans"][i, 2])
+            rows.append(torch.arange(start + think_start, start + think_end))
+            positions.append(torch.arange(think_start, think_end))
+            counts.append(think_end - think_start)
+        rows_t = torch.cat(rows) if rows else torch.zeros(0, dtype=torch.int64)
+        labels = tensors["labels"][rows_t].float()
+        if labels.numel() and (not torch.isfinite(labels).all() or (labels < 0).any()):
+            raise DynTSError(
+                f"label shard {path} is corrupt: labels of thinking tokens must be finite and "
+                "non-negative (they are attention probabilities); run `dynts label` again"
+            )
+        features = tensors["features"][rows_t].to(torch.float16)
+        if features.numel() and not torch.isfinite(features).all():
+            raise DynTSError(f"label shard {path} holds non-finite hidden states; run `dynts label` again")
+        if reference is not None and tuple(reference.shape) != tuple(tensors["labels"].shape):
+            raise DynTSError(f"label shard {path} is corrupt: its attention reference does not match its labels")
+        reference_parts.append(None if reference is None else reference[rows_t].float())
+        feature_parts.append(features)
+        label_parts.append(labels)
+        position_parts.append(torch.cat(positions) if positions else torch.zeros(0, dtype=torch.int64))
+        count_parts.append(torch.tensor(counts, dtype=torch.int64))
+        del tensors
+
+    counts = torch.cat(count_parts) if count_parts else torch.zeros(0, dtype=torch.int64)
+    if int(counts.sum()) == 0:
+        raise DynTSError(
+            f"empty label set in {labels_dir}: no trace has supervised (thinking) tokens; "
+            "collect more traces (or traces with thinking before the answer) and label again"
+        )
+    offsets = torch.zeros(len(counts) + 1, dtype=torch.int64)
+    offsets[1:] = torch.cumsum(counts, 0)
+    return LabelSet(
+        directory=labels_dir.parent,
+        model=model,
+        hidden_size=hidden_size,
+        answer_rule=str(index.get("answer_rule", "")),
+        keys=keys,
+        spans=torch.cat(spans_parts),
+        lengths=torch.cat(length_parts),
+        offsets=offsets,
+        features=torch.cat(feature_parts),
+        labels=torch.cat(label_parts),
+        positions=torch.cat(position_parts),
+        reference=None if any(r is None for r in reference_parts) else torch.cat(reference_parts),
+        index=index,
+    )
+
+
+def _check_shard(path: Path, t: dict, metadata: dict, hidden_size: int, model: str) -> dict:
+    def bad(why: str):
+        return DynTSError(f"label shard {path} is corrupt: {why}; run `dynts label` again")
+
+    names = ("token_ids", "offsets", "spans", "labels", "features")
+    token_ids, offsets, spans, labels, features = (t[k] for k in names)
+    if token_ids.dim() != 1 or offsets.dim() != 1 or offsets.numel() < 1:
+        raise bad("token_ids and offsets must be 1-D")
+    total, n = token_ids.numel(), offsets.numel() - 1
+    offsets, spans = offsets.long(), spans.long()
+    if int(offsets[0]) != 0 or int(offsets[-1]) != total or (n and bool((offsets[1:] < offsets[:-1]).any())):
+        raise bad(f"offsets must rise from 0 to the {total} tokens")
+    if tuple(spans.shape) != (n, 4):
+        raise bad(f"spans has shape {tuple(spans.shape)}, expected ({n}, 4)")
+    if tuple(labels.shape) != (total,):
+        raise bad(f"labels has shape {tuple(labels.shape)}, expected ({total},)")
+    if features.dim() != 2 or features.shape[0] != total:
+        raise bad(f"features has shape {tuple(features.shape)}, expected ({total}, {hidden_size})")
+    if features.shape[1] != hidden_size:
+        raise DynTSError(
+            f"label shard {path} holds hidden states of size {features.shape[1]}, but its index says "
+            f"{hidden_size}; run `dynts label` again"
+        )
+    lengths = offsets[1:] - offsets[:-1]
+    if n and bool(((spans[:, 1] < 0) | (spans[:, 1] > spans[:, 2]) | (spans[:, 2] > lengths)).any()):
+        raise bad("a thinking span [think_start, think_end) lies outside its trace")
+    if metadata.get("model") not in (None, model):
+        raise DynTSError(
+            f"label shard {path} was made with model {metadata['model']!r}, but its index says "
+            f"{model!r}; run `dynts label` again"
+        )
+    if "keys" in metadata:
+        try:
+            raw = json.loads(metadata["keys"])
+            if not isinstance(raw, list) or len(raw) != n:
+                raise ValueError(f"{len(raw) if isinstance(raw, list) else 'no'} keys for {n} traces")
+            keys = [tuple(k) if isinstance(k, list) else (None, k, 0) for k in raw]
+        except (ValueError, TypeError) as exc:
+            raise bad(f"its 'keys' metadata is unreadable ({exc})") from None
+    else:  # no keys: every trace is its own problem
+        keys = [(path.name, i, 0) for i in range(n)]
+    return {"offsets": offsets, "spans": spans, "keys": keys}

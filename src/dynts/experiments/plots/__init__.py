@@ -36,7 +36,7 @@ from dynts.experiments.plots.methods import _methods_figure
 from dynts.experiments.plots.selection import _Unsupported
 from dynts.experiments.plots.steps import _steps_figure
 from dynts.experiments.plots.style import _require_matplotlib, _save
-from dynts.experiments.sweep import CellResult, load_cells
+from dynts.experiments.sweep.results import CellResult, load_cells
 
 KINDS = ("budget", "heatmap", "methods", "steps", "lengths")
 

@@ -6,7 +6,7 @@ from collections import defaultdict
 
 from dynts.experiments.plots.selection import _datasets, _metric, _models, _pct, _policy_order, _Unsupported
 from dynts.experiments.plots.style import _dataset_label, _legend, _model_label, _new_figure
-from dynts.experiments.sweep import format_ratio
+from dynts.experiments.sweep.grid import format_ratio
 
 HEATMAP_COLUMNS = ("model", "dataset", "policy", "budget", "window", "ratio", "pass@1_pct", "cell")
 

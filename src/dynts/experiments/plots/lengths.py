@@ -6,7 +6,8 @@ from collections import defaultdict
 
 from dynts.experiments.plots.selection import DATASET_ORDER, _at_one_budget, _models, _order, _Unsupported
 from dynts.experiments.plots.style import FULL_COLOR, _colors, _dataset_label, _legend, _model_label, _new_figure
-from dynts.experiments.sweep import CellResult, format_ratio
+from dynts.experiments.sweep.grid import format_ratio
+from dynts.experiments.sweep.results import CellResult
 from dynts.harness.lengths import TRUNCATED, finish_reason, generated_tokens
 from dynts.harness.store import read_records
 

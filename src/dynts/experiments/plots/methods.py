@@ -26,7 +26,7 @@ from dynts.experiments.plots.style import (
     _model_label,
     _new_figure,
 )
-from dynts.experiments.sweep import format_ratio
+from dynts.experiments.sweep.grid import format_ratio
 
 METHODS_COLUMNS = BUDGET_COLUMNS
 

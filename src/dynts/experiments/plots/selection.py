@@ -6,7 +6,8 @@ from __future__ import annotations
 
 from collections import defaultdict
 
-from dynts.experiments.sweep import CellResult, format_ratio
+from dynts.experiments.sweep.grid import format_ratio
+from dynts.experiments.sweep.results import CellResult
 from dynts.policies import POLICIES
 
 DATASET_ORDER = ("aime24", "aime25", "amc23", "gpqa_d", "math500", "gaokao2023en", "gsm8k", "demo")

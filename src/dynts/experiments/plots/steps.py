@@ -12,7 +12,7 @@ from dynts.experiments.plots.selection import (
     _Unsupported,
 )
 from dynts.experiments.plots.style import FULL_COLOR, _colors, _legend, _model_label, _new_figure
-from dynts.experiments.sweep import format_ratio
+from dynts.experiments.sweep.grid import format_ratio
 
 STEPS_COLUMNS = (
     "model",

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from dynts.errors import DynTSError
 from dynts.experiments.plots.selection import _ci_pct
-from dynts.experiments.sweep import CellResult, write_csv
+from dynts.experiments.sweep.results import CellResult, write_csv
 from dynts.policies import POLICIES
 
 DATASET_LABELS = {
