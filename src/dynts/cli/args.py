@@ -31,6 +31,11 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
         default="smollm2-135m",
         help="Hugging Face id, local directory, .gguf file, or the embedded 'smollm2-135m' (default)",
     )
+    add_device_flags(g)
+
+
+def add_device_flags(g) -> None:
+    """--device and --dtype, the same for every command that loads or builds a model."""
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available, else cpu)")
     g.add_argument(
         "--dtype",
@@ -54,13 +59,7 @@ def add_policy_flags(p: argparse.ArgumentParser) -> None:
     from dynts.policies import POLICIES
 
     g = p.add_argument_group("KV budget")
-    g.add_argument(
-        "--policy",
-        default="dynts",
-        choices=list(POLICIES),
-        metavar="POLICY",
-        help=f"eviction policy: {', '.join(POLICIES)} (default: dynts; see dynts policies)",
-    )
+    add_policy_flag(g, f"eviction policy: {', '.join(POLICIES)} (default: dynts; see dynts policies)")
     add_policy_opt_flag(g)
     add_frame_flags(g)
     g.add_argument(
@@ -68,6 +67,13 @@ def add_policy_flags(p: argparse.ArgumentParser) -> None:
         default=None,
         help="importance head checkpoint for dynts policies (default: the head shipped for the model)",
     )
+
+
+def add_policy_flag(g, help: str) -> None:
+    """--policy: one registered policy, dynts by default."""
+    from dynts.policies import POLICIES
+
+    g.add_argument("--policy", default="dynts", choices=list(POLICIES), metavar="POLICY", help=help)
 
 
 def add_frame_flags(g, budget: int = PAPER_BUDGET, window: int = PAPER_WINDOW, ratio: float = PAPER_RATIO) -> None:
@@ -106,7 +112,6 @@ def add_sampling_flags(p: argparse.ArgumentParser, max_new_tokens: int | None) -
 
 def add_decode_flags(p: argparse.ArgumentParser) -> None:
     from dynts.engine.scheduler import BATCHING
-    from dynts.fast.attention import KERNELS
 
     g = p.add_argument_group("decode path")
     g.add_argument(
@@ -123,6 +128,13 @@ def add_decode_flags(p: argparse.ArgumentParser) -> None:
         help="continuous: a row whose sequence ends takes the next request at once (default); static: batches of "
         "--batch-size run until their last sequence ends",
     )
+    add_kernel_flags(g)
+
+
+def add_kernel_flags(g) -> None:
+    """--kernel and --graphs/--no-graphs of the fast path, the same for eval, sweep, collect and bench."""
+    from dynts.fast.attention import KERNELS
+
     g.add_argument(
         "--kernel",
         default=None,

@@ -46,8 +46,9 @@ def register(sub) -> None:
     fid.add_argument(
         "--budgets",
         default=DEFAULT_BUDGETS,
-        help=f"comma-separated budgets (default {DEFAULT_BUDGETS}: with the paper's W/B = 0.4 and r = 0.4 a "
-        "compression keeps floor(r (B - W)), about 0.24 B, older tokens, which must hold a protected prompt; from "
+        help="budgets, comma-separated and/or ranges start:stop:step "
+        f"(default {DEFAULT_BUDGETS}: with the paper's W/B = 0.4 and r = 0.4 a compression keeps floor(r (B - W)), "
+        "about 0.24 B, older tokens, which must hold a protected prompt; from "
         "B = 512 up they hold the embedded model's typical prompts (up to 123 tokens; with --traces longer ones "
         "are skipped), and 1024-token traces compress 2-4 times)",
     )

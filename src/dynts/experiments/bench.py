@@ -50,7 +50,7 @@ class BenchConfig:
     dtype: str | None = None
     bandwidth_gbps: float | None = None  # None: measured
     fast: bool = True  # False: our eager Engine instead of the fast path
-    kernel: str = "auto"
+    kernel: str | None = None  # None: $DYNTS_KERNEL, else auto (FastConfig.from_environment), as for dynts eval
     graphs: bool | None = None
     check_every: int | None = None
     compile: bool = False
@@ -69,7 +69,7 @@ class BenchConfig:
         budget = self.budget_config()
         policy = make_policy(self.policy, budget, dict(self.policy_options))
         budget.check_prompt(self.prompt_len, policy.protects_prompt)
-        FastConfig(kernel=self.kernel, check_every=self.check_every)
+        FastConfig.from_environment(kernel=self.kernel, check_every=self.check_every)
 
     def budget_config(self) -> BudgetConfig:
         return budget_for(self.policy, self.budget, self.window, self.ratio)
@@ -203,7 +203,7 @@ def run_bench(config: BenchConfig) -> dict:
     vocab = loaded.model.config.vocab_size
     prompts = torch.randint(0, vocab, (batch, config.prompt_len), generator=generator).tolist()
     sampling = SamplingConfig(greedy=True, max_new_tokens=config.new_tokens, ignore_eos=True)
-    fast_config = FastConfig(
+    fast_config = FastConfig.from_environment(
         graphs=config.graphs, kernel=config.kernel, check_every=config.check_every, compile=config.compile
     )
     if config.fast:
