@@ -1,4 +1,8 @@
-"""Small self-validating configs shared by the engine, the policies and the CLI, and the paper's defaults."""
+"""Small self-validating configs shared by the engine, the policies and the CLI, the paper's defaults, and the
+names and defaults the command-line parser needs.
+
+This module imports nothing heavy (no torch, no transformers), so `dynts --help` can read it.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +16,6 @@ PAPER_BUDGET, PAPER_WINDOW, PAPER_RATIO = 5000, 2000, 0.4
 PAPER_WINDOW_SHARE = PAPER_WINDOW / PAPER_BUDGET  # W / B = 0.4, the proportion the fidelity benchmarks keep
 PAPER_MAX_NEW_TOKENS, PAPER_SAMPLES = 16384, 5
 THINK_END = "</think>"  # the end-of-thinking marker of reasoning models: the answer follows it
-DTYPES = ("fp32", "bf16", "fp16")  # the --dtype names, for weights and cache
 # What `dynts fidelity` and the paper benchmark replay by default: full (the reference), every baseline (those
 # with a scope option in both scopes), dynts, and the Window control that protects the prompt as dynts does.
 FIDELITY_POLICIES = (
@@ -29,6 +32,14 @@ FIDELITY_POLICIES = (
     "dynts",
     "window:protect_prompt=true",
 )
+
+
+# Choices the parser offers; the modules that act on them import these.
+DTYPES = ("fp32", "bf16", "fp16")  # weights and cache dtype
+KERNELS = ("auto", "sdpa", "triton", "flash")  # decode attention of the static fast path (fast/attention.py)
+DEFAULT_BAND = "quantile:0.75:0.9"  # the importance head's heavily weighted label band (predictor/objective.py)
+FIGURE_KINDS = ("budget", "heatmap", "methods", "steps", "lengths")  # the figures `dynts plot` draws
+DEFAULT_SEED, DEFAULT_RESAMPLES, DEFAULT_PERMUTATIONS = 0, 2000, 10000  # Pass@1 intervals (harness/uncertainty.py)
 
 
 def check_batch_size(batch_size: int) -> int:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from dynts.config import (
     DTYPES,
+    KERNELS,
     PAPER_BUDGET,
     PAPER_RATIO,
     PAPER_WINDOW,
@@ -56,10 +57,10 @@ def add_policy_opt_flag(p, scope: str = "the policy") -> None:
 
 
 def add_policy_flags(p: argparse.ArgumentParser) -> None:
-    from dynts.policies import POLICIES
+    from dynts.policies import POLICY_NAMES
 
     g = p.add_argument_group("KV budget")
-    add_policy_flag(g, f"eviction policy: {', '.join(POLICIES)} (default: dynts; see dynts policies)")
+    add_policy_flag(g, f"eviction policy: {', '.join(POLICY_NAMES)} (default: dynts; see dynts policies)")
     add_policy_opt_flag(g)
     add_frame_flags(g)
     g.add_argument(
@@ -71,9 +72,9 @@ def add_policy_flags(p: argparse.ArgumentParser) -> None:
 
 def add_policy_flag(g, help: str) -> None:
     """--policy: one registered policy, dynts by default."""
-    from dynts.policies import POLICIES
+    from dynts.policies import POLICY_NAMES
 
-    g.add_argument("--policy", default="dynts", choices=list(POLICIES), metavar="POLICY", help=help)
+    g.add_argument("--policy", default="dynts", choices=list(POLICY_NAMES), metavar="POLICY", help=help)
 
 
 def add_frame_flags(g, budget: int = PAPER_BUDGET, window: int = PAPER_WINDOW, ratio: float = PAPER_RATIO) -> None:
@@ -133,8 +134,6 @@ def add_decode_flags(p: argparse.ArgumentParser) -> None:
 
 def add_kernel_flags(g) -> None:
     """--kernel and --graphs/--no-graphs of the fast path, the same for eval, sweep, collect and bench."""
-    from dynts.fast.attention import KERNELS
-
     g.add_argument(
         "--kernel",
         default=None,

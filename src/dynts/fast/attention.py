@@ -23,12 +23,12 @@ import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
+from dynts.config import KERNELS
 from dynts.errors import DynTSError
 from dynts.fast import triton_decode
 from dynts.kv.attention import StepContext, dynts_attention
 
 ATTENTION_NAME = "dynts-static"
-KERNELS = ("auto", "sdpa", "triton", "flash")
 
 
 def _flash_with_kvcache():

@@ -17,9 +17,6 @@ HEAVY_WEIGHT = 5.0
 HEAVY_RANGE = (4.0, 5.0)  # the paper's band of transformed label values, sized for 10k-token R1 traces
 
 
-DEFAULT_BAND = "quantile:0.75:0.9"
-
-
 def parse_transform(spec: str) -> Callable:
     """The label transform named by `spec`: "scale:S" -> y = S*x, "pow:P" -> y = 10*x^P/P.
 

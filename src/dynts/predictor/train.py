@@ -46,11 +46,11 @@ from pathlib import Path
 
 import torch
 
+from dynts.config import DEFAULT_BAND
 from dynts.errors import DynTSError
 from dynts.models.importance_head import HeadConfig, ImportanceHead
 from dynts.predictor.labels import LabelSet, is_int, load_label_set
 from dynts.predictor.objective import (
-    DEFAULT_BAND,
     HEAVY_WEIGHT,
     band_limits,
     lr_factor,

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from dynts.config import FIGURE_KINDS
 from dynts.errors import DynTSError
 from dynts.experiments.plots.budget import _budget_figure
 from dynts.experiments.plots.heatmap import _heatmap_figure
@@ -38,7 +39,7 @@ from dynts.experiments.plots.steps import _steps_figure
 from dynts.experiments.plots.style import _require_matplotlib, _save
 from dynts.experiments.sweep.results import CellResult, load_cells
 
-KINDS = ("budget", "heatmap", "methods", "steps", "lengths")
+KINDS = FIGURE_KINDS
 
 
 def plot_sweeps(
