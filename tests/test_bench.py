@@ -159,7 +159,7 @@ def test_bench_command_prints_every_figure(tiny_shape):
         "roofline: bytes/step",
         "-> bound",
         "of the bound",
-        "issue's convention",
+        "the worst case: bound",
         "transformers eager",
         "ratio",
         "eviction + scoring",

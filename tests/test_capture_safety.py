@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from dynts.config import BudgetConfig, SamplingConfig
+from dynts.engine.core import EngineCore
 from dynts.engine.engine import Engine
 from dynts.engine.requests import Request
-from dynts.engine.core import EngineCore
 from dynts.engine.stepper import LiveSequence, StepLog
 from dynts.fast.capture_guard import CaptureGuard, CaptureSafetyError
 from dynts.fast.fast_engine import FastConfig, FastEngine

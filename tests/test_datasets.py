@@ -9,7 +9,7 @@ import pytest
 
 from dynts.errors import DynTSError
 from dynts.harness.datasets import DATA_DIR_ENV, DATASET_NAMES, Problem, gsm8k_gold, load_dataset
-from dynts.harness.prompts import build_messages, choice_gold_letter, gold_for_grading, render_prompt
+from dynts.harness.prompts import build_messages, choice_gold_letter, gold_for_grading
 
 # The repository is cloned beside shared/: <parent>/main/tests -> <parent>/shared/data
 DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -183,20 +183,6 @@ def test_problem_validation():
         Problem("demo", "x", "", "1")
 
 
-class FakeTokenizer:
-    chat_template = "{{ messages }}"
-
-    def apply_chat_template(self, messages, tokenize, add_generation_prompt):
-        assert tokenize is False and add_generation_prompt is True
-        return "<user>" + messages[0]["content"] + "</user><assistant>"
-
-
-def test_render_prompt_uses_chat_template_or_falls_back():
+def test_gold_for_grading_of_a_math_problem_is_its_gold():
     problem = load_dataset("demo", limit=1)[0]
-    assert render_prompt(FakeTokenizer(), problem) == f"<user>{problem.question}</user><assistant>"
-
-    class Plain:
-        chat_template = None
-
-    assert render_prompt(Plain(), problem) == problem.question
     assert gold_for_grading(problem) == problem.gold

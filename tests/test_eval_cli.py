@@ -84,7 +84,7 @@ def test_eval_resumes_after_sigkill_without_duplicates(tmp_path):
 
     by_key = {(r["id"], r["sample"]): r for r in after}
     first_group = [by_key[p.id, s] for p in load_dataset("demo", limit=3) for s in (0, 1)][:3]
-    assert before[0]["generated_tokens"] < max(r["generated_tokens"] for r in first_group)
+    assert before[0]["stats"]["generated_tokens"] < max(r["stats"]["generated_tokens"] for r in first_group)
 
     # the same OUT with another configuration is refused, and nothing is written
     other = run(
@@ -143,7 +143,7 @@ def test_eval_aime24_metrics_match_samples(tmp_path):
     assert len(records) == 4
     metrics = json.loads((out / "metrics.json").read_text())["datasets"]["aime24"]
     assert metrics["pass@1"] == pytest.approx(sum(r["correct"] for r in records) / 4)
-    assert metrics["mean_generated_tokens"] == pytest.approx(sum(r["generated_tokens"] for r in records) / 4)
+    assert metrics["mean_generated_tokens"] == pytest.approx(sum(r["stats"]["generated_tokens"] for r in records) / 4)
     assert metrics["peak_kv_tokens"] == max(r["stats"]["peak_kv_tokens"] for r in records) <= 224
     manifest = json.loads((out / "run.json").read_text())
     assert manifest["policy"]["budget"] == 224 and manifest["model"] == "smollm2-135m"

@@ -137,3 +137,29 @@ def test_a_rerun_must_measure_the_same_thing(tmp_path):
     paper.check_manifest(tmp_path, {**manifest, "head_digest": "abc", "n_traces": 8})  # more traces: resumes
     with pytest.raises(DynTSError, match="head_digest"):
         paper.check_manifest(tmp_path, {**manifest, "head_digest": "def"})
+
+
+def test_run_benchmark_appends_each_trace_and_resumes(make_tiny, tmp_path):
+    """per_trace.jsonl goes through the store's appender: a line per trace, a torn tail cut, a rerun measures only
+    the traces not stored, and a second writer is refused."""
+    from dynts.harness.store import JsonlAppender
+
+    loaded = make_tiny(vocab_size=64)
+    frame = paper.PaperFrame((20, 30))
+    greedy = SamplingConfig(greedy=True, max_new_tokens=1)
+    engines = {("window", frame.config(b)): Engine(loaded, "window", frame.config(b), greedy, 1) for b in frame.budgets}
+    engines["full", None] = Engine(loaded, "full", None, greedy, 1)
+    keyed = [(["t", str(i)], Trace(list(range(1, 5)), [7 + i] * 60, 50)) for i in range(2)]
+    manifest = {"model": loaded.name, "dataset": "x", "split": None, "frame": frame.describe(), "policies": ["window"]}
+    first = paper.run_benchmark(loaded, keyed[:1], engines, tmp_path, manifest, progress=False)
+    lines = (tmp_path / paper.PER_TRACE_FILE).read_text().splitlines()
+    assert len(lines) == 1 and json.loads(lines[0])["key"] == ["t", "0"]
+    with (tmp_path / paper.PER_TRACE_FILE).open("a") as handle:
+        handle.write('{"key": ["t", "1"], "rec')  # a kill mid-write
+    both = paper.run_benchmark(loaded, keyed, engines, tmp_path, manifest, progress=False)
+    lines = (tmp_path / paper.PER_TRACE_FILE).read_text().splitlines()
+    assert [json.loads(line)["key"] for line in lines] == [["t", "0"], ["t", "1"]]
+    assert {r["traces"] for r in both} == {2} and {r["traces"] for r in first} == {1}
+    with JsonlAppender(tmp_path / paper.PER_TRACE_FILE, lambda item: str(item["key"])):
+        with pytest.raises(DynTSError, match="another DynTS process"):
+            paper.run_benchmark(loaded, keyed, engines, tmp_path, manifest, progress=False)

@@ -137,3 +137,24 @@ def test_python_dash_m_dynts_runs():
 def test_every_folder_is_a_documented_package(folder):
     init = PACKAGE / folder / "__init__.py"
     assert init.is_file() and ast.get_docstring(ast.parse(init.read_text())), f"{folder}/__init__.py says what it holds"
+
+
+ARCHITECTURE = PACKAGE.parent.parent / "docs" / "architecture.md"
+
+
+def test_architecture_page_names_modules_that_exist_and_the_enforced_layers():
+    """docs/architecture.md, the page a newcomer reads first, stays true: its layer line is RANK's order and every
+    path it names is a module or folder of the package."""
+    import re
+
+    text = ARCHITECTURE.read_text()
+    line = next(line for line in text.splitlines() if line.startswith("Layers (top to bottom):"))
+    documented = [name.strip() for name in line.split(":", 1)[1].split("→")]
+    enforced = sorted((name for name in RANK if name not in ("__main__", "__init__", "config", "errors")), key=RANK.get)
+    assert documented == [*reversed(enforced), "base"]
+    named = set(re.findall(r"`(src/dynts/[\w/.]*)`", text))
+    assert len(named) > 20
+    missing = [p for p in sorted(named) if not (PACKAGE.parent.parent / p).exists()]
+    assert not missing, f"docs/architecture.md names paths that do not exist: {missing}"
+    for folder in ("models", "kv", "policies", "engine", "fast", "runtime", "harness", "predictor", "experiments"):
+        assert f"`src/dynts/{folder}/`" in text, f"the layer table names {folder}/"

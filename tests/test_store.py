@@ -6,8 +6,9 @@ import pytest
 
 from dynts.errors import DynTSError
 from dynts.harness.datasets import Problem
+from dynts.harness.records import build_record
 from dynts.harness.report import format_table, regrade, write_report
-from dynts.harness.store import ResultStore, build_record, read_records
+from dynts.harness.store import ResultStore, read_records
 
 MANIFEST = {
     "model": "tiny-model",
@@ -31,9 +32,8 @@ def make_record(pid, sample, correct=True, dataset="demo"):
         "extracted": "7" if correct else "8",
         "correct": correct,
         "gold": "7",
-        "prompt_tokens": 12,
-        "generated_tokens": 5,
         "stats": {
+            "prompt_tokens": 12,
             "generated_tokens": 5,
             "time_share_s": 0.5,
             "forward_share_s": 0.25,
@@ -181,3 +181,47 @@ def test_report_on_empty_run_is_an_error(tmp_path):
         write_report(tmp_path)
     with pytest.raises(DynTSError, match="run directory"):
         write_report(tmp_path / "missing")
+
+
+def test_jsonl_appender_is_keyed_durable_and_locked(tmp_path):
+    from dynts.harness.store import JsonlAppender, read_jsonl
+
+    path = tmp_path / "out.jsonl"
+    with JsonlAppender(path, lambda obj: obj["k"]) as out:
+        assert not path.exists()  # nothing is created before the first line
+        assert out.append({"k": 1, "v": "a"}) and not out.append({"k": 1, "v": "b"})
+        with pytest.raises(DynTSError, match="another DynTS process"):
+            JsonlAppender(tmp_path / "other.jsonl", lambda obj: obj["k"])  # one writer per directory
+    with path.open("ab") as handle:
+        handle.write(b'{"k": 2, "v"')
+    with JsonlAppender(path, lambda obj: obj["k"]) as out:
+        assert out.done_keys() == {1} and out.append({"k": 2, "v": "c"})
+    assert read_jsonl(path) == [{"k": 1, "v": "a"}, {"k": 2, "v": "c"}]
+    with pytest.raises(DynTSError, match="closed"):
+        out.append({"k": 3})
+
+
+def test_each_figure_is_stored_once_and_old_run_directories_still_read(tmp_path):
+    """A new record keeps the engine's figures in stats only; a run directory written before (token counts and
+    the finish reason at the top level too, or only there) still reports, regrades and resumes the same."""
+    problem = Problem("demo", "demo-01", "What is 3 + 4?", "7")
+    stats = {"prompt_tokens": 9, "generated_tokens": 4, "finish_reason": "length", "time_share_s": 0.1}
+    new = build_record(problem, 0, "\\boxed{7}", stats)
+    assert not {"prompt_tokens", "generated_tokens", "finish_reason"} & new.keys() and new["stats"] == stats
+    old_both = {**new, "sample": 1, "prompt_tokens": 9, "generated_tokens": 6, "finish_reason": "eos"}
+    old_both["stats"] = {**stats, "generated_tokens": 6, "finish_reason": "eos"}
+    old_top_only = {**new, "sample": 2, "prompt_tokens": 9, "generated_tokens": 8, "finish_reason": "eos"}
+    old_top_only["stats"] = {"time_share_s": 0.1}
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "run.json").write_text(json.dumps(MANIFEST))
+    (old / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in (old_both, old_top_only)))
+    with ResultStore(old, MANIFEST) as store:  # resumes: the old records count as stored
+        assert store.done_keys() == {("demo", "demo-01", 1), ("demo", "demo-01", 2)}
+        assert store.append(new)
+    demo = write_report(old)["datasets"]["demo"]
+    assert demo["mean_generated_tokens"] == pytest.approx((4 + 6 + 8) / 3)
+    assert demo["truncation_rate"] == pytest.approx(1 / 3)
+    assert demo["tps"] == pytest.approx(18 / 0.3)
+    assert regrade(old)["datasets"]["demo"]["pass@1"] == 1.0
+    assert [r.get("generated_tokens") for r in read_records(old)] == [6, 8, None]  # regrade keeps what it read

@@ -148,7 +148,7 @@ def test_cli_bad_flags_fail_before_writing(tmp_path):
 @pytest.mark.slow
 def test_default_grid_is_small_and_valid(tmp_path, smollm):
     from dynts.cli.sweep import spec_from_args
-    from dynts.experiments.sweep import _validate_against_model
+    from dynts.experiments.sweep.run import _validate_against_model
 
     args = build_parser().parse_args(["sweep", "--model", "smollm2-135m", "--out", str(tmp_path / "S")])
     spec = spec_from_args(args)
@@ -307,7 +307,9 @@ def test_plot_writes_every_kind_with_matching_csv(stored_sweep, tmp_path):
     for cell in ("full", "window-B64-W8-r0.5"):
         stored = read_records(stored_sweep / "cells" / cell)
         mine = [r for r in rows if r["cell"] == cell]
-        assert sorted(int(float(r["generated_tokens"])) for r in mine) == sorted(r["generated_tokens"] for r in stored)
+        assert sorted(int(float(r["generated_tokens"])) for r in mine) == sorted(
+            r["stats"]["generated_tokens"] for r in stored
+        )
 
     rows = read_csv(figdir / "steps.csv")
     assert {r["cell"] for r in rows} == {"full", "window-B64-W8-r0.5"}
@@ -490,7 +492,9 @@ def test_intervals_and_lengths_reach_summary_and_figures(tmp_path):
         stored = read_records(root / "cells" / cell)
         mine = [r for r in lengths if r["cell"] == cell]
         assert len(mine) == len(stored)
-        assert sorted(float(r["generated_tokens"]) for r in mine) == sorted(r["generated_tokens"] for r in stored)
+        assert sorted(float(r["generated_tokens"]) for r in mine) == sorted(
+            r["stats"]["generated_tokens"] for r in stored
+        )
         truncated = sum(r["finish_reason"] == "length" for r in mine)
         assert truncated == sum(r["stats"]["finish_reason"] == "length" for r in stored)
     fake_cell(tmp_path / "fake", "org/M", "full")  # metrics.json only, no samples.jsonl

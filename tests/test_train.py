@@ -9,23 +9,18 @@ from safetensors.torch import save_file
 
 from dynts.errors import DynTSError
 from dynts.models.importance_head import HeadConfig, ImportanceHead
-from dynts.predictor.train import (
-    TrainConfig,
+from dynts.predictor.labels import load_label_set
+from dynts.predictor.objective import (
     band_limits,
-    evaluate_head,
-    evaluate_recency,
-    evaluate_reference,
-    load_label_set,
     loss_weights,
     lr_factor,
     parse_band,
     parse_transform,
-    ranking_metrics,
-    split_traces,
-    train_head,
     train_step,
     weighted_mse,
 )
+from dynts.predictor.ranking import evaluate_head, evaluate_recency, evaluate_reference, ranking_metrics
+from dynts.predictor.train import TrainConfig, split_traces, train_head
 
 HIDDEN = 16
 MODEL = "tiny/test-model"

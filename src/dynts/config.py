@@ -13,19 +13,44 @@ from dynts.errors import DynTSError
 
 # The paper's frame for R1-Qwen (R1-Llama runs r=0.3) and its evaluation protocol.
 PAPER_BUDGET, PAPER_WINDOW, PAPER_RATIO = 5000, 2000, 0.4
+PAPER_WINDOW_SHARE = PAPER_WINDOW / PAPER_BUDGET  # W / B = 0.4, the proportion the fidelity benchmarks keep
 PAPER_MAX_NEW_TOKENS, PAPER_SAMPLES = 16384, 5
 DEFAULT_MAX_NEW_TOKENS = 1024
 # Cache slots per row of a policy that never compresses, when requests arrive over time and nothing says more:
 # the model's max positions, capped here so that a default full-cache engine does not allocate 32k slots a row.
 DEFAULT_MAX_MODEL_LEN = 4096
 THINK_END = "</think>"  # the end-of-thinking marker of reasoning models: the answer follows it
+# What `dynts fidelity` and the paper benchmark replay by default: full (the reference), every baseline (those
+# with a scope option in both scopes), dynts, and the Window control that protects the prompt as dynts does.
+FIDELITY_POLICIES = (
+    "full",
+    "window",
+    "streaming",
+    "sepllm",
+    "h2o",
+    "h2o:scope=shared",
+    "snapkv",
+    "snapkv:scope=shared",
+    "rkv",
+    "rkv:scope=shared",
+    "dynts",
+    "window:protect_prompt=true",
+)
+
 
 # Choices the parser offers; the modules that act on them import these.
 DTYPES = ("fp32", "bf16", "fp16")  # weights and cache dtype
 KERNELS = ("auto", "sdpa", "triton", "flash")  # decode attention of the static fast path (fast/attention.py)
-DEFAULT_BAND = "quantile:0.75:0.9"  # the importance head's heavily weighted label band (predictor/train.py)
+DEFAULT_BAND = "quantile:0.75:0.9"  # the importance head's heavily weighted label band (predictor/objective.py)
 FIGURE_KINDS = ("budget", "heatmap", "methods", "steps", "lengths")  # the figures `dynts plot` draws
 DEFAULT_SEED, DEFAULT_RESAMPLES, DEFAULT_PERMUTATIONS = 0, 2000, 10000  # Pass@1 intervals (harness/uncertainty.py)
+
+
+def check_batch_size(batch_size: int) -> int:
+    """The one rule for --batch-size: at least one sequence decoded at a time."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise DynTSError(f"--batch-size must be at least 1, got {batch_size}")
+    return batch_size
 
 
 @dataclass(frozen=True)
@@ -216,3 +241,51 @@ def _items(value) -> list:
         return list(value)
     except TypeError:
         return [None]
+
+
+# --- the grammar of value lists (--budgets, --windows, --ratios), the same for every command ----------------
+def parse_int_list(text: str, flag: str = "--budgets") -> list[int]:
+    """'2500:5000:500' (inclusive), '2500,3000', or a mix: '2500:3500:500,5000'. Sorted, without duplicates."""
+    values = _parse_list(text, flag, int, "integers")
+    return sorted(set(values))
+
+
+def parse_float_list(text: str, flag: str = "--ratios") -> list[float]:
+    """Like parse_int_list for floats: '0.3,0.4' or '0.2:0.5:0.1' (inclusive, rounded to 10 decimals)."""
+    values = _parse_list(text, flag, float, "numbers")
+    return sorted(set(values))
+
+
+def _parse_list(text, flag, kind, noun):
+    usage = f"{flag} takes comma-separated {noun} and/or inclusive ranges start:stop:step, got {text!r}"
+    if not isinstance(text, str) or not text.strip():
+        raise DynTSError(f"{flag} is empty; it takes comma-separated {noun} and/or ranges start:stop:step")
+    values = []
+    for part in text.split(","):
+        part = part.strip()
+        if not part:
+            raise DynTSError(usage)
+        pieces = part.split(":")
+        try:
+            numbers = [kind(p.strip()) for p in pieces]
+        except ValueError:
+            raise DynTSError(usage) from None
+        if any(isinstance(n, float) and not math.isfinite(n) for n in numbers):
+            raise DynTSError(usage)
+        if len(numbers) == 1:
+            values.append(numbers[0])
+            continue
+        if len(numbers) != 3:
+            raise DynTSError(f"{flag}: range {part!r} must be start:stop:step (all three parts), e.g. 2500:5000:500")
+        start, stop, step = numbers
+        if step <= 0:
+            raise DynTSError(f"{flag}: range {part!r} needs a positive step")
+        if stop < start:
+            raise DynTSError(f"{flag}: range {part!r} has stop < start")
+        count = int(math.floor((stop - start) / step + 1e-9)) + 1
+        if count > 1000:
+            raise DynTSError(f"{flag}: range {part!r} expands to {count} values; that is not a sensible grid")
+        for i in range(count):
+            value = start + i * step
+            values.append(round(value, 10) if kind is float else value)
+    return values

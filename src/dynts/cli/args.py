@@ -9,7 +9,15 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from dynts.config import DTYPES, KERNELS, PAPER_BUDGET, PAPER_RATIO, PAPER_WINDOW, SamplingConfig
+from dynts.config import (
+    DTYPES,
+    KERNELS,
+    PAPER_BUDGET,
+    PAPER_RATIO,
+    PAPER_WINDOW,
+    SamplingConfig,
+    check_batch_size,
+)
 from dynts.errors import DynTSError
 from dynts.harness.store import MANIFEST_FILE
 
@@ -24,6 +32,11 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
         default="smollm2-135m",
         help="Hugging Face id, local directory, .gguf file, or the embedded 'smollm2-135m' (default)",
     )
+    add_device_flags(g)
+
+
+def add_device_flags(g) -> None:
+    """--device and --dtype, the same for every command that loads or builds a model."""
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available, else cpu)")
     g.add_argument(
         "--dtype",
@@ -47,13 +60,7 @@ def add_policy_flags(p: argparse.ArgumentParser) -> None:
     from dynts.policies import POLICY_NAMES
 
     g = p.add_argument_group("KV budget")
-    g.add_argument(
-        "--policy",
-        default="dynts",
-        choices=list(POLICY_NAMES),
-        metavar="POLICY",
-        help=f"eviction policy: {', '.join(POLICY_NAMES)} (default: dynts; see dynts policies)",
-    )
+    add_policy_flag(g, f"eviction policy: {', '.join(POLICY_NAMES)} (default: dynts; see dynts policies)")
     add_policy_opt_flag(g)
     add_frame_flags(g)
     g.add_argument(
@@ -61,6 +68,13 @@ def add_policy_flags(p: argparse.ArgumentParser) -> None:
         default=None,
         help="importance head checkpoint for dynts policies (default: the head shipped for the model)",
     )
+
+
+def add_policy_flag(g, help: str) -> None:
+    """--policy: one registered policy, dynts by default."""
+    from dynts.policies import POLICY_NAMES
+
+    g.add_argument("--policy", default="dynts", choices=list(POLICY_NAMES), metavar="POLICY", help=help)
 
 
 def add_frame_flags(g, budget: int = PAPER_BUDGET, window: int = PAPER_WINDOW, ratio: float = PAPER_RATIO) -> None:
@@ -115,6 +129,11 @@ def add_decode_flags(p: argparse.ArgumentParser) -> None:
         help="continuous: a row whose sequence ends takes the next request at once (default); static: batches of "
         "--batch-size run until their last sequence ends",
     )
+    add_kernel_flags(g)
+
+
+def add_kernel_flags(g) -> None:
+    """--kernel and --graphs/--no-graphs of the fast path, the same for eval, sweep, collect and bench."""
     g.add_argument(
         "--kernel",
         default=None,
@@ -165,8 +184,7 @@ def engine_spec_from_args(args):
     budget = budget_from_args(args)
     sampling = sampling_from_args(args)
     options = policy_options_from_args(args)
-    if args.batch_size < 1:
-        raise DynTSError(f"--batch-size must be at least 1, got {args.batch_size}")
+    check_batch_size(args.batch_size)
     if args.head is not None and not Path(args.head).exists():
         raise DynTSError(f"--head {args.head} does not exist")
     return EngineSpec(
@@ -210,16 +228,6 @@ def add_ray_flags(p: argparse.ArgumentParser) -> None:
 
 
 # --- small parsers ------------------------------------------------------------------------------------
-def parse_int_list(text: str, flag: str) -> list[int]:
-    try:
-        values = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise DynTSError(f"{flag} takes comma-separated integers, got {text!r}") from None
-    if not values:
-        raise DynTSError(f"{flag} is empty")
-    return values
-
-
 def existing_run(out: str) -> Path:
     path = Path(out)
     if not (path / MANIFEST_FILE).is_file():

@@ -4,14 +4,11 @@ from __future__ import annotations
 
 import json
 
-from dynts.cli.args import add_frame_flags, add_policy_opt_flag
-from dynts.config import DTYPES, KERNELS
+from dynts.cli.args import add_device_flags, add_frame_flags, add_kernel_flags, add_policy_flag, add_policy_opt_flag
 from dynts.models.shapes import SHAPES
 
 
 def register(subparsers) -> None:
-    from dynts.policies import POLICY_NAMES
-
     b = subparsers.add_parser(
         "bench",
         help="decode throughput of the fast path against the memory-bandwidth bound (random weights)",
@@ -42,8 +39,7 @@ def register(subparsers) -> None:
         action="store_false",
         help="load the real weights (the embedded GGUF, or the Hugging Face model)",
     )
-    g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    g.add_argument("--dtype", default=None, choices=DTYPES, help="default: bf16 on CUDA, fp32 on CPU")
+    add_device_flags(g)
     g = b.add_argument_group("workload")
     g.add_argument(
         "--batch", default="20", help="sequences decoded together, or 'max': the largest that fits (CUDA) (default 20)"
@@ -51,32 +47,16 @@ def register(subparsers) -> None:
     add_frame_flags(g)
     g.add_argument("--prompt-len", type=int, default=128, help="random prompt tokens per sequence (default 128)")
     g.add_argument("--new-tokens", type=int, default=8192, help="forced generation length (default 8192)")
-    g.add_argument(
-        "--policy",
-        default="dynts",
-        choices=list(POLICY_NAMES),
-        metavar="POLICY",
-        help="eviction policy (default dynts, with a random importance head of the paper's size "
+    add_policy_flag(
+        g,
+        "eviction policy (default dynts, with a random importance head of the paper's size "
         "8192,2048 for large models, 512,128 for small ones)",
     )
     add_policy_opt_flag(g)
     g.add_argument("--head-layers", default=None, help="importance head widths, e.g. 8192,2048")
     g.add_argument("--seed", type=int, default=0)
     g = b.add_argument_group("engine")
-    g.add_argument(
-        "--kernel",
-        default="auto",
-        choices=list(KERNELS),
-        help="decode attention: auto (flash, then triton on CUDA; sdpa elsewhere), sdpa, triton, flash",
-    )
-    g.add_argument(
-        "--no-graphs",
-        dest="graphs",
-        action="store_const",
-        const=False,
-        default=None,
-        help="run the fast path's step eagerly on CUDA (no CUDA graphs)",
-    )
+    add_kernel_flags(g)
     g.add_argument(
         "--check-every",
         type=int,

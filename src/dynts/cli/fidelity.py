@@ -6,19 +6,15 @@ import math
 import sys
 from pathlib import Path
 
-from dynts.cli.args import add_model_flags, add_policy_opt_flag, parse_int_list
+from dynts.cli.args import add_model_flags, add_policy_opt_flag
+from dynts.config import FIDELITY_POLICIES, PAPER_RATIO, PAPER_WINDOW_SHARE, parse_int_list
 from dynts.errors import DynTSError
 
-# Every baseline in both scopes, and the Window control that protects the prompt as DynTS does.
-DEFAULT_POLICIES = (
-    "full,window,window:protect_prompt=true,streaming,sepllm,h2o,h2o:scope=shared,snapkv,snapkv:scope=shared,"
-    "rkv,rkv:scope=shared,dynts"
-)
+DEFAULT_POLICIES = ",".join(FIDELITY_POLICIES)
 # The paper's proportions: W / B = 2000 / 5000 and r = 0.4. A compression then keeps floor(0.4 (B - 0.4 B)), about
 # 0.24 B older tokens, which must hold the whole prompt for dynts: 512 is about the smallest budget that holds the
 # embedded model's prompts (60-120 tokens; 123 fit), and 1024-token traces compress 2 to 4 times under these.
 DEFAULT_BUDGETS = "512,640,768"
-PAPER_WINDOW_FRACTION, PAPER_RATIO = 0.4, 0.4
 
 
 def register(sub) -> None:
@@ -50,8 +46,9 @@ def register(sub) -> None:
     fid.add_argument(
         "--budgets",
         default=DEFAULT_BUDGETS,
-        help=f"comma-separated budgets (default {DEFAULT_BUDGETS}: with the paper's W/B = 0.4 and r = 0.4 a "
-        "compression keeps floor(r (B - W)), about 0.24 B, older tokens, which must hold a protected prompt; from "
+        help="budgets, comma-separated and/or ranges start:stop:step "
+        f"(default {DEFAULT_BUDGETS}: with the paper's W/B = 0.4 and r = 0.4 a compression keeps floor(r (B - W)), "
+        "about 0.24 B, older tokens, which must hold a protected prompt; from "
         "B = 512 up they hold the embedded model's typical prompts (up to 123 tokens; with --traces longer ones "
         "are skipped), and 1024-token traces compress 2-4 times)",
     )
@@ -65,7 +62,7 @@ def register(sub) -> None:
         "--window-fraction",
         type=float,
         default=None,
-        help=f"W = floor(F * B) for each budget B, unless --window is given (default {PAPER_WINDOW_FRACTION}: the "
+        help=f"W = floor(F * B) for each budget B, unless --window is given (default {PAPER_WINDOW_SHARE}: the "
         "paper's W/B = 2000/5000)",
     )
     fid.add_argument(
@@ -135,7 +132,7 @@ def cmd_fidelity(args) -> int:
         "policy_options": options,
         "budgets": budgets,
         "window": list(windows.values()),
-        "window_fraction": None if args.window is not None else args.window_fraction or PAPER_WINDOW_FRACTION,
+        "window_fraction": None if args.window is not None else args.window_fraction or PAPER_WINDOW_SHARE,
         "ratio": args.ratio,
         "traces": args.traces or args.dataset,
         "n_traces": len(traces),
@@ -154,7 +151,7 @@ def windows_for(budgets: list[int], window: int | None, fraction: float | None) 
         raise DynTSError("give --window (tokens) or --window-fraction (share of each budget), not both")
     if window is not None:
         return dict.fromkeys(budgets, window)
-    fraction = PAPER_WINDOW_FRACTION if fraction is None else fraction
+    fraction = PAPER_WINDOW_SHARE if fraction is None else fraction
     if not 0 < fraction < 1:
         raise DynTSError(f"--window-fraction must be in (0, 1), got {fraction}")
     return {b: math.floor(fraction * b + 1e-9) for b in budgets}

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from dynts.cli.args import add_model_flags, add_ray_flags, add_sampling_flags, engine_spec_from_args, existing_run
 from dynts.cli.execution import open_executor
-from dynts.config import DEFAULT_BAND, PAPER_MAX_NEW_TOKENS
+from dynts.config import DEFAULT_BAND, DTYPES, PAPER_MAX_NEW_TOKENS
 from dynts.errors import DynTSError
 
 
@@ -57,7 +57,7 @@ def register(sub) -> None:
     lab.add_argument("dir", help="trace directory written by dynts collect; labels go to DIR/labels/")
     lab.add_argument("--model", default=None, help="must be the model that wrote the traces (default: that model)")
     lab.add_argument("--device", default=None)
-    lab.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"], help="default fp32")
+    lab.add_argument("--dtype", default=None, choices=DTYPES, help="default fp32")
     lab.add_argument("--shard-size", type=int, default=64, help="traces per safetensors shard (default 64)")
     add_ray_flags(lab)
     lab.set_defaults(func=cmd_label)
@@ -118,6 +118,8 @@ def register(sub) -> None:
 
 
 def cmd_collect(args) -> int:
+    import argparse
+
     from dynts.harness.datasets import load_dataset
     from dynts.harness.evaluate import EvalPlan, run_eval
     from dynts.harness.report import format_table
@@ -130,9 +132,9 @@ def cmd_collect(args) -> int:
         datasets=[args.dataset], samples=args.samples, limit=args.limit, data_dir=args.data_dir, split=split
     )
     load_dataset(args.dataset, data_dir=args.data_dir, limit=1, split=split)
-    args.policy, args.head, args.policy_opt = "full", None, []  # traces are generated with the whole cache
-    args.budget = args.window = args.ratio = None
-    spec = engine_spec_from_args(args)
+    # traces are generated with the whole cache: the engine settings of the flags with policy full, no frame
+    full_cache = {"policy": "full", "head": None, "policy_opt": [], "budget": None, "window": None, "ratio": None}
+    spec = engine_spec_from_args(argparse.Namespace(**{**vars(args), **full_cache}))
     with closing(open_executor(args, args.model, args.dtype)) as executor:
         metrics = run_eval(
             spec,
@@ -229,23 +231,26 @@ def cmd_train(args) -> int:
 
 def read_label_model(directory: str) -> str | None:
     """The model named in a trace directory's label index (None when unreadable: training then says why)."""
+    from dynts.predictor.labels import INDEX_FILE, LABELS_DIR
+
     try:
-        return json.loads((Path(directory) / "labels" / "index.json").read_text()).get("model")
+        return json.loads((Path(directory) / LABELS_DIR / INDEX_FILE).read_text()).get("model")
     except (OSError, ValueError, AttributeError):
         return None
 
 
 def heldout_table(metrics: dict) -> str:
     """Held-out ranking figures: the head, recency, the attention reference and any compared heads."""
+    from dynts.harness.tables import fixed, render_table
+
     columns = {"head": metrics, "recency": metrics.get("baseline_recency") or {}}
     columns["attention"] = metrics.get("baseline_attention") or {}
     columns.update(metrics.get("compared") or {})
-    width = max(11, *(len(name) + 2 for name in columns))
-    lines = [f"{'held-out (r=' + str(metrics.get('retention')) + ')':<18}" + "".join(f"{n:>{width}}" for n in columns)]
-    for key in ("spearman", "kendall", "topk_recall"):
-        cells = [column.get(key) for column in columns.values()]
-        lines.append(f"{key:<18}" + "".join(f"{'-' if v is None else f'{v:.3f}':>{width}}" for v in cells))
-    return "\n".join(lines)
+    rows = [
+        [key, *(fixed(column.get(key), 3) for column in columns.values())]
+        for key in ("spearman", "kendall", "topk_recall")
+    ]
+    return render_table([f"held-out (r={metrics.get('retention')})", *columns], rows)
 
 
 def cmd_head_show(args) -> int:

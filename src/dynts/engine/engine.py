@@ -102,14 +102,7 @@ class Engine:
 
     # --- public ---------------------------------------------------------------------------------
     def encode(self, prompt: str, chat: bool = True) -> list[int]:
-        tokenizer = self.loaded.tokenizer
-        if chat and getattr(tokenizer, "chat_template", None):
-            return list(
-                tokenizer.apply_chat_template(
-                    [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True, return_dict=False
-                )
-            )
-        return tokenizer.encode(prompt)
+        return self.loaded.prompt_ids(prompt, chat)
 
     def generate(
         self,

@@ -56,7 +56,7 @@ class BenchConfig:
     dtype: str | None = None
     bandwidth_gbps: float | None = None  # None: measured
     fast: bool = True  # False: our eager Engine instead of the fast path
-    kernel: str = "auto"
+    kernel: str | None = None  # None: $DYNTS_KERNEL, else auto (FastConfig.from_environment), as for dynts eval
     graphs: bool | None = None
     check_every: int | None = None
     compile: bool = False
@@ -75,7 +75,7 @@ class BenchConfig:
         budget = self.budget_config()
         policy = make_policy(self.policy, budget, dict(self.policy_options))
         budget.check_prompt(self.prompt_len, policy.protects_prompt)
-        FastConfig(kernel=self.kernel, check_every=self.check_every)
+        FastConfig.from_environment(kernel=self.kernel, check_every=self.check_every)
 
     def budget_config(self) -> BudgetConfig:
         return budget_for(self.policy, self.budget, self.window, self.ratio)
@@ -229,7 +229,7 @@ def run_bench(config: BenchConfig) -> dict:
     batch = config.batch or 1  # --batch max: sized below, with the engine's own buffers
     budget = config.budget_config()
     sampling = SamplingConfig(greedy=True, max_new_tokens=config.new_tokens, ignore_eos=True)
-    fast_config = FastConfig(
+    fast_config = FastConfig.from_environment(
         graphs=config.graphs, kernel=config.kernel, check_every=config.check_every, compile=config.compile
     )
     if config.fast:
@@ -414,7 +414,7 @@ def format_report(r: dict) -> str:
         f" = {bound['bytes_per_step'] / 1e9:.3f} GB",
         f"bandwidth {bound['bandwidth_gbps']:.0f} GB/s ({source}) -> bound {bound['tps_bound']:.1f} TPS; "
         f"measured {ours['tps']:.1f} TPS = {r['fraction']:.1%} of the bound",
-        f"(with every row at {bound['max_cached_tokens']} cached tokens, the issue's convention: bound "
+        f"(with every row at {bound['max_cached_tokens']} cached tokens, the worst case: bound "
         f"{bound['tps_bound_at_max']:.1f} TPS, fraction {r['fraction_at_max']:.1%})",
     ]
     if eager and "fraction" in eager:

@@ -23,6 +23,7 @@ from dynts.errors import DynTSError
 from dynts.harness.datasets import load_dataset
 from dynts.harness.prompts import question_text
 from dynts.harness.store import MANIFEST_FILE, read_manifest, read_records
+from dynts.harness.tables import fixed, render_table
 from dynts.models.loading import LoadedModel
 from dynts.policies import budget_for, policy_class, policy_config
 from dynts.policies.options import as_dict, format_spec, parse_spec
@@ -293,22 +294,23 @@ def measure_engines(
     return records
 
 
-def format_table(records: list[dict]) -> str:
-    def f(value, digits=4):
-        return "-" if value is None else f"{value:.{digits}f}"
-
-    width = max([18] + [len(format_spec(r["policy"], r.get("options") or {})) + 1 for r in records])
-    header = f"{'policy':<{width}}{'B':>6}{'KL answer':>11}{'KL after':>10}{'top1 ans':>10}"
-    header += f"{'top1 after':>11}{'compr':>7}"
-    lines = [header, "-" * len(header)]
-    for r in records:
-        label = format_spec(r["policy"], r.get("options") or {})
-        lines.append(
-            f"{label:<{width}}{r['budget'] if r['budget'] else '-':>6}{f(r['kl_answer']):>11}"
-            f"{f(r['kl_after']):>10}{f(r['top1_answer'], 3):>10}{f(r['top1_after'], 3):>11}"
-            f"{r['compressions']:>7}"
-        )
-    return "\n".join(lines)
+def format_table(records: list[dict], with_scope: bool = False) -> str:
+    """One row per record: policy (with its options), [scope,] budget, KL and top-1 agreement, compressions."""
+    headers = ["policy", *(["scope"] if with_scope else []), "B", "KL answer", "KL after", "top1 ans", "top1 after"]
+    rows = [
+        [
+            format_spec(r["policy"], r.get("options") or {}),
+            *([r.get("scope") or "-"] if with_scope else []),
+            str(r["budget"] or "-"),
+            fixed(r["kl_answer"], 4),
+            fixed(r["kl_after"], 4),
+            fixed(r["top1_answer"], 3),
+            fixed(r["top1_after"], 3),
+            str(r["compressions"]),
+        ]
+        for r in records
+    ]
+    return render_table([*headers, "compr"], rows)
 
 
 def plot_kl(records: list[dict], out_dir: Path) -> list[Path]:

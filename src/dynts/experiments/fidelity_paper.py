@@ -27,7 +27,6 @@ rerun with the same settings resumes.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import random
@@ -35,20 +34,30 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from dynts.config import BudgetConfig, SamplingConfig
+from dynts.config import (
+    FIDELITY_POLICIES,
+    PAPER_BUDGET,
+    PAPER_RATIO,
+    PAPER_WINDOW,
+    PAPER_WINDOW_SHARE,
+    BudgetConfig,
+    SamplingConfig,
+)
 from dynts.engine.engine import Engine
 from dynts.errors import DynTSError
 from dynts.experiments.fidelity import Trace, make_trace, measure_engines, scope_of
+from dynts.experiments.fidelity import format_table as fidelity_table
 from dynts.harness.datasets import Problem, load_dataset
 from dynts.harness.evaluate import EvalPlan, run_eval
-from dynts.harness.store import MANIFEST_FILE, read_manifest, read_records
+from dynts.harness.store import MANIFEST_FILE, JsonlAppender, manifest_differences, read_manifest, read_records
+from dynts.models.importance_head import head_digest as weights_digest
 from dynts.models.loading import LoadedModel
 from dynts.policies.options import format_spec
 from dynts.policies.registry import option_names, resolve_spec
 from dynts.predictor.solution_traces import TraceLayout, solution_traces, write_solution_traces
 
-WINDOW_SHARE = 0.4  # W / B, the paper's 2000 / 5000
-RATIO = 0.4  # r, the paper's R1-Qwen setting
+WINDOW_SHARE = PAPER_WINDOW_SHARE  # W / B, the paper's 2000 / 5000
+RATIO = PAPER_RATIO  # r, the paper's R1-Qwen setting
 PROMPT_SHARE = 0.2  # the protected prompt may take at most this share of what a compression keeps
 MIN_COMPRESSIONS = 3
 MIN_TRACES = 4
@@ -72,7 +81,7 @@ class PaperFrame:
             raise DynTSError(f"budgets must be positive integers, got {self.budgets}")
         if len(set(budgets)) < 2:
             raise DynTSError("the benchmark compares at least two distinct budgets")
-        off = [b for b in budgets if (b * 2) % 5]
+        off = [b for b in budgets if (b * PAPER_WINDOW) % PAPER_BUDGET]
         if off:
             raise DynTSError(f"W/B = 0.4 needs budgets that are multiples of 5, got {off}")
         object.__setattr__(self, "budgets", tuple(sorted(budgets)))
@@ -84,7 +93,7 @@ class PaperFrame:
         return MIN_COMPRESSIONS
 
     def window(self, budget: int) -> int:
-        return budget * 2 // 5
+        return budget * PAPER_WINDOW // PAPER_BUDGET
 
     def config(self, budget: int) -> BudgetConfig:
         return BudgetConfig(budget, self.window(budget), RATIO)
@@ -226,21 +235,9 @@ def control_label() -> str | None:
 
 
 def format_table(records: list[dict]) -> str:
-    def f(value, digits=4):
-        return "-" if value is None else f"{value:.{digits}f}"
-
-    header = (
-        f"{'policy':<30}{'scope':>9}{'B':>6}{'KL answer':>11}{'KL after':>10}{'top1 ans':>10}{'top1 after':>11}"
-        f"{'compr':>7}"
-    )
-    lines = [header, "-" * len(header)]
+    """The records with their scopes, by budget and, within one, by answer-span KL."""
     order = sorted(records, key=lambda r: (r["budget"] or 0, r["kl_answer"] if r["kl_answer"] is not None else 1e9))
-    for r in order:
-        lines.append(
-            f"{label_of(r):<30}{r.get('scope') or '-':>9}{r['budget'] or '-':>6}{f(r['kl_answer']):>11}"
-            f"{f(r['kl_after']):>10}{f(r['top1_answer'], 3):>10}{f(r['top1_after'], 3):>11}{r['compressions']:>7}"
-        )
-    return "\n".join(lines)
+    return fidelity_table(order, with_scope=True)
 
 
 def verdict(records: list[dict]) -> list[str]:
@@ -280,8 +277,7 @@ def head_digest(engines: dict) -> str | None:
     heads = [e.policy.head for e in engines.values() if getattr(e.policy, "head", None) is not None]
     if not heads:
         return None
-    data = b"".join(p.detach().cpu().numpy().tobytes() for p in heads[0].parameters())
-    return hashlib.sha256(data).hexdigest()[:16]
+    return weights_digest(heads[0])
 
 
 def check_manifest(out_dir: Path, manifest: dict) -> None:
@@ -290,10 +286,10 @@ def check_manifest(out_dir: Path, manifest: dict) -> None:
         return
     stored = read_manifest(out_dir)
     fixed = ("model", "dataset", "split", "frame", "policies", "head", "head_digest")
-    differs = [k for k in fixed if stored.get(k) != manifest.get(k)]
+    differs = manifest_differences(stored, manifest, fixed)
     if differs:
         raise DynTSError(
-            f"{out_dir} holds a run with other settings ({', '.join(differs)}); use a new --out or the same settings"
+            f"{out_dir} holds a run with other settings ({'; '.join(differs)}); use a new --out or the same settings"
         )
 
 
@@ -315,38 +311,34 @@ def run_benchmark(
 
     check_manifest(out_dir, manifest)
     out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / PER_TRACE_FILE
     done: dict[str, list[dict]] = {}
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            try:
-                item = json.loads(line)
-            except ValueError:
-                continue  # a torn last line
-            done[json.dumps(item["key"])] = item["records"]
     wanted = [json.dumps(key) for key, _ in keyed]
     records: list[dict] = []
+
+    def key_of(item: dict) -> str:
+        return json.dumps(item["key"])
+
     # one update per trace, weighted by its tokens (its replay cost), so the estimate of the time left holds
     # when trace lengths differ; shown in a log file too (disable=False), resumed traces excluded from the rate
     sizes = [len(t.prompt_ids) + len(t.token_ids) for _, t in keyed]
-    finished = sum(k in done for k in wanted)
-    bar = tqdm(
-        total=sum(sizes),
-        initial=sum(n for n, k in zip(sizes, wanted) if k in done),
-        unit="tok",
-        desc="fidelity",
-        smoothing=0,
-        disable=not progress,
-    )
-    bar.set_postfix_str(f"{finished}/{len(keyed)} traces")
-    with path.open("a") as handle:
+    with JsonlAppender(out_dir / PER_TRACE_FILE, key_of, keep=lambda item: (key_of(item), item["records"])) as stored:
+        done.update(stored.kept())
+        finished = sum(k in done for k in wanted)
+        bar = tqdm(
+            total=sum(sizes),
+            initial=sum(n for n, k in zip(sizes, wanted) if k in done),
+            unit="tok",
+            desc="fidelity",
+            smoothing=0,
+            disable=not progress,
+        )
+        bar.set_postfix_str(f"{finished}/{len(keyed)} traces")
         for (key, trace), name, size in zip(keyed, wanted, sizes):
             if name not in done:
                 if prepare is not None:
                     prepare(trace)
                 done[name] = measure_engines(loaded, [trace], engines, progress=False)
-                handle.write(json.dumps({"key": key, "records": done[name]}) + "\n")
-                handle.flush()
+                stored.append({"key": key, "records": done[name]})
                 finished += 1
                 bar.set_postfix_str(f"{finished}/{len(keyed)} traces", refresh=False)
                 bar.update(size)
@@ -365,15 +357,7 @@ def scoped_specs(name: str) -> list[str]:
 
 def default_policies() -> list[str]:
     """full, the baselines in both scopes, dynts and the prompt-protecting Window control."""
-    return [
-        "full",
-        "window",
-        "streaming",
-        "sepllm",
-        *(s for n in SCOPED for s in scoped_specs(n)),
-        "dynts",
-        PROMPT_WINDOW,
-    ]
+    return list(FIDELITY_POLICIES)
 
 
 def policies_from_text(text: str | None) -> list[str]:

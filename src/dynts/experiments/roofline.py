@@ -4,7 +4,7 @@ A decode step reads every weight once (for the whole batch) and every cached tok
     bytes per step = weight bytes + batch x (mean cached tokens per row) x (KV bytes per token)
 and TPS <= batch x bandwidth / bytes per step. Under a budget the cached length follows a fixed schedule
 (grow by one per step, drop to W + floor(r (B - W)) at B), so its mean over a run is known in advance.
-The issue's own figures take every row at the full budget B instead (a slightly lower bound); both are given.
+Taking every row at the full budget B instead gives a slightly lower bound (the worst case); both are given.
 Weight bytes count every parameter a step streams once (a tied LM head once). The input embedding table is not
 streamed: a step gathers only the batch's rows of it, so those rows are counted instead (an untied table of a large
 vocabulary, e.g. 1.09 GB at R1-Qwen-7B, would make the bound some 6 % too kind).
@@ -18,13 +18,13 @@ from dataclasses import asdict, dataclass
 import torch
 
 from dynts.config import BudgetConfig
+from dynts.models.shapes import head_dim
 
 
 def kv_bytes_per_token(config, dtype: torch.dtype) -> int:
     """K and V of one token over all layers."""
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     element = torch.empty((), dtype=dtype).element_size()
-    return 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * element
+    return 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim(config) * element
 
 
 def parameter_bytes(module: torch.nn.Module) -> int:
@@ -75,7 +75,7 @@ class Roofline:
 
     @property
     def tps_bound_at_max(self) -> float:
-        """The bound with every row holding max_cached_tokens (the issue's convention)."""
+        """The bound with every row holding max_cached_tokens (the worst case: a full cache in every row)."""
         return (
             self.batch
             * self.bandwidth_gbps

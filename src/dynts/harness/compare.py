@@ -33,6 +33,7 @@ from dynts.harness.lengths import generated_tokens, length_stats
 from dynts.harness.metrics import group_records
 from dynts.harness.report import flatten
 from dynts.harness.store import MANIFEST_FILE, read_manifest, read_records, write_json_atomic, write_text_atomic
+from dynts.harness.tables import render_table
 from dynts.harness.uncertainty import (
     PAIRED_STREAM,
     PERMUTATION_STREAM,
@@ -53,7 +54,7 @@ SETTING_FIELDS = ("model", "sampling", "shuffle_seed")
 
 
 @dataclass
-class Run:
+class ComparedRun:
     """One run directory: its label in the comparison, manifest, and samples (dataset -> id -> index -> record)."""
 
     label: str
@@ -92,7 +93,7 @@ class Shared:
         return " | ".join(parts) if parts else None
 
 
-def load_runs(directories: list[str | os.PathLike]) -> list[Run]:
+def load_runs(directories: list[str | os.PathLike]) -> list[ComparedRun]:
     """The runs to compare, labelled by their directory names (their paths when names repeat, and #N after a
     directory given twice)."""
     if len(directories) < 2:
@@ -112,11 +113,11 @@ def load_runs(directories: list[str | os.PathLike]) -> list[Run]:
         records = read_records(path)
         if not records:
             raise DynTSError(f"{path} holds no samples yet; nothing to compare")
-        runs.append(Run(label, path, read_manifest(path), group_records(records)))
+        runs.append(ComparedRun(label, path, read_manifest(path), group_records(records)))
     return runs
 
 
-def shared_samples(runs: list[Run]) -> Shared:
+def shared_samples(runs: list[ComparedRun]) -> Shared:
     """The problems and sample indices every run holds, and what was left out (see the module docstring)."""
     dropped: list[str] = []
     all_datasets = sorted({d for run in runs for d in run.problems})
@@ -258,18 +259,7 @@ def format_comparison(comparison: dict, markdown: bool = False) -> str:
     columns = _columns(comparison)
     headers = [h for h, _ in columns]
     rows = [[cell(row) for _, cell in columns] for row in comparison["rows"]]
-    if markdown:
-        lines = [
-            "| " + " | ".join(headers) + " |",
-            "|" + "|".join("---" if i < 2 else "---:" for i in range(len(headers))) + "|",
-        ]
-        return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
-
-    def line(cells):
-        return "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
-
-    return "\n".join([line(headers), line(["-" * w for w in widths])] + [line(r) for r in rows])
+    return render_table(headers, rows, left=2, markdown=markdown)
 
 
 def describe_runs(comparison: dict) -> str:
@@ -309,7 +299,7 @@ def comparison_markdown(comparison: dict) -> str:
 # --------------------------------------------------------------------------- #
 
 
-def _records(run: Run, dataset: str, pairs: list[tuple[str, list[int]]]) -> list[list[dict]]:
+def _records(run: ComparedRun, dataset: str, pairs: list[tuple[str, list[int]]]) -> list[list[dict]]:
     """Per shared problem (baseline order), the run's records at the shared sample indices."""
     return [[run.problems[dataset][pid][i] for i in indices] for pid, indices in pairs]
 
@@ -374,7 +364,9 @@ def _ratio(value, baseline):
     return None if value is None or baseline in (None, 0) else value / baseline
 
 
-def _row(run: Run, dataset: str, figures: dict, baseline: dict, is_baseline: bool, bootstrap: BootstrapConfig) -> dict:
+def _row(
+    run: ComparedRun, dataset: str, figures: dict, baseline: dict, is_baseline: bool, bootstrap: BootstrapConfig
+) -> dict:
     row = {
         "run": run.label,
         "dataset": dataset,
@@ -404,7 +396,7 @@ def _row(run: Run, dataset: str, figures: dict, baseline: dict, is_baseline: boo
     return row
 
 
-def _setting_differences(runs: list[Run]) -> list[str]:
+def _setting_differences(runs: list[ComparedRun]) -> list[str]:
     """ "sampling.temperature: A 0.6, B 1.0" for every result-defining setting that is not the same in all runs."""
     out = []
     flat = [dict(flatten({k: run.manifest.get(k) for k in SETTING_FIELDS})) for run in runs]

@@ -9,7 +9,7 @@ used. ``demo`` is a small built-in set that needs neither.
 
 GPQA convention: ``Problem.choices`` holds the four option texts with the
 correct one FIRST (``choices[0] == gold``). Display order is decided later by
-``dynts.prompts`` with a seeded shuffle, so the stored data stay unshuffled.
+``dynts.harness.prompts`` with a seeded shuffle, so the stored data stay unshuffled.
 """
 
 from __future__ import annotations
@@ -23,10 +23,9 @@ from pathlib import Path
 from typing import Any
 
 from dynts.errors import DynTSError
-from dynts.harness.grading import last_boxed
+from dynts.harness.grading import KINDS, last_boxed
 
 DATA_DIR_ENV = "DYNTS_DATA_DIR"
-KINDS = ("math", "choice")
 
 
 @dataclass(frozen=True)

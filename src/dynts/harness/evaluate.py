@@ -11,7 +11,6 @@ units here; `dynts.runtime.ray_executor.RayExecutor` runs the same units on Ray 
 
 from __future__ import annotations
 
-import hashlib
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,8 +24,10 @@ from dynts.engine.requests import Request
 from dynts.errors import DynTSError
 from dynts.harness.datasets import Problem, load_dataset
 from dynts.harness.prompts import DEFAULT_SHUFFLE_SEED, question_text
+from dynts.harness.records import build_record
 from dynts.harness.report import write_report
-from dynts.harness.store import ResultStore, build_record
+from dynts.harness.store import Key, ResultStore
+from dynts.models.importance_head import head_digest
 from dynts.policies.options import as_dict
 from dynts.runtime.executor import EngineSpec, LocalExecutor, Task
 
@@ -68,9 +69,7 @@ def manifest_for(engine: Engine, plan: EvalPlan) -> dict:
         head_info = {
             "hidden": list(head.config.layers),
             "base_model": head.config.base_model,
-            "digest": hashlib.sha256(
-                b"".join(p.detach().cpu().numpy().tobytes() for p in head.parameters())
-            ).hexdigest()[:16],
+            "digest": head_digest(head),
         }
     budget = engine.budget
     return {
@@ -111,16 +110,6 @@ class EvalJob:
     extra_manifest: dict | None = None
 
 
-@dataclass(frozen=True)
-class WorkItem:
-    """One (problem, sample) to generate, with its prompt and its own sampler seed."""
-
-    problem: Problem
-    sample: int
-    prompt_ids: tuple[int, ...]
-    seed: int
-
-
 def prepare_runs(host, jobs: list[tuple[EngineSpec, EvalPlan, list[Problem]]]) -> tuple[list[dict], list[dict]]:
     """Task: per job, the manifest and the encoded prompts; raises when a prompt does not fit a job's budget.
 
@@ -143,10 +132,11 @@ def prepare_runs(host, jobs: list[tuple[EngineSpec, EvalPlan, list[Problem]]]) -
 
 @dataclass(frozen=True)
 class SampleRequest:
-    """What a worker needs to decode one sample, and its key (dataset, id, sample): small and hashable, so a
-    streaming task can name what came back."""
+    """One sample from plan to record: its key (dataset, id, sample index; the store's record_key), its prompt and
+    its own sampler seed. Small and hashable, so a worker needs nothing else and a streaming task can name what
+    came back; the driver finds the problem by the key."""
 
-    key: tuple[str, str, int]
+    key: Key
     prompt_ids: tuple[int, ...]
     seed: int
 
@@ -182,7 +172,7 @@ def run_eval(
 ) -> dict:
     """Run (or resume) an evaluation into out_dir and return the metrics.
 
-    engine: a built Engine (runs here), or an EngineSpec run by executor (e.g. dynts.distributed.RayExecutor).
+    engine: a built Engine (runs here), or an EngineSpec run by executor (e.g. dynts.runtime.ray_executor.RayExecutor).
     on_record(record) is called after each sample is stored."""
     if not isinstance(engine, EngineSpec):
         if executor is not None:
@@ -223,33 +213,31 @@ def run_evals(
         for job, manifest in zip(jobs, manifests):
             stores.append(ResultStore(job.out_dir, {**manifest, **(job.extra_manifest or {})}))
         tasks, remaining, total, finished, correct = [], [0] * len(jobs), 0, 0, 0
-        work: dict[tuple, WorkItem] = {}
+        work: dict[tuple, SampleRequest] = {}
+        problem_of = [{(p.dataset, p.id): p for p in ps} for ps in problems]
         parallelism = getattr(executor, "parallelism", 1)
         for j, (job, store) in enumerate(zip(jobs, stores)):
             done = store.done_keys()
             wanted = {(p.dataset, p.id, s) for p in problems[j] for s in range(job.plan.samples)}
-            stored = [r for r in store.records() if (r["dataset"], r["id"], r["sample"]) in wanted]
+            stored = [r for r in store.summaries() if (r["dataset"], r["id"], r["sample"]) in wanted]
             total, finished = total + len(wanted), finished + len(stored)
             correct += sum(bool(r["correct"]) for r in stored)
             seed = job.engine.sampling.seed
             todo = [
-                WorkItem(p, s, tuple(prompt_ids[j][p.dataset, p.id]), sample_seed(seed, p, s))
+                SampleRequest((p.dataset, p.id, s), tuple(prompt_ids[j][p.dataset, p.id]), sample_seed(seed, p, s))
                 for p in problems[j]
                 for s in range(job.plan.samples)
                 if (p.dataset, p.id, s) not in done
             ]
             for item in todo:
-                work[j, item.problem.dataset, item.problem.id, item.sample] = item
+                work[(j, *item.key)] = item
             remaining[j] = len(todo)
             for unit in split_units(todo, parallelism, job.engine.batch_size):
-                items = tuple(
-                    SampleRequest((i.problem.dataset, i.problem.id, i.sample), i.prompt_ids, i.seed) for i in unit
-                )
-                tasks.append(Task(generate_stream, (job.engine,), tag=j, items=items))
+                tasks.append(Task(generate_stream, (job.engine,), tag=j, items=tuple(unit)))
 
         def finish(j: int) -> None:
             stores[j].close()
-            metrics[j] = write_report(jobs[j].out_dir)
+            metrics[j] = write_report(jobs[j].out_dir, stores[j].summaries())
             if on_done is not None:
                 on_done(j, metrics[j])
 
@@ -265,8 +253,13 @@ def run_evals(
             item = work.pop((j, *sample.key), None)
             if item is None:
                 continue  # delivered twice (a worker died after sending it): stored already
+            dataset, problem_id, index = item.key
             record = build_record(
-                item.problem, item.sample, result["text"], result["stats"], shuffle_seed=jobs[j].plan.shuffle_seed
+                problem_of[j][dataset, problem_id],
+                index,
+                result["text"],
+                result["stats"],
+                shuffle_seed=jobs[j].plan.shuffle_seed,
             )
             record["token_ids"] = result["token_ids"]
             record["prompt_ids"] = list(item.prompt_ids)

@@ -18,25 +18,20 @@ from typing import Any
 
 import numpy as np
 
+from dynts.harness.records import figure
+
 TRUNCATED = "length"
 LENGTH_KEYS = ("mean_generated_tokens", "median_generated_tokens", "p90_generated_tokens", "truncation_rate")
 
 
 def generated_tokens(record: dict) -> float | None:
-    """A sample's generated length: stats.generated_tokens, else the record's own field."""
-    stats = record.get("stats")
-    value = stats.get("generated_tokens") if isinstance(stats, dict) else None
-    if value is None:
-        value = record.get("generated_tokens")
-    return _number(value)
+    """A sample's generated length (records.figure: stats, else an older record's own field)."""
+    return _number(figure(record, "generated_tokens"))
 
 
 def finish_reason(record: dict) -> str | None:
-    """Why a sample stopped ("eos" or "length"): stats.finish_reason, else the record's own field."""
-    stats = record.get("stats")
-    value = stats.get("finish_reason") if isinstance(stats, dict) else None
-    if value is None:
-        value = record.get("finish_reason")
+    """Why a sample stopped ("eos" or "length"), read as generated_tokens is."""
+    value = figure(record, "finish_reason")
     return None if value is None else str(value)
 
 

@@ -33,6 +33,7 @@ from typing import Any
 
 from dynts.errors import DynTSError
 from dynts.harness.lengths import LENGTH_KEYS, length_stats
+from dynts.harness.records import figure
 from dynts.harness.uncertainty import BootstrapConfig, Verdicts, pass1_intervals
 
 RATE_KEYS = ("pass@1", "pass@k", "maj@k", "tps", "tps_forward", "latency_s", *LENGTH_KEYS)
@@ -157,11 +158,7 @@ def _number(value: Any) -> float | None:
 
 
 def _stat(record: dict, key: str) -> float | None:
-    stats = record.get("stats")
-    value = stats.get(key) if isinstance(stats, dict) else None
-    if value is None and key in ("generated_tokens", "prompt_tokens"):
-        value = record.get(key)
-    return _number(value)
+    return _number(figure(record, key))
 
 
 def _ratio(records: list[dict], denominator_key: str) -> float | None:

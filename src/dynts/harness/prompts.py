@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import random
 import string
-from typing import Any
 
 from dynts.errors import DynTSError
 from dynts.harness.datasets import Problem
@@ -56,14 +55,3 @@ def question_text(problem: Problem, shuffle_seed: int = DEFAULT_SHUFFLE_SEED) ->
 def build_messages(problem: Problem, shuffle_seed: int = DEFAULT_SHUFFLE_SEED) -> list[dict]:
     """Chat messages: a single user turn with the bare question (no system prompt, no hints)."""
     return [{"role": "user", "content": question_text(problem, shuffle_seed)}]
-
-
-def render_prompt(tokenizer: Any, problem: Problem, shuffle_seed: int = DEFAULT_SHUFFLE_SEED) -> str:
-    """The prompt string the model sees; the bare text when the tokenizer has no chat template."""
-    messages = build_messages(problem, shuffle_seed)
-    if not getattr(tokenizer, "chat_template", None):
-        return messages[0]["content"]
-    rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    if not isinstance(rendered, str):
-        raise DynTSError("the tokenizer's chat template did not return text")
-    return rendered

@@ -12,10 +12,10 @@ from pathlib import Path
 from typing import Any
 
 from dynts.errors import DynTSError
-from dynts.harness.datasets import dataset_kind
-from dynts.harness.grading import DEFAULT_TIMEOUT_S, extract_answer, grade_answer
 from dynts.harness.metrics import summarize
+from dynts.harness.records import regraded
 from dynts.harness.store import read_manifest, read_records, rewrite_records, write_json_atomic, write_text_atomic
+from dynts.harness.tables import render_table
 
 METRICS_FILE = "metrics.json"
 REPORT_FILE = "report.md"
@@ -40,14 +40,10 @@ _COLUMNS = (
 _MANIFEST_ORDER = (
     "model",
     "policy",
-    "budget",
-    "window",
-    "ratio",
     "head",
     "sampling",
     "seed",
     "samples",
-    "max_new_tokens",
     "datasets",
     "limit",
     "data_source",
@@ -61,11 +57,12 @@ _MANIFEST_ORDER = (
 )
 
 
-def write_report(out_dir: str | os.PathLike) -> dict:
-    """Recompute metrics from the store, write metrics.json and report.md, return the metrics."""
+def write_report(out_dir: str | os.PathLike, records: list[dict] | None = None) -> dict:
+    """Recompute metrics from the stored samples (records: them as a writer already holds them, e.g.
+    ResultStore.summaries(); default: read samples.jsonl), write metrics.json and report.md, return the metrics."""
     out = Path(out_dir)
     manifest = read_manifest(out)
-    records = read_records(out)
+    records = read_records(out) if records is None else records
     if not records:
         raise DynTSError(f"{str(out)!r} holds no samples yet; nothing to report")
     metrics = summarize(records)
@@ -81,13 +78,7 @@ def regrade(out_dir: str | os.PathLike, timeout: float | None = None) -> dict:
     records = read_records(out)
     if not records:
         raise DynTSError(f"{str(out)!r} holds no samples to re-grade")
-    regraded = []
-    for record in records:
-        kind = record.get("kind") or _kind_of(record["dataset"], dataset_kind)
-        extracted = extract_answer(str(record.get("response", "")), kind)
-        correct = grade_answer(extracted, str(record["gold"]), kind, timeout=timeout or DEFAULT_TIMEOUT_S)
-        regraded.append({**record, "kind": kind, "extracted": extracted, "correct": correct})
-    rewrite_records(out, regraded)
+    rewrite_records(out, [regraded(record, timeout) for record in records])
     return write_report(out)
 
 
@@ -102,32 +93,12 @@ def format_table(metrics: dict, markdown: bool = False) -> str:
     rows = [_row(name, row, columns, mixed) for name, row in datasets.items()]
     if len(datasets) > 1 and metrics.get("mean"):
         rows.append(_row("mean", metrics["mean"], columns, mixed, is_mean=True))
-    headers = [header for header, _, _ in columns]
-    if markdown:
-        lines = [
-            "| " + " | ".join(headers) + " |",
-            "|" + "|".join("---" if i == 0 else "---:" for i in range(len(headers))) + "|",
-        ]
-        lines += ["| " + " | ".join(r) + " |" for r in rows]
-        return "\n".join(lines)
-    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
-
-    def fmt_line(cells: list[str]) -> str:
-        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
-
-    return "\n".join([fmt_line(headers), fmt_line(["-" * w for w in widths])] + [fmt_line(r) for r in rows])
+    return render_table([header for header, _, _ in columns], rows, left=1, markdown=markdown)
 
 
 # --------------------------------------------------------------------------- #
 # Helpers
 # --------------------------------------------------------------------------- #
-
-
-def _kind_of(dataset: str, dataset_kind) -> str:
-    try:
-        return dataset_kind(dataset)
-    except DynTSError:
-        return "math"
 
 
 def _uniform_k(metrics: dict) -> int | None:

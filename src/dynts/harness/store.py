@@ -19,6 +19,11 @@ Why it works this way:
   hardware mixes timings; the report shows the latest values.
 * One writer per directory: an advisory lock file (``OUT/.lock``, POSIX) makes
   a second writer fail fast instead of interleaving lines.
+
+``JsonlAppender`` is that discipline for any resumable JSONL output (the
+sample store, the paper benchmark's per-trace records): keyed lines, fsync'ed
+appends, a torn tail cut off on reopening, and the directory lock held. The
+store only reads and writes; grading happens before a record reaches it.
 """
 
 from __future__ import annotations
@@ -27,13 +32,12 @@ import json
 import os
 import tempfile
 import threading
+from collections.abc import Callable, Hashable
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from dynts.errors import DynTSError
-from dynts.harness.grading import DEFAULT_TIMEOUT_S, extract_answer, grade_answer
-from dynts.harness.prompts import gold_for_grading
 
 MANIFEST_FILE = "run.json"
 SAMPLES_FILE = "samples.jsonl"
@@ -48,8 +52,6 @@ REQUIRED_FIELDS = (
     "correct",
     "gold",
     "kind",
-    "prompt_tokens",
-    "generated_tokens",
     "stats",
 )
 RESUMABLE_FIELDS = frozenset(
@@ -78,6 +80,84 @@ def record_key(record: dict) -> Key:
     return (str(record["dataset"]), str(record["id"]), int(record["sample"]))
 
 
+class JsonlAppender:
+    """A resumable JSONL file: one JSON object per line, each appended, flushed and fsync'ed at once, skipped when
+    its key is already stored. Holds its directory's lock (one writer per directory) until closed.
+
+    key_of(obj): the identity of a line. is_complete(obj): whether an unterminated last line is a whole object
+    (kept and terminated) rather than the torn tail of an interrupted write (cut off). keep(obj): what of each
+    stored and appended line `kept()` returns, so the file is read once per writer (default: nothing)."""
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        key_of: Callable[[dict], Hashable],
+        is_complete: Callable[[dict], bool] = lambda obj: True,
+        keep: Callable[[dict], Any] | None = None,
+    ) -> None:
+        self.path = Path(path)
+        self._key_of = key_of
+        self._lock = threading.Lock()
+        self._handle = None  # opened by the first append: refusing a run writes nothing
+        self._closed = False
+        self._lock_handle = _acquire_dir_lock(self.path.parent)
+        try:
+            _repair_torn_tail(self.path, is_complete)
+            stored = read_jsonl(self.path)
+            self._done = {key_of(obj) for obj in stored}
+            self._keep = keep
+            self._kept = [keep(obj) for obj in stored] if keep is not None else []
+        except BaseException:
+            _release_dir_lock(self._lock_handle)
+            raise
+
+    def done_keys(self) -> set:
+        with self._lock:
+            return set(self._done)
+
+    def append(self, obj: dict, what: str = "record") -> bool:
+        """Durably store one line; False (nothing written) when its key is already stored."""
+        line = json.dumps(_jsonable(obj, what), ensure_ascii=False) + "\n"
+        key = self._key_of(obj)
+        with self._lock:
+            if self._closed:
+                raise DynTSError(f"{str(self.path)!r} is closed for appending")
+            if key in self._done:
+                return False
+            if self._handle is None:
+                self._handle = self.path.open("ab")
+            self._handle.write(line.encode("utf-8"))
+            self._handle.flush()
+            os.fsync(self._handle.fileno())
+            self._done.add(key)
+            if self._keep is not None:
+                self._kept.append(self._keep(obj))
+            return True
+
+    def kept(self) -> list:
+        """keep(line) of every line stored before and appended since opening, in the order written."""
+        with self._lock:
+            return list(self._kept)
+
+    def records(self) -> list[dict]:
+        """Every stored line, in the order written (read from the file)."""
+        return read_jsonl(self.path)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._handle is not None and not self._handle.closed:
+                self._handle.close()
+            self._closed = True
+            _release_dir_lock(self._lock_handle)
+            self._lock_handle = None
+
+    def __enter__(self) -> JsonlAppender:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 class ResultStore:
     """Append-only sample store for one run directory (see module docstring)."""
 
@@ -89,51 +169,36 @@ class ResultStore:
             self.out_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise DynTSError(f"cannot create output directory {str(self.out_dir)!r}: {exc}") from None
-        self._lock = threading.Lock()
-        self._lock_handle = _acquire_dir_lock(self.out_dir)
+        new = _jsonable(manifest, "manifest")
+        self._samples = JsonlAppender(self.out_dir / SAMPLES_FILE, record_key, _is_complete_record, summary_of)
         try:
-            self.manifest = self._open_manifest(_jsonable(manifest, "manifest"))
-            self._samples_path = self.out_dir / SAMPLES_FILE
-            _repair_torn_tail(self._samples_path)
-            self._done = {record_key(r) for r in read_records(self.out_dir)}
-            self._handle = self._samples_path.open("ab")
+            self.manifest = self._open_manifest(new)
         except BaseException:
-            _release_dir_lock(self._lock_handle)
+            self._samples.close()
             raise
 
     # ------------------------------------------------------------------ API
 
     def done_keys(self) -> set[Key]:
         """Keys already stored, so a resumed run can skip them."""
-        with self._lock:
-            return set(self._done)
+        return self._samples.done_keys()
 
     def append(self, record: dict) -> bool:
         """Durably store one sample; False (nothing written) when its key is already stored."""
         validate_record(record)
-        line = json.dumps(_jsonable(record, "record"), ensure_ascii=False) + "\n"
-        key = record_key(record)
-        with self._lock:
-            if self._handle.closed:
-                raise DynTSError(f"the result store for {str(self.out_dir)!r} is closed")
-            if key in self._done:
-                return False
-            self._handle.write(line.encode("utf-8"))
-            self._handle.flush()
-            os.fsync(self._handle.fileno())
-            self._done.add(key)
-            return True
+        return self._samples.append(record)
 
     def records(self) -> list[dict]:
         """All stored samples, in the order they were written."""
-        return read_records(self.out_dir)
+        return self._samples.records()
+
+    def summaries(self) -> list[dict]:
+        """Every stored sample without its texts and token ids (summary_of), in the order written: what progress and
+        the report need, without reading samples.jsonl again."""
+        return self._samples.kept()
 
     def close(self) -> None:
-        with self._lock:
-            if not self._handle.closed:
-                self._handle.close()
-            _release_dir_lock(self._lock_handle)
-            self._lock_handle = None
+        self._samples.close()
 
     def __enter__(self) -> ResultStore:
         return self
@@ -175,6 +240,15 @@ class ResultStore:
 # --------------------------------------------------------------------------- #
 
 
+# The fields of a record that only regrading, replay and labelling read: left out of its summary.
+BULKY_FIELDS = ("response", "token_ids", "prompt_ids")
+
+
+def summary_of(record: dict) -> dict:
+    """A record without its bulky fields: everything the metrics read (grades, answers, stats)."""
+    return {k: v for k, v in record.items() if k not in BULKY_FIELDS}
+
+
 def validate_record(record: dict) -> None:
     """Refuse a record that lacks fields the report and regrade need."""
     if not isinstance(record, dict):
@@ -188,10 +262,14 @@ def validate_record(record: dict) -> None:
         raise DynTSError("record field 'stats' must be a dict")
 
 
-def manifest_differences(stored: dict, new: dict) -> list[str]:
-    """Human-readable differences in result-defining fields ("a.b: stored X, now Y")."""
+def manifest_differences(stored: dict, new: dict, fields: list[str] | tuple[str, ...] | None = None) -> list[str]:
+    """Human-readable differences in result-defining fields ("a.b: stored X, now Y"), nested dicts key by key:
+    the one manifest comparison of every resumable output. fields: those to compare, in order (default: every
+    field but RESUMABLE_FIELDS, sorted); a field absent on one side differs from one stored as null."""
     out: list[str] = []
-    for field in sorted((stored.keys() | new.keys()) - RESUMABLE_FIELDS):
+    if fields is None:
+        fields = sorted((stored.keys() | new.keys()) - RESUMABLE_FIELDS)
+    for field in fields:
         _diff(field, stored.get(field, _MISSING), new.get(field, _MISSING), out)
     return out
 
@@ -211,7 +289,12 @@ def read_manifest(out_dir: str | os.PathLike) -> dict:
 
 def read_records(out_dir: str | os.PathLike) -> list[dict]:
     """Stored samples; a torn (unterminated, unparsable) last line is skipped, not an error."""
-    path = Path(out_dir) / SAMPLES_FILE
+    return read_jsonl(Path(out_dir) / SAMPLES_FILE)
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    """The objects of a JSONL file written by JsonlAppender (none when it is absent); a torn last line is skipped."""
+    path = Path(path)
     if not path.exists():
         return []
     data = path.read_bytes()
@@ -252,36 +335,6 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     """Write a text file via a temp file + rename."""
     _write_atomic(Path(path), text.encode("utf-8"))
-
-
-def build_record(
-    problem: Any,
-    sample: int,
-    response: str,
-    stats: dict | None = None,
-    shuffle_seed: int = 42,
-    timeout: float | None = None,
-) -> dict:
-    """Grade one generated response and shape it as a store record."""
-
-    stats = dict(stats or {})
-    gold = gold_for_grading(problem, shuffle_seed)
-    extracted = extract_answer(response, problem.kind)
-    correct = grade_answer(extracted, gold, problem.kind, timeout=timeout or DEFAULT_TIMEOUT_S)
-    return {
-        "dataset": problem.dataset,
-        "id": problem.id,
-        "sample": sample,
-        "kind": problem.kind,
-        "gold": gold,
-        "extracted": extracted,
-        "correct": correct,
-        "prompt_tokens": stats.get("prompt_tokens"),
-        "generated_tokens": stats.get("generated_tokens"),
-        "finish_reason": stats.get("finish_reason"),
-        "response": response,
-        "stats": stats,
-    }
 
 
 # --------------------------------------------------------------------------- #
@@ -337,7 +390,11 @@ def _write_atomic(path: Path, data: bytes) -> None:
         raise
 
 
-def _repair_torn_tail(path: Path) -> None:
+def _is_complete_record(obj: dict) -> bool:
+    return all(field in obj for field in REQUIRED_FIELDS)
+
+
+def _repair_torn_tail(path: Path, is_complete: Callable[[dict], bool]) -> None:
     """Cut an unterminated last line, or terminate it when it is a complete record."""
     if not path.exists():
         return
@@ -348,7 +405,7 @@ def _repair_torn_tail(path: Path) -> None:
         start = data.rfind(b"\n") + 1
         try:
             tail = json.loads(data[start:])
-            complete = isinstance(tail, dict) and all(field in tail for field in REQUIRED_FIELDS)
+            complete = isinstance(tail, dict) and is_complete(tail)
         except ValueError:
             complete = False
         if complete:

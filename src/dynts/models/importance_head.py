@@ -6,6 +6,7 @@ the base model, sizes, the label transform and training metrics, so a checkpoint
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -93,6 +94,12 @@ class ImportanceHead(nn.Module):
                 f"{str(exc).splitlines()[0]}"
             ) from None
         return head.eval()
+
+
+def head_digest(head: ImportanceHead) -> str:
+    """A short digest of the head's weights: runs that record it never mix two heads' results on resume."""
+    data = b"".join(p.detach().cpu().numpy().tobytes() for p in head.parameters())
+    return hashlib.sha256(data).hexdigest()[:16]
 
 
 def random_head(hidden_size: int, layers=(64, 16), seed: int = 0, base_model: str = "") -> ImportanceHead:

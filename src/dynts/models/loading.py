@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from dynts.config import THINK_END
+from dynts.config import DTYPES, THINK_END
 from dynts.errors import DynTSError
 
 EMBEDDED_MODEL = "smollm2-135m"
@@ -46,6 +46,18 @@ class LoadedModel:
     @property
     def hidden_size(self) -> int:
         return self.model.config.hidden_size
+
+    def prompt_ids(self, text: str, chat: bool = True) -> list[int]:
+        """A prompt's token ids: one user turn in the chat template (when the tokenizer has one), else plain text.
+        The one rule every caller encodes prompts by (the engine, the reference traces)."""
+        tokenizer = self.tokenizer
+        if chat and getattr(tokenizer, "chat_template", None):
+            return list(
+                tokenizer.apply_chat_template(
+                    [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True, return_dict=False
+                )
+            )
+        return list(tokenizer.encode(text))
 
     def with_cache(self, cache) -> dict:
         """{keyword: cache} for a forward of this model (see cache_keyword)."""
@@ -78,7 +90,7 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
         "float16": torch.float16,
     }
     if dtype not in names:
-        raise DynTSError(f"unknown --dtype {dtype!r}; choose one of fp32, bf16, fp16")
+        raise DynTSError(f"unknown --dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     return names[dtype]
 
 

@@ -112,6 +112,11 @@ SHAPES: dict[str, ModelShape] = {
 }
 
 
+def head_dim(config) -> int:
+    """The attention head width of a model config: its `head_dim` when it names one, else hidden / heads."""
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
 def shape_config(name: str):
     """A transformers config for a named shape, a local model directory or a Hugging Face id."""
     if name in SHAPES:

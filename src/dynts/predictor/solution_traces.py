@@ -136,18 +136,6 @@ class SolutionTrace:
         return len(self.prompt_ids) + len(self.token_ids)
 
 
-def chat_ids(loaded: LoadedModel, text: str) -> list[int]:
-    """The prompt ids of a single user turn, as `Engine.encode` builds them."""
-    tokenizer = loaded.tokenizer
-    if getattr(tokenizer, "chat_template", None):
-        return list(
-            tokenizer.apply_chat_template(
-                [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True, return_dict=False
-            )
-        )
-    return list(tokenizer.encode(text))
-
-
 def build_trace(
     loaded: LoadedModel, problems: list[Problem], instruction: str = INSTRUCTION, styles: list[str] | None = None
 ) -> SolutionTrace:
@@ -164,11 +152,11 @@ def build_trace(
             raise DynTSError(f"problem {p.id!r} of {p.dataset!r} has no reference solution with a final answer")
         cleaned.append(parts)
     if len(problems) == 1:
-        prompt = chat_ids(loaded, question_text(problems[0]))
+        prompt = loaded.prompt_ids(question_text(problems[0]))
         thinking = cleaned[0][0]
         answer = f"The answer is \\boxed{{{cleaned[0][1]}}}."
     else:
-        prompt = chat_ids(loaded, instruction)
+        prompt = loaded.prompt_ids(instruction)
         thinking = "\n\n".join(
             f"Problem {i}: {p.question.strip()}\nSolution: {body}"
             for i, (p, (body, _)) in enumerate(zip(problems, cleaned), start=1)
@@ -224,11 +212,14 @@ def trace_record(trace: SolutionTrace, sample: int = 0) -> dict:
         "gold": "; ".join(p.gold for p in trace.problems),
         "extracted": "; ".join(trace.answers),
         "correct": True,  # a reference solution, not graded
-        "prompt_tokens": len(trace.prompt_ids),
-        "generated_tokens": len(trace.token_ids),
-        "finish_reason": "reference",
         "response": trace.text,
-        "stats": {"problems": len(trace.problems), "answer_start": trace.answer_start},
+        "stats": {
+            "prompt_tokens": len(trace.prompt_ids),
+            "generated_tokens": len(trace.token_ids),
+            "finish_reason": "reference",
+            "problems": len(trace.problems),
+            "answer_start": trace.answer_start,
+        },
         "prompt_ids": trace.prompt_ids,
         "token_ids": trace.token_ids,
     }
