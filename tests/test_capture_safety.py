@@ -115,7 +115,7 @@ class Driver:
             lengths = stepper.lengths()
             full = [r for r, length in enumerate(lengths) if self.held[r] is not None and budget.reached(length)]
             if full:
-                stepper.compact(full)
+                stepper.compact(full, [self.held[r].budget for r in full])
                 self.compactions += 1
             stepper.record(StepLog(self.steps, list(self.held), fed, lengths, set(full), marks))
             stepper.poll()
