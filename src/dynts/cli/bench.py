@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from dynts.cli.args import add_frame_flags, add_policy_opt_flag
+from dynts.cli.args import add_compile_flag, add_frame_flags, add_policy_opt_flag
 from dynts.fast.attention import KERNELS
 from dynts.models.shapes import SHAPES
 
@@ -83,7 +83,7 @@ def register(subparsers) -> None:
         default=None,
         help="decode steps between host reads of generated tokens (default 16 on CUDA, 1 on CPU)",
     )
-    g.add_argument("--compile", action="store_true", help="torch.compile the forward stage (experimental)")
+    add_compile_flag(g)
     g.add_argument(
         "--eager-engine",
         dest="fast",
@@ -108,7 +108,8 @@ def register(subparsers) -> None:
 
 
 def cmd_bench(args) -> int:
-    from dynts.experiments.bench import BenchConfig, format_report, parse_batch, parse_layers, run_bench
+    from dynts.experiments.bench import BenchConfig
+    from dynts.fast.compiled_step import compile_from_environment, format_report, parse_batch, parse_layers, run_bench
     from dynts.policies import policy_config
     from dynts.policies.options import parse_assignments
     from dynts.runtime.executor import options_key
@@ -135,7 +136,7 @@ def cmd_bench(args) -> int:
         kernel=args.kernel,
         graphs=args.graphs,
         check_every=args.check_every,
-        compile=args.compile,
+        compile=compile_from_environment(args.compile),
         head_layers=parse_layers(args.head_layers),
         seed=args.seed,
     )

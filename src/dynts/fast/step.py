@@ -87,8 +87,11 @@ class StaticStep:
         graphs: bool = False,
         warmup_steps: int = 2,
         sync_check: bool = False,
-        compile_forward: bool = False,
+        compiled=None,
+        fused=None,
     ):
+        """compiled: a compiled_step.CompiledStage of StaticStep.forward (None: eager); fused: a
+        fused_decoder.FusedDecoder of the model, run instead of its forward (None: the model's forward)."""
         self.decoder, self.lm_head, self.policy = decoder, lm_head, policy
         self.cache_keyword = {cache_keyword(decoder): cache}
         self.cache, self.state, self.sampling, self.kernel = cache, state, sampling, kernel
@@ -97,7 +100,7 @@ class StaticStep:
         self.think_end = torch.tensor(think_end, dtype=torch.long, device=self.device) if think_end else None
         self.graphs, self.warmup_steps, self.sync_check = graphs, warmup_steps, sync_check
         self.capture_s, self.captures = 0.0, 0
-        self._forward = torch.compile(self.forward, dynamic=False) if compile_forward else self.forward
+        self.compiled, self.fused = compiled, fused
         self._reset_shape()
 
     def _reset_shape(self) -> None:
@@ -120,6 +123,9 @@ class StaticStep:
             kv_lengths=s.lengths + 1,
             kernel=self.kernel,
         )
+        if self.fused is not None:
+            hidden = self.fused(s.tokens, s.positions, self.cache, mask, dynts_ctx=ctx)
+            return hidden, self.lm_head(hidden[:, -1])
         # A 4-D attention_mask makes transformers use it as it is instead of building one (which may sync).
         hidden = self.decoder(
             input_ids=s.tokens[:, None],
@@ -180,6 +186,11 @@ class StaticStep:
         """Rows left without a sequence keep running with the batch until they are released: keep them short."""
         self.state.lengths.index_fill_(0, rows, 0)
         self.state.positions.index_fill_(0, rows, 0)
+
+    def _forward(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.compiled is None:
+            return self.forward()
+        return self.compiled(self.cache.rows_allocated, self)
 
     # --- running ------------------------------------------------------------------------------------
     def _guard(self, where: str, allow_host_data: bool = False):

@@ -41,9 +41,10 @@ class EngineSpec:
     batching: str = "continuous"
     kernel: str | None = None  # the fast path's decode attention; None: $DYNTS_KERNEL, else auto
     graphs: bool | None = None  # CUDA graphs on the fast path; None: $DYNTS_GRAPHS, else on with CUDA
+    compile: bool | None = None  # torch.compile the fast path's step; None: $DYNTS_COMPILE, else off
 
     def fast_config(self) -> FastConfig:
-        return FastConfig.from_environment(kernel=self.kernel, graphs=self.graphs)
+        return FastConfig.from_environment(kernel=self.kernel, graphs=self.graphs, compile=self.compile)
 
     @classmethod
     def of(cls, engine) -> EngineSpec:
