@@ -89,63 +89,62 @@ def count_step_ops(
     return StepOps(total // steps, counter.kernels // steps, top)
 
 
+GEMMS = ("aten.mm", "aten.addmm", "aten.bmm", "aten.baddbmm")
+
+
+class RecordingRegion:
+    """Stands in for a fused-decoder region: runs it eagerly, counting its kernels and keeping its first args."""
+
+    def __init__(self, fn, counter: OpCounter):
+        self.fn, self.counter = fn, counter
+        self.calls, self.kernels, self.gemms, self.args = 0, 0, 0, None
+
+    def __call__(self, *args):
+        before, gemms = self.counter.kernels, sum(self.counter.ops[g] for g in GEMMS)
+        out = self.fn(*args)
+        self.calls += 1
+        self.kernels += self.counter.kernels - before
+        self.gemms += sum(self.counter.ops[g] for g in GEMMS) - gemms
+        if self.args is None:
+            self.args = args
+        return out
+
+
 @torch.no_grad()
-def count_compiled_step_kernels(
-    loaded, policy: str = "full", rows: int = 8, prompt_len: int = 16, budget=None, head=None, mode: str = "default"
-) -> int:
-    """Kernels per step of the compiled step: inductor's generated kernels + the aten ops its wrapper calls."""
+def count_fused_step_kernels(loaded, policy="full", rows=8, prompt_len=16, steps=2, budget=None, head=None) -> dict:
+    """Kernels per step of the fused decoder, eager and compiled. Compiled, each region call runs inductor's
+    generated kernels for that region plus its GEMMs (external kernels); the ops between regions (the cache write,
+    attention, scoring, sampling) stay as they are."""
     from torch._inductor import metrics
 
+    from dynts.fast.fused_decoder import attention_inputs, layer_output
+
     budget = budget or BudgetConfig(None)
-    capacity = budget.budget if budget.compresses else prompt_len + 8
-    sampling = SamplingConfig(greedy=True, max_new_tokens=4, ignore_eos=True)
-    config = FastConfig(compile=True, compile_mode=mode)
-    engine = FastEngine(loaded, policy, budget, sampling, rows, head=head, fast=config)
+    capacity = budget.budget if budget.compresses else prompt_len + steps + 4
+    sampling = SamplingConfig(greedy=True, max_new_tokens=steps + 2, ignore_eos=True)
+    engine = FastEngine(loaded, policy, budget, sampling, rows, head=head, fast=FastConfig(fused=True))
     stepper, held = _stepper(engine, rows, prompt_len, capacity)
+    counter = OpCounter()
+    regions = [RecordingRegion(attention_inputs, counter), RecordingRegion(layer_output, counter)]
     try:
-        torch._dynamo.reset()  # a graph compiled earlier in this process would not count its kernels
-        before = metrics.generated_kernel_count
-        stepper.step(held)  # compiles
-        generated = metrics.generated_kernel_count - before
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-            stepper.step(held)
-        extern = sum(
-            1
-            for e in prof.events()
-            if e.cpu_parent is not None
-            and e.cpu_parent.name.startswith("Torch-Compiled Region")
-            and e.name.startswith("aten::")
-        )
-        eager_rest = count_rest(prof)
+        stepper.step(held)
+        engine.fused_decoder().set_regions(*regions)
+        with counter:
+            for _ in range(steps):
+                stepper.step(held)
     finally:
+        engine.fused_decoder().set_regions(attention_inputs, layer_output)
         stepper.close()
-    return generated + extern + eager_rest
-
-
-def count_rest(prof) -> int:
-    """aten ops of the step outside the compiled region (scoring and sampling stay eager), views left out."""
-    return sum(
-        1
-        for e in prof.events()
-        if e.cpu_parent is None and e.name.startswith("aten::") and e.name not in VIEW_EVENT_NAMES
-    )
-
-
-VIEW_EVENT_NAMES = {
-    "aten::view",
-    "aten::reshape",
-    "aten::transpose",
-    "aten::t",
-    "aten::slice",
-    "aten::select",
-    "aten::unsqueeze",
-    "aten::squeeze",
-    "aten::expand",
-    "aten::as_strided",
-    "aten::permute",
-    "aten::alias",
-    "aten::detach",
-    "aten::_unsafe_view",
-    "aten::unflatten",
-    "aten::flatten",
-}
+    eager = counter.kernels // steps
+    compiled = eager
+    per_region = []
+    for region in regions:
+        torch._dynamo.reset()
+        before = metrics.generated_kernel_count
+        torch.compile(region.fn, fullgraph=True, dynamic=False)(*region.args)
+        generated = metrics.generated_kernel_count - before
+        per_call = generated + region.gemms // region.calls
+        per_region.append({"eager": region.kernels // region.calls, "compiled": per_call, "generated": generated})
+        compiled += (per_call - region.kernels // region.calls) * (region.calls // steps)
+    torch._dynamo.reset()
+    return {"eager": eager, "compiled": compiled, "regions": per_region}

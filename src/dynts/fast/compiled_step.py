@@ -67,11 +67,20 @@ class CompileFailure:
 
 
 class CompiledStage:
-    """fn compiled with `config`, called with a shape key (the row count): the first call of each key is a compile
-    (its time goes to compile_s); an exception while compiling falls back to fn for good, with one warning."""
+    """fn compiled with `config`: the first call of each shape (key(args): by default the first argument's shape)
+    is a compile (its time goes to compile_s); an exception while compiling falls back to fn for good, with one
+    warning."""
 
-    def __init__(self, fn: Callable, config: CompileConfig, failure: CompileFailure, synchronize: Callable[[], None]):
+    def __init__(
+        self,
+        fn: Callable,
+        config: CompileConfig,
+        failure: CompileFailure,
+        synchronize: Callable[[], None],
+        key: Callable = lambda args: tuple(args[0].shape),
+    ):
         self.fn = fn
+        self.key = key
         self.config = config
         self.failure = failure
         self.synchronize = synchronize
@@ -89,9 +98,10 @@ class CompiledStage:
     def active(self) -> bool:
         return self.failure.reason is None
 
-    def __call__(self, shape_key, *args, **kwargs):
+    def __call__(self, *args, **kwargs):
         if not self.active:
             return self.fn(*args, **kwargs)
+        shape_key = self.key(args)
         if shape_key in self.shapes:
             return self.compiled(*args, **kwargs)
         start = time.perf_counter()

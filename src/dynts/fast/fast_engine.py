@@ -29,7 +29,7 @@ from dynts.engine.engine import Engine
 from dynts.errors import DynTSError
 from dynts.fast.attention import KERNELS, resolve_kernel
 from dynts.fast.compiled_step import CompileConfig, CompiledStage, CompileFailure, compile_from_environment
-from dynts.fast.fused_decoder import FUSED_TYPES, FusedDecoder
+from dynts.fast.fused_decoder import FUSED_TYPES, FusedDecoder, attention_inputs, layer_output
 from dynts.fast.profile import DecodeProfile
 from dynts.fast.static_stepper import StaticStepper
 from dynts.fast.step import StaticStep
@@ -141,7 +141,8 @@ class FastEngine(Engine):
         self.kernel_checked: dict = {}  # kernel -> why it failed its check against SDPA, or None
         self._warned = False
         self.compile_failure = CompileFailure()
-        self._compiled: CompiledStage | None = None
+        self._compiled: CompiledStage | None = None  # the whole forward stage (the model's forward)
+        self._regions: tuple[CompiledStage, ...] = ()  # the fused decoder's two layer regions
         self._fused: FusedDecoder | None = None
 
     def fused_decoder(self) -> FusedDecoder | None:
@@ -151,18 +152,34 @@ class FastEngine(Engine):
             wanted = self.loaded.model.config.model_type in FUSED_TYPES
         if wanted and self._fused is None:
             self._fused = FusedDecoder(self.loaded.model)
+            if self.fast.compile:  # regional: every layer runs the same two compiled regions
+                self._regions = tuple(
+                    CompiledStage(fn, self.fast.compile_config(), self.compile_failure, self.synchronize)
+                    for fn in (attention_inputs, layer_output)
+                )
+                self._fused.set_regions(*self._regions)
         return self._fused if wanted else None
 
     def compiled_forward(self) -> CompiledStage | None:
-        """The compiled forward stage, shared by every batch of this engine (so each shape compiles once), or None
-        when compiling is off or has failed."""
-        if not self.fast.compile or self.compile_failure.reason is not None:
+        """The compiled forward stage of the model's own forward (when the fused decoder is off), shared by every
+        batch of this engine (so each shape compiles once), or None when compiling is off or has failed."""
+        if not self.fast.compile or self.compile_failure.reason is not None or self.fused_decoder() is not None:
             return None
         if self._compiled is None:
             self._compiled = CompiledStage(
-                StaticStep.forward, self.fast.compile_config(), self.compile_failure, self.synchronize
+                StaticStep.forward,
+                self.fast.compile_config(),
+                self.compile_failure,
+                self.synchronize,
+                key=lambda args: (args[0].cache.rows_allocated, args[0].cache.capacity),
             )
         return self._compiled
+
+    def compile_totals(self) -> tuple[bool, float, int]:
+        """(the step runs compiled, seconds spent compiling, compiles) over this engine's life."""
+        stages = [s for s in (self._compiled, *self._regions) if s is not None]
+        active = bool(stages) and self.compile_failure.reason is None
+        return active, sum(s.compile_s for s in stages), sum(s.compiles for s in stages)
 
     @torch.no_grad()
     def warm_up(self, rows: Sequence[int], capacity: int) -> float:

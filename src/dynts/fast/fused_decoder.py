@@ -7,11 +7,13 @@ function for llama, mistral, qwen2 and qwen3 decoders with
 - one QKV and one gate/up projection per layer (merge_projections re-lays the weights so that the model's own
   q/k/v and gate/up Linear modules hold views of one tensor: no second copy, the model computes what it did);
 - rotary on q and k together (they are adjacent rows of the QKV output) with a sign-folded sine, no cat;
-- RMSNorm as torch's fused rms_norm, and the residual add folded into the norm that follows it;
-- SiLU·mul in place.
-It writes keys and values through the cache's own `update` and attends through the attention function the model
-is set to (the static path's, registered with transformers' AttentionInterface), so eviction policies observe
-attention as they do on the model's forward; nothing of transformers' code is replaced.
+- each layer as two pure regions, attention_inputs (norm, QKV, rotary) and layer_output (output projection,
+  residual add + RMSNorm, gate/up, SiLU·mul, down, residual add + the next RMSNorm), the same code for every layer:
+  compiled (compiled_step.py), each region becomes a few fused kernels around its GEMMs, compiled once for all
+  layers instead of once per layer.
+Between the regions it writes keys and values through the cache's own `update` and attends through the attention
+function the model is set to (the static path's, registered with transformers' AttentionInterface), so eviction
+policies observe attention as they do on the model's forward; nothing of transformers' code is replaced.
 `tests/test_compiled_step.py` checks it equals the model's forward.
 """
 
@@ -85,12 +87,47 @@ class FusedLayer(nn.Module):
             self.qk_norm = (weight, q_norm.variance_epsilon)
 
 
-def rms_norm(x: torch.Tensor, norm) -> torch.Tensor:
-    """transformers' RMSNorm (computed in fp32, scaled after the cast back) in one op where the dtype allows."""
-    eps = norm.variance_epsilon
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """transformers' RMSNorm: computed in fp32, scaled by the weight after the cast back."""
     if x.dtype == torch.float32:
-        return F.rms_norm(x, (x.shape[-1],), norm.weight, eps)
-    return norm.weight * F.rms_norm(x.float(), (x.shape[-1],), None, eps).to(x.dtype)
+        return F.rms_norm(x, (x.shape[-1],), weight, eps)
+    return weight * F.rms_norm(x.float(), (x.shape[-1],), None, eps).to(x.dtype)
+
+
+def attention_inputs(h, qkv_weight, qkv_bias, qk_norm_weight, cos, sin, heads: int, kv_heads: int, eps: float):
+    """Region 1 of a layer (pure: same code for every layer): the normed input h [n, 1, hidden] -> query
+    [n, H, 1, d], key and value [n, kvh, 1, d], with one QKV projection and rotary on q and k together."""
+    n, d = h.shape[0], cos.shape[-1]
+    qkv = F.linear(h, qkv_weight, qkv_bias).view(n, 1, heads + 2 * kv_heads, d)
+    qk, v = qkv[:, :, : heads + kv_heads], qkv[:, :, heads + kv_heads :]
+    if qk_norm_weight is not None:  # qwen3: RMSNorm over each head's dims
+        qk = qk_norm_weight * F.rms_norm(qk.float(), (d,), None, eps).to(qk.dtype)
+    swapped = qk.unflatten(-1, (2, d // 2)).flip(-2).flatten(-2)
+    qk = qk * cos + swapped * sin
+    return qk[:, :, :heads].transpose(1, 2), qk[:, :, heads:].transpose(1, 2), v.transpose(1, 2)
+
+
+def layer_output(
+    x,
+    attn,
+    o_weight,
+    o_bias,
+    post_weight,
+    gate_up_weight,
+    gate_up_bias,
+    down_weight,
+    down_bias,
+    next_weight,
+    eps: float,
+    next_eps: float,
+):
+    """Region 2 of a layer (pure): residual + output projection, RMSNorm, one gate/up projection, SiLU·mul, down
+    projection, residual, and the next RMSNorm (the next layer's input norm, or the final one) -> (x, normed x)."""
+    x = x + F.linear(attn, o_weight, o_bias)
+    h = rms_norm(x, post_weight, eps)
+    gate, up = F.linear(h, gate_up_weight, gate_up_bias).chunk(2, dim=-1)
+    x = x + F.linear(F.silu(gate) * up, down_weight, down_bias)
+    return x, rms_norm(x, next_weight, next_eps)
 
 
 class FusedDecoder(nn.Module):
@@ -109,6 +146,12 @@ class FusedDecoder(nn.Module):
         self.rotary = decoder.rotary_emb
         self.norm = decoder.norm
         self.layers = nn.ModuleList([FusedLayer(layer, config) for layer in decoder.layers[: config.num_hidden_layers]])
+        self.regions = (attention_inputs, layer_output)  # or their compiled forms (set_regions)
+
+    def set_regions(self, pre, post) -> None:
+        """Run the layers' two regions through these callables (compiled_step.CompiledStage of attention_inputs and
+        layer_output): every layer calls the same code, so each compiles once for all layers."""
+        self.regions = (pre, post)
 
     def rotary_tables(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos [n, 1, d] and the sign-folded sin [n, 1, d] (-sin on the first half): rope(x) = x cos + swap(x) sin',
@@ -120,31 +163,36 @@ class FusedDecoder(nn.Module):
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, cache, attention_mask, **kwargs) -> torch.Tensor:
         attention = ALL_ATTENTION_FUNCTIONS[self.config._attn_implementation]
+        pre, post = self.regions
         x = self.embed(tokens[:, None])  # [n, 1, hidden]
         n = x.shape[0]
         cos, sin = self.rotary_tables(x, positions)
         cos, sin = cos[:, None], sin[:, None]  # [n, 1, 1, d]: broadcast over heads
-        h = rms_norm(x, self.layers[0].input_norm) if self.layers else x
+        first = self.layers[0].input_norm
+        h = rms_norm(x, first.weight, first.variance_epsilon)
         for i, layer in enumerate(self.layers):
-            d, heads, kv_heads = layer.head_dim, layer.heads, layer.kv_heads
-            qkv = F.linear(h, layer.qkv_weight, layer.qkv_bias).view(n, 1, heads + 2 * kv_heads, d)
-            qk, v = qkv[:, :, : heads + kv_heads], qkv[:, :, heads + kv_heads :]
-            if layer.qk_norm is not None:
-                weight, eps = layer.qk_norm
-                qk = weight * F.rms_norm(qk.float(), (d,), None, eps).to(qk.dtype)
-            swapped = qk.unflatten(-1, (2, d // 2)).flip(-2).flatten(-2)
-            qk = qk * cos + swapped * sin  # [n, 1, heads + kv_heads, d]
-            query = qk[:, :, :heads].transpose(1, 2)  # [n, H, 1, d]
-            key = qk[:, :, heads:].transpose(1, 2)
-            keys, values = cache.update(key, v.transpose(1, 2), layer.layer_idx)
+            qk_weight, qk_eps = layer.qk_norm if layer.qk_norm is not None else (None, 0.0)
+            query, key, value = pre(
+                h, layer.qkv_weight, layer.qkv_bias, qk_weight, cos, sin, layer.heads, layer.kv_heads, qk_eps
+            )
+            keys, values = cache.update(key, value, layer.layer_idx)  # the cache's own write rule
             out, _ = attention(
                 layer.attn, query, keys, values, attention_mask, dropout=0.0, scaling=layer.scaling, **kwargs
             )
-            x = x + layer.o_proj(out.reshape(n, 1, heads * d))
-            h = rms_norm(x, layer.post_norm)
-            gate_up = F.linear(h, layer.gate_up_weight, layer.gate_up_bias)
-            gate, up = gate_up[..., : layer.intermediate], gate_up[..., layer.intermediate :]
-            x = x + layer.down_proj(F.silu(gate) * up)
             following = self.layers[i + 1].input_norm if i + 1 < len(self.layers) else self.norm
-            h = rms_norm(x, following)
+            post_norm, o, gate_up, down = layer.post_norm, layer.o_proj, layer, layer.down_proj
+            x, h = post(
+                x,
+                out.reshape(n, 1, -1),
+                o.weight,
+                o.bias,
+                post_norm.weight,
+                gate_up.gate_up_weight,
+                gate_up.gate_up_bias,
+                down.weight,
+                down.bias,
+                following.weight,
+                post_norm.variance_epsilon,
+                following.variance_epsilon,
+            )
         return h

@@ -71,8 +71,7 @@ class StaticStepper:
                 compiled=engine.compiled_forward(),
                 fused=engine.fused_decoder(),
             )
-        compiled = self.step_.compiled
-        self._compile_before = (compiled.compile_s, compiled.compiles) if compiled is not None else (0.0, 0)
+        self._compile_before = engine.compile_totals()
         self._attention = static_attention(engine.loaded.model)
         self._attention.__enter__()
         self.clock = StageClock(self.device)
@@ -259,10 +258,9 @@ class StaticStepper:
         self.profile.capture_s += self.step_.capture_s
         self.profile.captures += self.step_.captures
         self.profile.graphs = bool(self.step_.graphs)
-        compiled = self.step_.compiled
-        if compiled is not None:
-            self.profile.compiled = compiled.active
-            self.profile.compile_s += compiled.compile_s - self._compile_before[0]
-            self.profile.compiles += compiled.compiles - self._compile_before[1]
+        active, compile_s, compiles = self.engine.compile_totals()
+        self.profile.compiled = active
+        self.profile.compile_s += compile_s - self._compile_before[1]
+        self.profile.compiles += compiles - self._compile_before[2]
         self.profile.fused = self.step_.fused is not None
         self._attention.__exit__(None, None, None)

@@ -190,7 +190,7 @@ class StaticStep:
     def _forward(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self.compiled is None:
             return self.forward()
-        return self.compiled(self.cache.rows_allocated, self)
+        return self.compiled(self)
 
     # --- running ------------------------------------------------------------------------------------
     def _guard(self, where: str, allow_host_data: bool = False):
