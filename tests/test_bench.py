@@ -13,7 +13,13 @@ import torch
 
 from dynts.cli.main import main
 from dynts.config import BudgetConfig
-from dynts.experiments.roofline import cached_tokens_per_step, kv_bytes_per_token, parameter_bytes, roofline
+from dynts.experiments.roofline import (
+    cached_tokens_per_step,
+    kv_bytes_per_token,
+    parameter_bytes,
+    roofline,
+    streamed_weight_bytes,
+)
 
 TINY_ARGS = [
     "--batch",
@@ -81,6 +87,51 @@ def test_roofline_reproduces_the_issue(shape, issue_bound):
     assert bound.max_cached_tokens == 5000
     assert 3000 < bound.mean_cached_tokens < 5000  # the schedule's mean: the bound it gives is higher
     assert bound.tps_bound > bound.tps_bound_at_max
+
+
+def meta_model(shape):
+    from transformers import AutoModelForCausalLM
+
+    from dynts.models.shapes import shape_config
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(shape_config(shape), dtype=torch.bfloat16)
+
+
+def test_streamed_weights_leave_out_the_embedding_table():
+    """A step reads the batch's rows of an untied embedding table, not the table (1.09 GB at R1-Qwen-7B); a table
+    tied to the LM head is streamed by the head, once."""
+    model = meta_model("r1-qwen-7b")
+    table = model.get_input_embeddings().weight
+    assert not model.config.tie_word_embeddings
+    left_out = parameter_bytes(model) - streamed_weight_bytes(model, 20)
+    assert left_out == table.numel() * 2 - 20 * table.shape[1] * 2
+    assert 1.08e9 < left_out < 1.10e9
+    tied = meta_model("smollm2-135m")
+    assert tied.config.tie_word_embeddings and streamed_weight_bytes(tied, 20) == parameter_bytes(tied)
+
+
+def test_largest_batch_sizes_what_a_row_allocates(make_tiny):
+    """bytes_per_row (what --batch max divides the free memory by) covers everything a fast-path row allocates:
+    its K/V, slot buffers (per-head ones included) and row buffers, for the policies with the most of them."""
+    from dynts.experiments.bench import bytes_per_row
+    from dynts.fast.fast_engine import FastEngine
+    from dynts.fast.profile import DecodeProfile
+    from dynts.models.importance_head import random_head
+
+    lm = make_tiny("qwen2")
+    for policy in ("h2o", "snapkv", "dynts"):
+        head = random_head(lm.hidden_size) if policy == "dynts" else None
+        engine = FastEngine(lm, policy, BudgetConfig(24, 4, 0.5), batch_size=3, head=head)
+        engine.last_profile = DecodeProfile()
+        stepper = engine.stepper(3, 24)
+        cache = stepper.cache
+        buffers = [*cache.slot.values()]
+        for layer in cache.layers:
+            buffers += [layer.keys, layer.values, *layer.slot.values(), *layer.rows.values()]
+        allocated = sum(b.numel() * b.element_size() for b in buffers) // 3
+        stepper.close()
+        assert bytes_per_row(engine, 24, 30) >= allocated > 24 * kv_bytes_per_token(lm.model.config, lm.dtype)
 
 
 def test_length_schedule():

@@ -159,6 +159,7 @@ def test_compile_flag_reaches_the_engine_spec(monkeypatch):
     for command in (["generate", "--prompt", "x"], ["eval", "--out", "o"]):
         args = build_parser().parse_args([*command, "--policy", "full", "--compile"])
         spec = engine_spec_from_args(args)
-        assert spec.compile is True and spec.fast_config().compile
+        assert spec.compile is True and FastConfig.from_environment(compile=spec.compile).compile
         args = build_parser().parse_args([*command, "--policy", "full"])
-        assert engine_spec_from_args(args).compile is None and not engine_spec_from_args(args).fast_config().compile
+        spec = engine_spec_from_args(args)
+        assert spec.compile is None and not FastConfig.from_environment(compile=spec.compile).compile

@@ -177,5 +177,9 @@ def test_shared_prefix_gives_the_same_figures(smollm):
         for count in ("positions_all", "positions_after", "positions_answer"):
             assert a[count] == b[count], (a, b)
         for figure in ("kl_all", "kl_after", "kl_answer"):
-            assert a[figure] == pytest.approx(b[figure], rel=1e-3, abs=1e-4), (a["policy"], figure)
+            # a figure with no positions (kl_after of the full cache, which never compresses) is None in both runs
+            assert (a[figure] is None) == (b[figure] is None), (a["policy"], figure, a[figure], b[figure])
+            if a[figure] is not None:
+                assert a[figure] == pytest.approx(b[figure], rel=1e-3, abs=1e-4), (a["policy"], figure)
+        assert any(a["kl_after"] is not None for a in shared)  # the budgeted policies do compress
         assert a["top1_all"] == pytest.approx(b["top1_all"], abs=1.5 / a["positions_all"])

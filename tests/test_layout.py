@@ -1,9 +1,10 @@
 """The package's layering, read from the source (AST, nothing imported): every module imports only from its own
 layer or the layers below it, and no two modules import each other in a cycle.
 
-Layers, top to bottom: cli -> experiments -> predictor -> harness -> runtime -> api -> fast -> engine -> policies
--> kv -> models -> the base modules (config, errors). The predictor reads the result store of the harness
-(collected traces), so it sits above it. The package root is lazy and may be imported from anywhere.
+Layers, top to bottom: cli -> experiments -> predictor -> harness -> serving -> runtime -> api -> fast -> engine
+-> policies -> kv -> models -> the base modules (config, errors). The predictor reads the result store of the
+harness (collected traces), so it sits above it; the HTTP server (serving) drives the engine core and reads only
+the runtime's engine spec. The package root is lazy and may be imported from anywhere.
 """
 
 from __future__ import annotations
@@ -26,12 +27,13 @@ RANK = {
     "fast": 5,
     "api": 6,
     "runtime": 7,
-    "harness": 8,
-    "predictor": 9,
-    "experiments": 10,
-    "cli": 11,
-    "__main__": 12,
-    "__init__": 12,
+    "serving": 8,
+    "harness": 9,
+    "predictor": 10,
+    "experiments": 11,
+    "cli": 12,
+    "__main__": 13,
+    "__init__": 13,
 }
 
 
@@ -124,12 +126,13 @@ def test_the_checker_sees_a_violation(tmp_path):
 def test_python_dash_m_dynts_runs():
     proc = subprocess.run([sys.executable, "-m", "dynts", "--help"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    for command in ("generate", "eval", "fidelity", "sweep", "bench", "policies"):
+    for command in ("generate", "serve", "eval", "fidelity", "sweep", "bench", "policies"):
         assert command in proc.stdout
 
 
 @pytest.mark.parametrize(
-    "folder", ["models", "kv", "policies", "engine", "fast", "runtime", "harness", "predictor", "experiments", "cli"]
+    "folder",
+    ["models", "kv", "policies", "engine", "fast", "runtime", "serving", "harness", "predictor", "experiments", "cli"],
 )
 def test_every_folder_is_a_documented_package(folder):
     init = PACKAGE / folder / "__init__.py"

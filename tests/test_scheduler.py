@@ -145,6 +145,44 @@ def test_fast_path_rows_are_released_in_buckets(lm_with_eos):
     assert releases and all(after <= before // 2 for before, after in releases[:-1])
 
 
+def test_static_batching_releases_in_buckets_and_refills_never_wait(lm_with_eos):
+    """Static batching on the fast path releases finished rows by the same bucket rule (a new row count, so a new
+    capture, per halving of the rows, not per finished row), and a refill into a running batch does not wait for
+    the device: only the first rows' prefills synchronize. Captures are counted by the capture guard (one
+    recording per capture a GPU would make), synchronizations on the engine."""
+    counts = {}
+    for batching in ("static", "continuous"):
+        engine = engines(lm_with_eos, "window", 6, fast=True, batching=batching, capture_check=True)
+        guards, releases, syncs = [], [], []
+        original_stepper, original_sync = engine.stepper, engine.synchronize
+
+        def watched(rows, capacity, on_logits=None, stepper=original_stepper, guards=guards, releases=releases):
+            made = stepper(rows, capacity, on_logits)
+            guards.append(made.step_.capture_guard)
+            release = made.release
+
+            def spy(live):
+                if len(live) < len(made.counts):
+                    releases.append((len(made.counts), len(live)))
+                release(live)
+
+            made.release = spy
+            return made
+
+        engine.stepper = watched
+        engine.synchronize = lambda sync=original_sync, syncs=syncs: syncs.append(1) or sync()
+        out = engine.generate(PROMPTS)
+        alone = [figures(engines(lm_with_eos, "window", 1, fast=False).generate([p]).results[0]) for p in PROMPTS]
+        assert [figures(r) for r in out.results] == alone
+        counts[batching] = (len(guards), sum(g.recordings for g in guards), releases, len(syncs))
+    batches, captures, releases, syncs = counts["static"]  # two batches: 6 requests, then 1
+    assert batches == 2 and syncs == 6 + 1, counts
+    assert releases and all(after <= before // 2 for before, after in releases[:-1]), counts
+    assert len(releases) <= 2 and captures <= 1 + len(releases) + 1, counts  # 6 -> 3 -> 1 at most
+    batches, captures, releases, syncs = counts["continuous"]
+    assert batches == 1 and syncs == 6, counts  # the seventh request is a refill: no sync
+
+
 def test_failing_kernel_falls_back_to_sdpa_with_one_warning(lm_with_eos, monkeypatch):
     import dynts.fast.attention as attention
 

@@ -11,6 +11,12 @@ _LAZY = {
     "load_model": "dynts.models.loading",
     "BudgetConfig": "dynts.config",
     "SamplingConfig": "dynts.config",
+    "SamplingParams": "dynts.config",
+    "EngineCore": "dynts.engine.core",
+    "RequestOutput": "dynts.engine.core",
+    "Request": "dynts.engine.requests",
+    "EngineSpec": "dynts.engine.spec",
+    "build_engine": "dynts.api",
 }
 
 

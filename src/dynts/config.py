@@ -1,4 +1,8 @@
-"""Small self-validating configs shared by the engine, the policies and the CLI, and the paper's defaults."""
+"""Small self-validating configs shared by the engine, the policies and the CLI, the paper's defaults, and the
+names and defaults the command-line parser needs.
+
+This module imports nothing heavy (no torch, no transformers), so `dynts --help` can read it.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +14,18 @@ from dynts.errors import DynTSError
 # The paper's frame for R1-Qwen (R1-Llama runs r=0.3) and its evaluation protocol.
 PAPER_BUDGET, PAPER_WINDOW, PAPER_RATIO = 5000, 2000, 0.4
 PAPER_MAX_NEW_TOKENS, PAPER_SAMPLES = 16384, 5
+DEFAULT_MAX_NEW_TOKENS = 1024
+# Cache slots per row of a policy that never compresses, when requests arrive over time and nothing says more:
+# the model's max positions, capped here so that a default full-cache engine does not allocate 32k slots a row.
+DEFAULT_MAX_MODEL_LEN = 4096
 THINK_END = "</think>"  # the end-of-thinking marker of reasoning models: the answer follows it
+
+# Choices the parser offers; the modules that act on them import these.
+DTYPES = ("fp32", "bf16", "fp16")  # weights and cache dtype
+KERNELS = ("auto", "sdpa", "triton", "flash")  # decode attention of the static fast path (fast/attention.py)
+DEFAULT_BAND = "quantile:0.75:0.9"  # the importance head's heavily weighted label band (predictor/train.py)
+FIGURE_KINDS = ("budget", "heatmap", "methods", "steps", "lengths")  # the figures `dynts plot` draws
+DEFAULT_SEED, DEFAULT_RESAMPLES, DEFAULT_PERMUTATIONS = 0, 2000, 10000  # Pass@1 intervals (harness/uncertainty.py)
 
 
 @dataclass(frozen=True)
@@ -64,6 +79,26 @@ class BudgetConfig:
     def kept_after_compression(self, length: int) -> int:
         return self.window + self.selected_count(length)
 
+    def scaled(self, budget: int) -> BudgetConfig:
+        """The frame of a request that asks for its own budget b <= B: the same ratio r and the window scaled with
+        it, W * b / B rounded (at least 1, or 0 for the no-window ablation). Raises a DynTSError saying why a
+        value cannot be taken."""
+        if self.budget is None:
+            raise DynTSError("this engine's policy never compresses: a per-request KV budget needs a budgeted policy")
+        if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
+            raise DynTSError(f"a per-request KV budget must be a positive number of tokens, got {budget!r}")
+        if budget > self.budget:
+            raise DynTSError(f"a per-request KV budget ({budget}) may not exceed the engine's budget ({self.budget})")
+        if budget == self.budget:
+            return self
+        window = 0 if self.window == 0 else max(1, int(math.floor(self.window * budget / self.budget + 0.5)))
+        try:
+            return BudgetConfig(budget, window, self.ratio, self.allow_zero_window)
+        except DynTSError as exc:
+            raise DynTSError(
+                f"a per-request KV budget of {budget} (window {window} = W*b/B, ratio {self.ratio}) is unusable: {exc}"
+            ) from None
+
     def check_prompt(self, prompt_len: int, protects_prompt: bool) -> None:
         """Raise a clear error when a prompt cannot live inside this budget."""
         if self.budget is None:
@@ -94,7 +129,7 @@ class SamplingConfig:
     top_p: float = 0.95
     top_k: int = 20
     seed: int = 42
-    max_new_tokens: int = 1024
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
     ignore_eos: bool = False  # force max_new_tokens (benchmarks)
 
     def __post_init__(self):
@@ -110,3 +145,74 @@ class SamplingConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How one request is decoded (the per-request counterpart of SamplingConfig, named as vLLM names them).
+
+    temperature: 0 = greedy (argmax); else temperature -> top-k -> top-p sampling. top_k: 0 or -1 = off.
+    seed: the request's sampler seed. max_new_tokens: the most tokens it may generate. ignore_eos: run to
+    max_new_tokens. stop_token_ids: more tokens that end the sequence (finish reason "stop", as EOS).
+    """
+
+    temperature: float = SamplingConfig.temperature
+    top_p: float = SamplingConfig.top_p
+    top_k: int = SamplingConfig.top_k
+    seed: int = SamplingConfig.seed
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
+    ignore_eos: bool = False
+    stop_token_ids: tuple[int, ...] = ()
+
+    def __post_init__(self):
+        def number(value) -> bool:
+            return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+        def integer(value) -> bool:
+            return isinstance(value, int) and not isinstance(value, bool)
+
+        if not number(self.temperature) or self.temperature < 0:
+            raise DynTSError(f"temperature must be a number >= 0 (0 is greedy), got {self.temperature!r}")
+        if not number(self.top_p) or not 0 < self.top_p <= 1:
+            raise DynTSError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if not integer(self.top_k) or self.top_k < -1:
+            raise DynTSError(f"top_k must be an integer >= -1 (0 or -1 disables it), got {self.top_k!r}")
+        if not integer(self.seed):
+            raise DynTSError(f"seed must be an integer, got {self.seed!r}")
+        if not integer(self.max_new_tokens) or self.max_new_tokens < 1:
+            raise DynTSError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
+        if not isinstance(self.ignore_eos, bool):
+            raise DynTSError(f"ignore_eos must be true or false, got {self.ignore_eos!r}")
+        stops = self.stop_token_ids
+        if isinstance(stops, (str, bytes)) or not all(integer(t) and t >= 0 for t in _items(stops)):
+            raise DynTSError(f"stop_token_ids must be a list of non-negative token ids, got {stops!r}")
+        object.__setattr__(self, "stop_token_ids", tuple(stops))
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    def sampler_key(self) -> tuple:
+        """What the next-token distribution depends on (requests with equal keys are sampled together)."""
+        if self.greedy:
+            return ("greedy",)
+        return (float(self.temperature), float(self.top_p), max(self.top_k, 0))
+
+    @classmethod
+    def from_config(cls, config: SamplingConfig) -> SamplingParams:
+        """An engine's SamplingConfig as the params of a request that brings none."""
+        return cls(
+            temperature=0.0 if config.greedy else config.temperature,
+            top_p=config.top_p,
+            top_k=config.top_k,
+            seed=config.seed,
+            max_new_tokens=config.max_new_tokens,
+            ignore_eos=config.ignore_eos,
+        )
+
+
+def _items(value) -> list:
+    try:
+        return list(value)
+    except TypeError:
+        return [None]

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from dynts.config import PAPER_BUDGET, PAPER_RATIO, PAPER_WINDOW, SamplingConfig
+from dynts.config import DTYPES, KERNELS, PAPER_BUDGET, PAPER_RATIO, PAPER_WINDOW, SamplingConfig
 from dynts.errors import DynTSError
 from dynts.harness.store import MANIFEST_FILE
 
@@ -28,7 +28,7 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--dtype",
         default=None,
-        choices=["fp32", "bf16", "fp16"],
+        choices=DTYPES,
         help="weights and cache dtype (default: bf16 on CUDA, fp32 on CPU)",
     )
 
@@ -44,15 +44,15 @@ def add_policy_opt_flag(p, scope: str = "the policy") -> None:
 
 
 def add_policy_flags(p: argparse.ArgumentParser) -> None:
-    from dynts.policies import POLICIES
+    from dynts.policies import POLICY_NAMES
 
     g = p.add_argument_group("KV budget")
     g.add_argument(
         "--policy",
         default="dynts",
-        choices=list(POLICIES),
+        choices=list(POLICY_NAMES),
         metavar="POLICY",
-        help=f"eviction policy: {', '.join(POLICIES)} (default: dynts; see dynts policies)",
+        help=f"eviction policy: {', '.join(POLICY_NAMES)} (default: dynts; see dynts policies)",
     )
     add_policy_opt_flag(g)
     add_frame_flags(g)
@@ -99,7 +99,6 @@ def add_sampling_flags(p: argparse.ArgumentParser, max_new_tokens: int | None) -
 
 def add_decode_flags(p: argparse.ArgumentParser) -> None:
     from dynts.engine.scheduler import BATCHING
-    from dynts.fast.attention import KERNELS
 
     g = p.add_argument_group("decode path")
     g.add_argument(
@@ -173,7 +172,7 @@ def budget_from_args(args):
 
 def engine_spec_from_args(args):
     """The engine settings of the flags, every one checked, without loading anything."""
-    from dynts.runtime.executor import EngineSpec, options_key
+    from dynts.engine.spec import EngineSpec, options_key
 
     budget = budget_from_args(args)
     sampling = sampling_from_args(args)
@@ -194,6 +193,7 @@ def engine_spec_from_args(args):
         kernel=args.kernel,
         graphs=args.graphs,
         compile=getattr(args, "compile", None),
+        max_model_len=getattr(args, "max_model_len", None),  # a command with a --max-model-len flag (serve)
     )
 
 

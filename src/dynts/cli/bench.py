@@ -5,12 +5,12 @@ from __future__ import annotations
 import json
 
 from dynts.cli.args import add_compile_flag, add_frame_flags, add_policy_opt_flag
-from dynts.fast.attention import KERNELS
+from dynts.config import DTYPES, KERNELS
 from dynts.models.shapes import SHAPES
 
 
 def register(subparsers) -> None:
-    from dynts.policies import POLICIES
+    from dynts.policies import POLICY_NAMES
 
     b = subparsers.add_parser(
         "bench",
@@ -43,7 +43,7 @@ def register(subparsers) -> None:
         help="load the real weights (the embedded GGUF, or the Hugging Face model)",
     )
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    g.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"], help="default: bf16 on CUDA, fp32 on CPU")
+    g.add_argument("--dtype", default=None, choices=DTYPES, help="default: bf16 on CUDA, fp32 on CPU")
     g = b.add_argument_group("workload")
     g.add_argument(
         "--batch", default="20", help="sequences decoded together, or 'max': the largest that fits (CUDA) (default 20)"
@@ -54,7 +54,7 @@ def register(subparsers) -> None:
     g.add_argument(
         "--policy",
         default="dynts",
-        choices=list(POLICIES),
+        choices=list(POLICY_NAMES),
         metavar="POLICY",
         help="eviction policy (default dynts, with a random importance head of the paper's size "
         "8192,2048 for large models, 512,128 for small ones)",

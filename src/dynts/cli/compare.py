@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dynts.harness.uncertainty import DEFAULT_PERMUTATIONS, DEFAULT_RESAMPLES, DEFAULT_SEED
+from dynts.config import DEFAULT_PERMUTATIONS, DEFAULT_RESAMPLES, DEFAULT_SEED
 
 
 def register(sub) -> None:

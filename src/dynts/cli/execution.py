@@ -7,25 +7,14 @@ from dynts.cli.args import engine_spec_from_args
 
 def build_engine(args, trace_steps: bool = False, on_step=None):
     """Validate every flag before the (slow) model load, then load and build the engine."""
-    from dynts.api import make_engine
+    from dataclasses import replace
+
+    from dynts.api import build_engine as build
     from dynts.models.loading import load_model
 
-    spec = engine_spec_from_args(args)
+    spec = replace(engine_spec_from_args(args), trace_steps=trace_steps)
     loaded = load_model(args.model, device=args.device, dtype=args.dtype)
-    return make_engine(
-        loaded,
-        spec.policy,
-        spec.budget,
-        spec.sampling,
-        spec.batch_size,
-        head_path=spec.head_path,
-        trace_steps=trace_steps,
-        on_step=on_step,
-        fast=spec.fast,
-        fast_config=spec.fast_config(),
-        policy_options=spec.options,
-        batching=spec.batching,
-    )
+    return build(loaded, spec, on_step=on_step)
 
 
 def open_executor(args, model: str, dtype: str | None):

@@ -10,7 +10,7 @@ import argparse
 import sys
 
 from dynts import __version__
-from dynts.cli import bench, compare, evaluate, fidelity, generate, policies, predictor, sweep
+from dynts.cli import bench, compare, evaluate, fidelity, generate, policies, predictor, serve, sweep
 from dynts.errors import DynTSError
 
 
@@ -31,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"dynts {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    for command in (generate, evaluate, compare, predictor, fidelity, sweep, bench, policies):
+    for command in (generate, serve, evaluate, compare, predictor, fidelity, sweep, bench, policies):
         command.register(sub)
     return parser
 

@@ -8,9 +8,8 @@ from pathlib import Path
 
 from dynts.cli.args import add_model_flags, add_ray_flags, add_sampling_flags, engine_spec_from_args, existing_run
 from dynts.cli.execution import open_executor
-from dynts.config import PAPER_MAX_NEW_TOKENS
+from dynts.config import DEFAULT_BAND, PAPER_MAX_NEW_TOKENS
 from dynts.errors import DynTSError
-from dynts.predictor.train import DEFAULT_BAND
 
 
 def register(sub) -> None:

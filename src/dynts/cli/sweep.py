@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from dynts.cli.args import add_model_flags, add_policy_opt_flag, add_ray_flags, add_sampling_flags, sampling_from_args
+from dynts.config import FIGURE_KINDS as KINDS
 from dynts.config import PAPER_MAX_NEW_TOKENS, PAPER_RATIO, PAPER_SAMPLES, PAPER_WINDOW
 from dynts.errors import DynTSError
 
@@ -55,8 +56,7 @@ def sweep_defaults(model: str, head: str | None) -> dict:
 
 def register(subparsers) -> None:
     """Add `sweep` and `plot` to the dynts subcommands."""
-    from dynts.experiments.plots import KINDS
-    from dynts.policies import POLICIES
+    from dynts.policies import POLICY_NAMES
 
     sw = subparsers.add_parser(
         "sweep",
@@ -72,7 +72,7 @@ def register(subparsers) -> None:
     grid.add_argument(
         "--policies",
         default=None,
-        help=f"comma-separated from: {', '.join(POLICIES)}; 'full' runs once, budget-independent; "
+        help=f"comma-separated from: {', '.join(POLICY_NAMES)}; 'full' runs once, budget-independent; "
         "NAME:KEY=VALUE sets a policy option (e.g. h2o:scope=shared)",
     )
     add_policy_opt_flag(grid, "every policy of the grid that has KEY")

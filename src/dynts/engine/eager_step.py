@@ -1,7 +1,9 @@
 """The eager decode step: transformers' forward over the budgeted cache, one token per live row per step.
 
 Its step costs what its rows cost (the cache is planned over the longest row each step), so a row left without a
-sequence is dropped at once, and tokens are read back every step: the scheduler learns them right away.
+sequence is dropped at once (and rows are added again when requests wait), and tokens are read back every step:
+the scheduler learns them right away. Each row samples with its own request's params and compresses in its own
+budget frame.
 """
 
 from __future__ import annotations
@@ -11,14 +13,17 @@ import time
 import torch
 
 from dynts.engine.sampling import next_tokens
-from dynts.engine.scheduler import LiveSequence, Poll, StepLog
+from dynts.engine.stepper import LiveSequence, Poll, StepLog
 from dynts.kv.attention import StepContext
 from dynts.policies import TokenBatch
 
 
 class EagerStepper:
+    """The eager engine's Stepper (stepper.py)."""
+
     reports_at_once = True
     release_in_buckets = False
+    can_grow = True
 
     def __init__(self, engine, rows: int, capacity: int, on_logits=None):
         self.engine = engine
@@ -37,7 +42,7 @@ class EagerStepper:
     def admit(self, row: int, seq: LiveSequence) -> None:
         engine = self.engine
         self.cache.reset_row(row)
-        seq.generator = torch.Generator(device=self.device).manual_seed(int(seq.request.seed))
+        seq.generator = torch.Generator(device=self.device).manual_seed(int(seq.seed))
         hidden = engine.feed(self.cache, row, seq.request.prompt_ids, is_prompt=True)
         logits = engine.lm_head(hidden[:, -1])
         engine.synchronize()
@@ -52,6 +57,13 @@ class EagerStepper:
         self.cache.select_rows(live)
         self.pending = self.pending[torch.tensor(live, device=self.device)]
 
+    def grow(self, rows: int) -> None:
+        self.cache.add_rows(rows)
+        self.pending = torch.cat([self.pending, self.pending.new_zeros(rows)])
+
+    def finishing(self, held) -> bool:
+        return False  # tokens are known at once: never needed
+
     # --- one step -----------------------------------------------------------------------------------
     def choose(self, logits: torch.Tensor, sequences: list[LiveSequence]) -> torch.Tensor:
         if self.on_logits is not None:
@@ -63,7 +75,17 @@ class EagerStepper:
             )
         if all(s.request.forced is not None for s in sequences):
             return torch.tensor([s.request.forced[len(s.generated)] for s in sequences], device=self.device)
-        return next_tokens(logits, self.engine.sampling, [s.generator for s in sequences])
+        groups: dict[tuple, list[int]] = {}
+        for i, s in enumerate(sequences):
+            groups.setdefault(s.params.sampler_key(), []).append(i)
+        if len(groups) == 1:  # every row samples alike (the common case): one call over the batch
+            return next_tokens(logits, sequences[0].params, [s.generator for s in sequences])
+        tokens = torch.empty(len(sequences), dtype=torch.long, device=self.device)
+        for rows in groups.values():
+            index = torch.tensor(rows, device=self.device)
+            params = sequences[rows[0]].params
+            tokens[index] = next_tokens(logits[index], params, [sequences[i].generator for i in rows])
+        return tokens
 
     @torch.no_grad()
     def step(self, held: list[LiveSequence]) -> tuple[tuple[float, float], list[int]]:
@@ -109,10 +131,11 @@ class EagerStepper:
         return list(self.cache.lengths)
 
     @torch.no_grad()
-    def compact(self, rows: list[int]) -> None:
+    def compact(self, rows: list[int], budgets) -> None:
         policy = self.engine.policy
-        for row in rows:
-            self.cache.compact_row(row, policy.select(self.cache, row))
+        for row, budget in zip(rows, budgets):
+            keep = policy.select(self.cache, row) if budget is policy.budget else policy.select(self.cache, row, budget)
+            self.cache.compact_row(row, keep)
 
     @torch.no_grad()
     def record(self, log: StepLog) -> None:

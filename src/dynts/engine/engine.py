@@ -1,9 +1,10 @@
 """The budgeted decode engine: prefill, decode, sample, stop, compress, count.
 
 One prompt at a time is prefilled into its cache row (no padding); decoding then advances every unfinished
-sequence by one token per step. A sequence compresses when its own cache length reaches the budget. Which
-request decodes in which row, and when, is the scheduler's (scheduler.py): a row whose sequence ends takes the
-next request at once; the step itself is eager_step.py's.
+sequence by one token per step. A sequence compresses when its own cache length reaches the budget (its own, when
+its request brings one). Which request decodes in which row, and when, is the scheduler's (scheduler.py): a row
+whose sequence ends takes the next request at once; the step itself is eager_step.py's. `stream` and `generate`
+are loops over an EngineCore (core.py), which also takes requests at any time (a server's).
 """
 
 from __future__ import annotations
@@ -13,11 +14,13 @@ from typing import Any
 
 import torch
 
-from dynts.config import BudgetConfig, SamplingConfig
+from dynts.config import DEFAULT_MAX_MODEL_LEN, BudgetConfig, SamplingConfig
+from dynts.engine.core import EngineCore
 from dynts.engine.eager_step import EagerStepper
 from dynts.engine.requests import Request
-from dynts.engine.scheduler import BATCHING, Scheduler
+from dynts.engine.scheduler import BATCHING
 from dynts.engine.stats import GenerationOutput, GenerationResult, RunStats
+from dynts.engine.transfer import to_device
 from dynts.errors import DynTSError
 from dynts.kv.attention import StepContext, use_dynts_attention
 from dynts.kv.cache import BudgetedCache
@@ -41,10 +44,13 @@ class Engine:
         on_step: Callable[[int], None] | None = None,
         policy_options: Mapping[str, Any] | None = None,
         batching: str = "continuous",
+        max_model_len: int | None = None,
     ):
         """policy: a registered name (built with policy_options, head / head_path for the dynts policies) or a
         built Policy. batching: "continuous" (a finished row takes the next request at once) or "static" (batches
-        of batch_size run until their last sequence ends); see scheduler.py."""
+        of batch_size run until their last sequence ends); see scheduler.py. max_model_len: the cache slots per row
+        of a policy that never compresses, for an EngineCore fed over time (None: the model's max positions,
+        at most DEFAULT_MAX_MODEL_LEN); stream/generate size that cache to the longest of their requests instead."""
         if batch_size < 1:
             raise DynTSError(f"--batch-size must be at least 1, got {batch_size}")
         if batching not in BATCHING:
@@ -76,6 +82,23 @@ class Engine:
         self.lm_head = model.get_output_embeddings()
         self.device = loaded.device
         self.num_layers = model.config.num_hidden_layers
+        self.vocab_size = model.get_input_embeddings().num_embeddings
+        positions = getattr(model.config, "max_position_embeddings", None) or DEFAULT_MAX_MODEL_LEN
+        if max_model_len is not None and (isinstance(max_model_len, bool) or not isinstance(max_model_len, int)):
+            raise DynTSError(f"--max-model-len must be a positive number of tokens, got {max_model_len!r}")
+        if max_model_len is not None and max_model_len < 2:
+            raise DynTSError(f"--max-model-len must be at least 2 tokens, got {max_model_len}")
+        self.max_model_len = max_model_len or min(positions, DEFAULT_MAX_MODEL_LEN)
+
+    takes_forced = True  # teacher forcing (Request.forced) runs on this engine's stepper
+
+    def eager_reason(self, on_logits=None) -> str | None:
+        """Why this engine's steppers are eager ones (None: the static fast path); the eager engine's always are."""
+        return "the eager engine"
+
+    def check_sampling(self, params) -> None:
+        """Raise a DynTSError when a request's own SamplingParams cannot be honoured; the eager sampler takes any
+        (it samples each row with its own)."""
 
     # --- public ---------------------------------------------------------------------------------
     def encode(self, prompt: str, chat: bool = True) -> list[int]:
@@ -127,12 +150,52 @@ class Engine:
         self, requests: Iterable[Request], run: RunStats | None = None, on_logits=None
     ) -> Iterator[tuple[Request, GenerationResult]]:
         """Decode requests (continuous batching unless batching="static"), yielding (request, result) as each
-        sequence ends. run collects the figures of the whole stream (finalize it when the stream is done)."""
+        sequence ends. run collects the figures of the whole stream (finalize it when the stream is done).
+
+        A loop over an EngineCore: requests are added as rows may need them (the core always has up to a batch of
+        them waiting, so a freed row is refilled at once), and the core is stepped until it has no work."""
         run = run if run is not None else RunStats()
         overflow_before = self.policy.protected_overflow  # the policy's counter spans all runs of this engine
-        scheduler = Scheduler(self, lambda rows, capacity: self.stepper(rows, capacity, on_logits), self.batching)
-        yield from scheduler.run(requests, run)
+        capacity = None
+        if not self.budget.compresses:  # the cache must fit the longest request: look at all of them first
+            requests = list(requests)
+            if not requests:
+                return
+            capacity = max(len(r.prompt_ids) + self.request_limit(r) for r in requests)
+        core = EngineCore(self, run, capacity=capacity, on_logits=on_logits, full_width=False)
+        queue = iter(requests)
+        given: dict[int, Request] = {}
+        more = True
+
+        def top_up() -> None:
+            nonlocal more
+            while more and core.num_waiting < self.batch_size:
+                request = next(queue, None)
+                if request is None:
+                    more = False
+                else:
+                    given[core.add_request(request)] = request
+
+        try:
+            top_up()
+            while core.has_work():
+                for output in core.step():
+                    if output.finished:
+                        yield given.pop(output.request_id), output.result
+                top_up()
+        finally:
+            core.close()
         run.protected_overflow += self.policy.protected_overflow - overflow_before
+
+    def request_limit(self, request: Request) -> int:
+        """The most tokens a request may generate: its forced tokens, or its (or the engine's) max_new_tokens."""
+        if request.forced is not None:
+            return len(request.forced)
+        return (request.sampling or self.sampling).max_new_tokens
+
+    def core(self, run: RunStats | None = None) -> EngineCore:
+        """An engine core over this engine, for requests that arrive over time (see core.py)."""
+        return EngineCore(self, run, full_width=True)
 
     def stepper(self, rows: int, capacity: int, on_logits=None):
         """The device side of a decode: this engine's steps are eager transformers forwards."""
@@ -167,7 +230,7 @@ class Engine:
         """Append a run of known tokens to one row in one causal forward (a prompt, or a teacher-forced chunk);
         the policy sees them as it would token by token. observer overrides who sees the attention (default: the
         policy, if it asks). Returns the last hidden states [1, n, hidden]."""
-        tokens = torch.tensor([list(token_ids)], device=self.device)
+        tokens = to_device(list(token_ids), self.device)[None]  # no wait on the steps queued before a refill
         positions = self.plan_run(cache, row, len(token_ids))
         if observer is None and self.policy.observes_attention:
             observer = self.policy
@@ -207,12 +270,12 @@ class Engine:
         flags = (
             torch.zeros(1, n, dtype=torch.bool, device=self.device)
             if in_answer is None
-            else torch.tensor([list(in_answer)], dtype=torch.bool, device=self.device)
+            else to_device(list(in_answer), self.device, torch.bool)[None]
         )
         self.policy.on_tokens(
             cache,
             TokenBatch(
-                rows=torch.tensor([row], device=self.device),
+                rows=to_device([row], self.device),
                 slots=slots[None],
                 positions=positions[None],
                 token_ids=tokens,

@@ -1,197 +1,129 @@
-"""One scheduler for both decode paths: requests in, rows kept busy, each result out the moment it ends.
+"""The scheduler of both decode paths: which sequence decodes in which row and when, and the books it keeps.
 
 A batch has up to `batch_size` rows; a row decodes one sequence at a time. With continuous batching, when a
 row's sequence ends and requests are waiting, the next request is prefilled into that row (its slots, positions
 and policy state reset) and joins the next decode step. A fixed KV budget makes this free of memory planning:
 every row holds at most B tokens whichever sequence it decodes. When no request waits, finished rows are
-released: at once by a stepper whose step costs what its rows cost (the eager engine), in buckets (when the live
-rows fall to half) by one that captures a CUDA graph per row count (the static fast path).
-`batching="static"` is the old behaviour: requests are taken `batch_size` at a time and a batch runs until its
-last sequence ends.
+released: at once by a stepper whose step costs what its rows cost (the eager engine, which grows its rows again
+when requests arrive), in buckets (when the live rows fall to half) by one that captures a CUDA graph per row
+count (the static fast path, whose rows are rebuilt once all its sequences have ended). `batching="static"` is
+the old behaviour: requests are taken `batch_size` at a time and a batch runs until its last sequence ends.
 
-What is shared by both paths lives here: the stop rule (stopping.py), the compression trigger
-(BudgetConfig.reached), the statistics (stats.py). A stepper (engine.eager_step.EagerStepper,
-fast.static_stepper.StaticStepper) does the device work and tells the scheduler which tokens it has learnt; the
-static path learns them a chunk late, so the scheduler books a step only once the tokens of that step are known.
-
-A stepper has: `cache`; `reports_at_once` (tokens are known right after they are chosen) and
-`release_in_buckets`; admit(row, seq) (reset the row, prefill, choose the first token); step(held) -> (marks,
-token index each row feeds); lengths(); compact(rows); record(StepLog); poll() -> Poll; idle(row) (a row left
-without a sequence); release(live rows); flush() -> wall seconds not yet booked; bytes_per_token(); close(); and,
-for a stepper that learns tokens late, finishing(held) (no step needed: every sequence is at its last token).
+The scheduler decides and books; it never calls the model. The engine core (core.py) asks it what to do, has the
+stepper (stepper.py) do it, and hands it back what the stepper learnt. What is shared by both paths lives here or
+below: the stop rule (stopping.py), the compression trigger (BudgetConfig.reached, per row: a request may bring
+its own budget), the statistics (stats.py). The static path learns tokens a chunk late, so a step is booked only
+once the tokens of that step are known.
 """
 
 from __future__ import annotations
 
-import itertools
-import time
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
-from typing import Any
+from collections import deque
 
-from dynts.engine.requests import Request
-from dynts.engine.stats import GenerationResult, RunStats, SequenceStats, account_step, step_record
+from dynts.engine.stats import GenerationResult, RunStats, account_step, step_record
+from dynts.engine.stepper import LiveSequence, Poll, StepLog
 from dynts.engine.stopping import stop_reason
 from dynts.errors import DynTSError
+
+__all__ = ["BATCHING", "LiveSequence", "Poll", "Scheduler", "StepLog"]
 
 BATCHING = ("continuous", "static")
 
 
-@dataclass(eq=False)
-class LiveSequence:
-    """A request being decoded: its tokens so far and its figures."""
-
-    request: Request
-    index: int  # admission order within the run
-    limit: int  # tokens it may generate
-    stats: SequenceStats
-    generated: list[int] = field(default_factory=list)
-    in_answer: bool = False  # it has generated its end-of-thinking marker
-    generator: Any = None  # the eager sampler's RNG
-
-    @property
-    def finished(self) -> bool:
-        return bool(self.stats.finish_reason)
-
-
-@dataclass
-class StepLog:
-    """What the host knows about one decode step when it runs: which sequence each row held, which token index
-    it fed, the cache lengths after the step (before compaction) and the rows compacted after it."""
-
-    index: int
-    sequences: list[LiveSequence | None]
-    fed: list[int]
-    lengths: list[int]
-    compressed: set[int]
-    marks: Any = None
-
-
-@dataclass
-class Poll:
-    """What a stepper has learnt since the last poll: new tokens per row (for the sequence the row held when they
-    were produced), the steps whose timings are known (step time, forward time), and wall time to book."""
-
-    tokens: list[tuple[LiveSequence, list[int]]] = field(default_factory=list)
-    settled: list[tuple[StepLog, float, float]] = field(default_factory=list)
-    wall_s: float = 0.0
-
-
 class Scheduler:
-    """Runs requests through a stepper; see the module docstring."""
+    """Rows, the waiting queue and the run's figures; see the module docstring."""
 
-    def __init__(self, engine, make_stepper, batching: str = "continuous"):
+    def __init__(self, engine, run: RunStats, batching: str = "continuous", full_width: bool = False):
         if batching not in BATCHING:
             raise DynTSError(f"--batching must be one of {', '.join(BATCHING)}, got {batching!r}")
-        self.engine = engine
-        self.make_stepper = make_stepper  # (rows, capacity) -> stepper
         self.batching = batching
-        loaded, sampling = engine.loaded, engine.sampling
-        self.eos = frozenset() if sampling.ignore_eos else frozenset(loaded.eos_token_ids)
-        self.think_end = list(loaded.think_end_ids)
-        self.stepper = None
+        self.full_width = full_width  # a stepper that cannot grow opens with, and keeps, batch_size rows
+        self.batch_size = engine.batch_size
+        self.trace_steps = engine.trace_steps
+        self.think_end = list(engine.loaded.think_end_ids)
+        self.tokenizer = engine.loaded.tokenizer
+        self.run = run
+        self.waiting: deque[LiveSequence] = deque()
+        self.held: list[LiveSequence | None] = []  # the sequence each row of the current stepper decodes
+        self.admitted = 0  # sequences given a row so far (their admission order)
+        self.step_index = 0  # decode steps of the current stepper
 
-    def run(self, requests: Iterable[Request], run: RunStats) -> Iterator[tuple[Request, GenerationResult]]:
-        """Yield (request, result) for every request, in the order the sequences end."""
-        engine = self.engine
-        budget = engine.budget
-        if not budget.compresses:  # the cache must fit the longest request: look at all of them first
-            requests = list(requests)
-            if not requests:
-                return
-            capacity = max(len(r.prompt_ids) + self._limit(r) for r in requests)
-        else:
-            capacity = budget.budget
-        queue = iter(requests)
-        counter = itertools.count()
-        if self.batching == "static":
-            while True:
-                batch = list(itertools.islice(queue, engine.batch_size))
-                if not batch:
-                    return
-                yield from self._decode(iter(batch), len(batch), capacity, run, counter, refill=False)
-        else:
-            first = list(itertools.islice(queue, engine.batch_size))
-            if first:
-                yield from self._decode(itertools.chain(first, queue), len(first), capacity, run, counter, True)
+    # --- decisions ---------------------------------------------------------------------------------
+    def rows_to_open(self) -> int:
+        """Rows of a new stepper: as many as there are requests waiting, up to the batch size (full width: the batch
+        size, when anything waits)."""
+        if self.full_width and self.waiting:
+            return self.batch_size
+        return min(self.batch_size, len(self.waiting))
 
-    # --- one stream of requests through one set of rows ----------------------------------------------------
-    def _decode(self, queue: Iterator[Request], rows: int, capacity: int, run: RunStats, counter, refill: bool):
-        engine = self.engine
-        stepper = self.make_stepper(rows, capacity)
-        self.stepper = stepper
-        engine.last_cache = stepper.cache
-        held: list[LiveSequence | None] = [self._admit(stepper, row, next(queue), counter, run) for row in range(rows)]
-        waiting = refill  # whether more requests may come
-        step = 0
-        try:
-            while True:
-                ended = self._take(stepper.poll(), run)
-                admitted = False
-                for seq in ended:
-                    yield seq.request, self._result(seq, run, stepper)
-                ending = [row for row, seq in enumerate(held) if seq is not None and seq.finished]
-                freed = []
-                for row in ending:
-                    held[row] = None
-                    nxt = next(queue, None) if waiting else None
-                    if nxt is None:
-                        waiting = False
-                        freed.append(row)
-                    else:
-                        held[row] = self._admit(stepper, row, nxt, counter, run)
-                        admitted = True
-                if admitted and stepper.reports_at_once:
-                    continue  # a first token may already end its sequence
-                live = [row for row, seq in enumerate(held) if seq is not None]
-                if not live:
-                    run.decode_time_s += stepper.flush()
-                    if len(ending) < len(held):  # the cache keeps the rows of the last sequences, for inspection
-                        stepper.release(ending)
-                    return
-                for row in freed:
-                    stepper.idle(row)
-                if not waiting and len(live) < len(held) and self._release_now(stepper, len(live), len(held)):
-                    stepper.release(live)
-                    held = [held[row] for row in live]
-                if not stepper.reports_at_once and stepper.finishing(held):
-                    continue  # every sequence chose its last token: learn how they ended before stepping on
-                marks, fed = stepper.step(held)
-                lengths = stepper.lengths()
-                full = [
-                    row for row, length in enumerate(lengths) if held[row] is not None and engine.budget.reached(length)
-                ]
-                if full:
-                    stepper.compact(full)
-                stepper.record(StepLog(step, list(held), fed, lengths, set(full), marks))
-                step += 1
-                if engine.on_step is not None:
-                    engine.on_step(len(live))
-        finally:
-            stepper.close()
+    def open(self, rows: int) -> None:
+        self.held = [None] * rows
+        self.step_index = 0
 
-    def _release_now(self, stepper, live: int, rows: int) -> bool:
-        if self.batching == "static" or not stepper.release_in_buckets:
-            return True
-        return live <= rows // 2
+    def rows_to_grow(self, can_grow: bool) -> int:
+        """Rows to add to a running stepper that can grow, so that waiting requests need not wait for a row."""
+        if self.batching != "continuous" or not can_grow or not self.waiting:
+            return 0
+        free = sum(seq is None for seq in self.held)
+        return max(0, min(len(self.waiting) - free, self.batch_size - len(self.held)))
 
-    def _limit(self, request: Request) -> int:
-        return len(request.forced) if request.forced is not None else self.engine.sampling.max_new_tokens
+    def end_rows(self) -> list[int]:
+        """Rows whose sequences have ended (finished or aborted): they are free from now on."""
+        ending = [row for row, seq in enumerate(self.held) if seq is not None and seq.finished]
+        for row in ending:
+            self.held[row] = None
+        return ending
 
-    def _admit(self, stepper, row: int, request: Request, counter, run: RunStats) -> LiveSequence:
-        self.engine.check_prompts([request.prompt_ids])
-        seq = LiveSequence(request, next(counter), self._limit(request), SequenceStats(len(request.prompt_ids)))
-        start = time.perf_counter()
-        stepper.admit(row, seq)
-        seq.stats.prefill_time_s = time.perf_counter() - start
-        seq.stats.peak_kv_tokens = len(request.prompt_ids)
-        run.prefill_time_s += seq.stats.prefill_time_s
-        return seq
+    def assign(self, refill: bool) -> list[tuple[int, LiveSequence]]:
+        """Waiting requests given the free rows, lowest row first (only into a new stepper unless refilling)."""
+        placed = []
+        if not refill:
+            return placed
+        for row, seq in enumerate(self.held):
+            if seq is None and self.waiting:
+                nxt = self.waiting.popleft()
+                nxt.index = self.admitted
+                self.admitted += 1
+                self.held[row] = nxt
+                placed.append((row, nxt))
+        return placed
 
-    def _take(self, poll: Poll, run: RunStats) -> list[LiveSequence]:
+    def live_rows(self) -> list[int]:
+        return [row for row, seq in enumerate(self.held) if seq is not None]
+
+    def rows_to_keep(self, in_buckets: bool, can_grow: bool) -> list[int] | None:
+        """With nothing waiting, the live rows to keep (the rest are released), or None to keep every row: at once,
+        or in buckets (when the live rows fall to half) for a stepper whose shapes are captured; never, at full
+        width, for a stepper that cannot grow back."""
+        live = self.live_rows()
+        if (self.waiting and self.batching == "continuous") or len(live) == len(self.held):
+            return None
+        if self.full_width and not can_grow and self.batching == "continuous":
+            return None
+        if not in_buckets or len(live) <= len(self.held) // 2:  # static batching alike: no capture per finished row
+            return live
+        return None
+
+    def keep(self, rows: list[int]) -> None:
+        self.held = [self.held[row] for row in rows]
+
+    def to_compact(self, lengths: list[int]) -> list[int]:
+        """The compression trigger: rows whose cache holds their budget's B tokens."""
+        return [
+            row for row, (seq, n) in enumerate(zip(self.held, lengths)) if seq is not None and seq.budget.reached(n)
+        ]
+
+    def log(self, fed: list[int], lengths: list[int], compressed: list[int], marks) -> StepLog:
+        log = StepLog(self.step_index, list(self.held), fed, lengths, set(compressed), marks)
+        self.step_index += 1
+        return log
+
+    # --- what the stepper learnt ---------------------------------------------------------------------
+    def update(self, poll: Poll, bytes_per_token) -> list[LiveSequence]:
         """Append the learnt tokens (up to each sequence's stop), book the settled steps; the sequences that
-        ended, in the order they did."""
+        ended, in the order they did. bytes_per_token: the stepper's (called only when a trace needs it)."""
         ended = []
+        run = self.run
         for seq, tokens in poll.tokens:
             if seq.finished:
                 continue
@@ -199,15 +131,13 @@ class Scheduler:
                 seq.generated.append(token)
                 if self.think_end and seq.generated[-len(self.think_end) :] == self.think_end:
                     seq.in_answer = True
-                eos = self.eos if seq.request.forced is None else frozenset()  # forced: the tokens given, all
-                reason = stop_reason(token, len(seq.generated), eos, seq.limit)
+                reason = stop_reason(token, len(seq.generated), seq.eos, seq.limit, seq.stops)
                 if reason:
                     seq.stats.finish_reason = reason
                     ended.append(seq)
                     break
         run.decode_time_s += poll.wall_s
-        budget = self.engine.budget
-        bytes_per_token = self.stepper.bytes_per_token() if self.engine.trace_steps and poll.settled else 0
+        per_token = bytes_per_token() if self.trace_steps and poll.settled else 0
         for log, step_time, forward_time in poll.settled:
             counted = [
                 r
@@ -224,34 +154,27 @@ class Scheduler:
                 [r in log.compressed for r in counted],
                 step_time,
                 forward_time,
-                budget.budget,
+                [log.sequences[r].budget for r in counted],
             )
-            if self.engine.trace_steps:
+            if self.trace_steps:
                 compressed = [log.sequences[r].index for r in counted if r in log.compressed]
                 run.steps.append(
-                    step_record(
-                        log.index,
-                        len(counted),
-                        step_time,
-                        forward_time,
-                        total_kv,
-                        bytes_per_token,
-                        compressed,
-                    )
+                    step_record(log.index, len(counted), step_time, forward_time, total_kv, per_token, compressed)
                 )
         return ended
 
-    def _result(self, seq: LiveSequence, run: RunStats, stepper) -> GenerationResult:
-        stats = seq.stats
+    def result(self, seq: LiveSequence, bytes_per_token: int) -> GenerationResult:
+        """A sequence's result, booked into the run's figures."""
+        run, stats = self.run, seq.stats
         stats.generated_tokens = len(seq.generated)
-        bytes_per_token = stepper.bytes_per_token()
         stats.peak_kv_bytes = stats.peak_kv_tokens * bytes_per_token
         stats.finalize()
         run.sequences += 1
         run.generated_tokens += stats.generated_tokens
         run.compressions += stats.compressions
+        run.evicted_tokens += stats.evicted_tokens
         run.peak_kv_bytes = max(run.peak_kv_bytes, run.peak_kv_tokens * bytes_per_token)
-        text = self.engine.loaded.tokenizer.decode(seq.generated, skip_special_tokens=True)
+        text = self.tokenizer.decode(seq.generated, skip_special_tokens=True)
         return GenerationResult(
             text=text, token_ids=seq.generated, prompt_tokens=len(seq.request.prompt_ids), stats=stats
         )

@@ -6,7 +6,10 @@ compressions are counted lives here once.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+
+from dynts.config import BudgetConfig
 
 
 @dataclass
@@ -17,6 +20,7 @@ class SequenceStats:
     prompt_tokens: int = 0
     generated_tokens: int = 0
     compressions: int = 0
+    evicted_tokens: int = 0  # tokens its compressions dropped from its cache
     peak_kv_tokens: int = 0
     peak_kv_bytes: int = 0
     prefill_time_s: float = 0.0
@@ -53,6 +57,7 @@ class RunStats:
     peak_kv_tokens: int = 0  # largest total cache length over the batch at any step
     peak_kv_bytes: int = 0
     compressions: int = 0
+    evicted_tokens: int = 0
     protected_overflow: int = 0
     steps: list = field(default_factory=list)  # per-step trace when asked for
 
@@ -93,22 +98,26 @@ def account_step(
     compressed: list[bool],
     step_time: float,
     forward_time: float,
-    full_length: int | None,
+    budgets: Sequence[BudgetConfig],
 ) -> int:
     """Book one decode step that advanced `sequences` (cache lengths after the step, before any compaction; which
-    of them were compressed right after it). Returns the step's total cache length.
+    of them were compressed right after it; the budget frame each compresses in). Returns the step's total cache
+    length.
 
     Every sequence is charged the step's whole time (its latency) and an even share of it (so shares sum to the
-    wall clock over any set of sequences); a compressed sequence peaked at the budget (`full_length`) in that
-    step. The run's decode wall time is booked by the caller, which knows the wall clock."""
+    wall clock over any set of sequences); a compressed sequence peaked at its budget in that step and dropped
+    what its compression does not keep. The run's decode wall time is booked by the caller, which knows the wall
+    clock."""
     m = len(sequences)
-    for stats, length, was_compressed in zip(sequences, lengths, compressed):
+    for stats, length, was_compressed, budget in zip(sequences, lengths, compressed, budgets):
         stats.decode_time_s += step_time
         stats.forward_time_s += forward_time
         stats.time_share_s += step_time / m
         stats.forward_share_s += forward_time / m
-        stats.peak_kv_tokens = max(stats.peak_kv_tokens, full_length if was_compressed else length)
-        stats.compressions += was_compressed
+        stats.peak_kv_tokens = max(stats.peak_kv_tokens, budget.budget if was_compressed else length)
+        if was_compressed:
+            stats.compressions += 1
+            stats.evicted_tokens += length - budget.kept_after_compression(length)
     total_kv = sum(lengths)
     run.forward_time_s += forward_time
     run.peak_kv_tokens = max(run.peak_kv_tokens, total_kv)

@@ -20,7 +20,13 @@ import torch
 from dynts.config import PAPER_BUDGET, PAPER_RATIO, PAPER_WINDOW, BudgetConfig, SamplingConfig
 from dynts.engine.engine import Engine
 from dynts.errors import DynTSError
-from dynts.experiments.roofline import kv_bytes_per_token, measure_bandwidth, parameter_bytes, roofline
+from dynts.experiments.roofline import (
+    kv_bytes_per_token,
+    measure_bandwidth,
+    parameter_bytes,
+    roofline,
+    streamed_weight_bytes,
+)
 from dynts.fast.fast_engine import FastConfig, FastEngine
 from dynts.models.importance_head import random_head
 from dynts.models.loading import default_device, load_model, resolve_dtype
@@ -87,19 +93,40 @@ def reset_peak(device: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
-def largest_batch(loaded, config: BenchConfig, reserve_bytes: int = 3 * 2**30) -> int:
-    """Rows that fit in the free GPU memory: each holds a budget of K/V, its buffers and a row of logits."""
-    device = loaded.device
+def bytes_per_row(engine, capacity: int, new_tokens: int) -> int:
+    """GPU memory one row of the fast path takes: what its cache allocates (K/V and every buffer the engine and the
+    policy keep beside it, measured on a one-row cache on the meta device), the keep index and one layer's gathered
+    keys of a compaction of every row at once, the row's generated tokens and a row of logits (and an fp32 copy)."""
+    from dynts.fast.static_cache import StaticBudgetedCache
+
+    model_config = engine.loaded.model.config
+    head_dim = getattr(model_config, "head_dim", None) or model_config.hidden_size // model_config.num_attention_heads
+    cache = StaticBudgetedCache(engine.num_layers, 1, capacity, "meta")
+    cache.add_slot_buffer("position", per_head=False, dtype=torch.long, fill=-1)
+    engine.policy.setup(cache)
+    cache.preallocate(model_config.num_key_value_heads, head_dim, engine.loaded.dtype)
+    buffers = [*cache.slot.values()]
+    for layer in cache.layers:
+        buffers += [layer.keys, layer.values, *layer.slot.values(), *layer.rows.values()]
+    allocated = sum(b.numel() * b.element_size() for b in buffers)
+    layer = cache.layers[0]
+    compaction = capacity * (8 * engine.num_layers * model_config.num_key_value_heads) + layer.keys.numel() * (
+        layer.keys.element_size()
+    )
+    return allocated + compaction + 8 * new_tokens + 16 * model_config.vocab_size
+
+
+def largest_batch(engine, config: BenchConfig, reserve_bytes: int = 3 * 2**30) -> int:
+    """Rows that fit in the free GPU memory (bytes_per_row each), with `reserve_bytes` left for the activations,
+    the graphs' memory pool and the kernels' workspaces. One cache at a time: the scheduler drops a run's cache
+    before the next run allocates its own."""
+    device = engine.device
     if device.type != "cuda":
         raise DynTSError("--batch max needs a CUDA device")
     budget = config.budget_config()
     capacity = budget.budget if budget.compresses else config.prompt_len + config.new_tokens
-    model_config = loaded.model.config
-    per_row = (
-        capacity * (kv_bytes_per_token(model_config, loaded.dtype) + 16)
-        + 8 * config.new_tokens
-        + 16 * model_config.vocab_size
-    )
+    per_row = bytes_per_row(engine, capacity, config.new_tokens)
+    torch.cuda.empty_cache()  # blocks the allocator holds but nothing uses count as free
     free, _ = torch.cuda.mem_get_info(device)
     rows = (free - reserve_bytes) // per_row
     if rows < 1:
@@ -197,11 +224,10 @@ def run_bench(config: BenchConfig) -> dict:
     device = loaded.device
     bandwidth = config.bandwidth_gbps or measure_bandwidth(device)  # before the cache takes the free memory
     head = importance_head(loaded, config)
-    batch = config.batch or largest_batch(loaded, config)
+    if config.batch is None and device.type != "cuda":
+        raise DynTSError("--batch max needs a CUDA device")
+    batch = config.batch or 1  # --batch max: sized below, with the engine's own buffers
     budget = config.budget_config()
-    generator = torch.Generator().manual_seed(config.seed)
-    vocab = loaded.model.config.vocab_size
-    prompts = torch.randint(0, vocab, (batch, config.prompt_len), generator=generator).tolist()
     sampling = SamplingConfig(greedy=True, max_new_tokens=config.new_tokens, ignore_eos=True)
     fast_config = FastConfig(
         graphs=config.graphs, kernel=config.kernel, check_every=config.check_every, compile=config.compile
@@ -221,12 +247,20 @@ def run_bench(config: BenchConfig) -> dict:
         engine = Engine(
             loaded, config.policy, budget, sampling, batch, head=head, policy_options=dict(config.policy_options)
         )
+    if config.batch is None:
+        batch = engine.batch_size = largest_batch(engine, config)
+    generator = torch.Generator().manual_seed(config.seed)
+    vocab = loaded.model.config.vocab_size
+    prompts = torch.randint(0, vocab, (batch, config.prompt_len), generator=generator).tolist()
     engine.sampling = replace(sampling, max_new_tokens=min(config.new_tokens, 8))  # warm-up: kernels, graphs
     warmup = engine.generate(prompts)
     warmup_profile = getattr(engine, "last_profile", None)
     warmup_compile_s = warmup_profile.compile_s if warmup_profile is not None else 0.0
     del warmup
     engine.sampling = sampling
+    engine.last_cache = None  # the warm-up's cache and graphs go before the timed run allocates its own
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
     reset_peak(device)
     start = time.perf_counter()
     out = engine.generate(prompts)
@@ -269,7 +303,7 @@ def run_bench(config: BenchConfig) -> dict:
             eviction_scoring_share=shares["eviction"] + shares["scoring"],
         )
 
-    weights = parameter_bytes(loaded.model) + (parameter_bytes(head) if head is not None else 0)
+    weights = streamed_weight_bytes(loaded.model, batch) + (parameter_bytes(head) if head is not None else 0)
     kv_token = kv_bytes_per_token(loaded.model.config, loaded.dtype)
     bound = roofline(weights, kv_token, batch, config.prompt_len, config.new_tokens, budget, bandwidth)
     report = {
@@ -314,7 +348,13 @@ def run_bench(config: BenchConfig) -> dict:
         if "tps" in eager:
             full = BudgetConfig(None)
             eager_bound = roofline(
-                parameter_bytes(loaded.model), kv_token, batch, config.prompt_len, config.new_tokens, full, bandwidth
+                streamed_weight_bytes(loaded.model, batch),
+                kv_token,
+                batch,
+                config.prompt_len,
+                config.new_tokens,
+                full,
+                bandwidth,
             )
             eager["tps_bound"] = eager_bound.tps_bound
             eager["fraction"] = eager["tps"] / eager_bound.tps_bound

@@ -30,13 +30,14 @@ from __future__ import annotations
 from collections import defaultdict
 from pathlib import Path
 
+from dynts.config import FIGURE_KINDS
 from dynts.errors import DynTSError
 from dynts.experiments.sweep import CellResult, format_ratio, load_cells, write_csv
 from dynts.harness.lengths import TRUNCATED, finish_reason, generated_tokens
 from dynts.harness.store import read_records
 from dynts.policies import POLICIES
 
-KINDS = ("budget", "heatmap", "methods", "steps", "lengths")
+KINDS = FIGURE_KINDS
 DATASET_ORDER = ("aime24", "aime25", "amc23", "gpqa_d", "math500", "gaokao2023en", "gsm8k", "demo")
 DATASET_LABELS = {
     "aime24": "AIME24",

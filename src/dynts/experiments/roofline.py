@@ -5,8 +5,9 @@ A decode step reads every weight once (for the whole batch) and every cached tok
 and TPS <= batch x bandwidth / bytes per step. Under a budget the cached length follows a fixed schedule
 (grow by one per step, drop to W + floor(r (B - W)) at B), so its mean over a run is known in advance.
 The issue's own figures take every row at the full budget B instead (a slightly lower bound); both are given.
-Weight bytes count every parameter once (a tied LM head once); the input embedding is in fact only gathered
-for the batch's tokens, so for a large vocabulary the true bound is a few percent higher.
+Weight bytes count every parameter a step streams once (a tied LM head once). The input embedding table is not
+streamed: a step gathers only the batch's rows of it, so those rows are counted instead (an untied table of a large
+vocabulary, e.g. 1.09 GB at R1-Qwen-7B, would make the bound some 6 % too kind).
 """
 
 from __future__ import annotations
@@ -31,6 +32,18 @@ def parameter_bytes(module: torch.nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in module.parameters())
 
 
+def streamed_weight_bytes(model: torch.nn.Module, batch: int) -> int:
+    """Weight bytes one decode step of `batch` rows reads: every parameter once, but of an input embedding table
+    not shared with the LM head only the batch's rows (one token per row)."""
+    total = parameter_bytes(model)
+    embedding = model.get_input_embeddings().weight
+    output = model.get_output_embeddings()
+    if output is not None and output.weight is embedding:
+        return total  # tied: the LM head streams the whole table
+    row = embedding.shape[-1] * embedding.element_size()
+    return total - embedding.numel() * embedding.element_size() + min(batch, embedding.shape[0]) * row
+
+
 def cached_tokens_per_step(prompt_len: int, new_tokens: int, budget: BudgetConfig) -> list[int]:
     """Tokens each decode step attends to (its own included): new_tokens - 1 steps, the first token comes from
     the prefill."""
@@ -45,7 +58,7 @@ def cached_tokens_per_step(prompt_len: int, new_tokens: int, budget: BudgetConfi
 
 @dataclass
 class Roofline:
-    weight_bytes: int  # model parameters (+ the importance head, read every step when a policy uses one)
+    weight_bytes: int  # streamed weights (+ the importance head, read every step when a policy uses one)
     kv_bytes_per_token: int
     batch: int
     mean_cached_tokens: float  # per row, over the run's schedule
@@ -100,14 +113,17 @@ def measure_bandwidth(device: torch.device, megabytes: int | None = None, repeat
     dst = torch.empty_like(src)
     dst.copy_(src)  # warm-up
     if cuda:
-        torch.cuda.synchronize(device)
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(repeats):
-            dst.copy_(src)
-        end.record()
-        end.synchronize()
-        seconds = start.elapsed_time(end) / 1000.0
+        with torch.cuda.device(device):  # the events and copies on this device's stream, whichever is current
+            torch.cuda.synchronize(device)
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(repeats):
+                dst.copy_(src)
+            end.record()
+            end.synchronize()
+            seconds = start.elapsed_time(end) / 1000.0
+        del src, dst
+        torch.cuda.empty_cache()  # the 2 GiB go back before anything sizes itself by the free memory
     else:
         begin = time.perf_counter()
         for _ in range(repeats):

@@ -7,7 +7,7 @@ capacity a kernel reads:
 - "triton": our split-K kernel (triton_decode.py), reading only each sequence's own length;
 - "flash": flash-attn's `flash_attn_with_kvcache(cache_seqlens=...)`, same idea, when flash-attn is installed.
 "auto" picks flash, then triton, on CUDA, and sdpa elsewhere. Which is fastest is measured by `dynts bench
---kernel ...` (benchmarks/gpu_fast_path.sh).
+--kernel ...` (benchmarks/gpu_probe.sh).
 
 The function registered here is a superset of the engine's: without a StaticStepContext (prefill, the eager
 engine, plain transformers calls) it does exactly what `dynts_attention` does.
@@ -23,12 +23,12 @@ import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
+from dynts.config import KERNELS
 from dynts.errors import DynTSError
 from dynts.fast import triton_decode
 from dynts.kv.attention import StepContext, dynts_attention
 
 ATTENTION_NAME = "dynts-static"
-KERNELS = ("auto", "sdpa", "triton", "flash")
 
 
 def _flash_with_kvcache():
@@ -85,9 +85,22 @@ def check_kernel(
     kernel: str, rows: int, heads: int, kv_heads: int, head_dim: int, capacity: int, dtype, device
 ) -> str | None:
     """Run `kernel` once against SDPA at the real shapes and dtype, with lengths that differ per row; None when
-    it agrees, else why not (it raised, or its output differs beyond the dtype's tolerance)."""
+    it agrees, else why not (it raised, or its output differs beyond the dtype's tolerance). Where the inputs
+    at `rows` rows do not fit in memory (the largest batch), it is checked at a quarter of the rows, and so on."""
     if kernel == "sdpa":
         return None
+    while True:
+        try:
+            return _compare_with_sdpa(kernel, rows, heads, kv_heads, head_dim, capacity, dtype, device)
+        except torch.OutOfMemoryError:
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            if rows == 1:
+                return f"out of memory checking it at 1 row of {capacity} slots"
+            rows = max(1, rows // 4)
+
+
+def _compare_with_sdpa(kernel, rows, heads, kv_heads, head_dim, capacity, dtype, device) -> str | None:
     generator = torch.Generator(device="cpu").manual_seed(0)
 
     def randn(*shape):
@@ -101,20 +114,26 @@ def check_kernel(
     lengths = torch.linspace(1, capacity, rows).long().to(device)
     scale = head_dim**-0.5
     try:
-        got = length_aware_attention(query, key, value, lengths, scale, kernel).float()
+        got = length_aware_attention(query, key, value, lengths, scale, kernel)
+    except torch.OutOfMemoryError:
+        raise
     except Exception as exc:  # noqa: BLE001 (any failure of an optional kernel falls back to sdpa)
         return f"it raised {type(exc).__name__}: {exc}"
-    mask = (torch.arange(capacity, device=device)[None, :] < lengths[:, None])[:, None, None, :]
-    group = heads // kv_heads
-    expected = F.scaled_dot_product_attention(
-        query.float().reshape(rows, kv_heads, group, head_dim),
-        key.float(),
-        value.float(),
-        attn_mask=mask,
-        scale=scale,
-    ).reshape(rows, heads, head_dim)
+    group, errors = heads // kv_heads, []
+    for first in range(0, rows, 8):  # the fp32 reference a few rows at a time: a fraction of the inputs' memory
+        part = slice(first, first + 8)
+        n = query[part].shape[0]
+        mask = (torch.arange(capacity, device=device)[None, :] < lengths[part, None])[:, None, None, :]
+        expected = F.scaled_dot_product_attention(
+            query[part].float().reshape(n, kv_heads, group, head_dim),
+            key[part].float(),
+            value[part].float(),
+            attn_mask=mask,
+            scale=scale,
+        ).reshape(n, heads, head_dim)
+        errors.append((got[part].float() - expected).abs().max())
+    error = torch.stack(errors).max().item()  # NaN stays NaN
     tolerance = 1e-4 if dtype == torch.float32 else 2e-2
-    error = (got - expected).abs().max().item()
     if not error <= tolerance:
         return f"its output differs from SDPA by {error:.3g} (tolerance {tolerance})"
     return None

@@ -26,6 +26,7 @@ import torch
 
 from dynts.config import BudgetConfig, SamplingConfig
 from dynts.engine.engine import Engine
+from dynts.engine.sampling import top_k_count
 from dynts.errors import DynTSError
 from dynts.fast.attention import KERNELS, resolve_kernel
 from dynts.fast.compiled_step import CompileConfig, CompiledStage, CompileFailure, compile_from_environment
@@ -48,6 +49,8 @@ class FastConfig:
     fused: run the forward stage through our fused decoder (fused_decoder.py) instead of the model's forward; None:
         on for the model types it supports.
     sync_check: raise HostSyncError on any host sync inside a step or a compaction (debugging, tests).
+    capture_check: record every tensor the captured step touches and raise CaptureSafetyError at any later step
+        where one is gone, moved or reshaped (capture_guard.py; debugging, tests; works without graphs too).
     warmup_steps: eager steps before a capture.
     """
 
@@ -59,6 +62,7 @@ class FastConfig:
     compile_backend: str = "inductor"
     fused: bool | None = None
     sync_check: bool = False
+    capture_check: bool = False
     warmup_steps: int = 2
 
     def __post_init__(self):
@@ -116,6 +120,7 @@ class FastEngine(Engine):
         fast: FastConfig | None = None,
         policy_options=None,
         batching: str = "continuous",
+        max_model_len: int | None = None,
     ):
         super().__init__(
             loaded,
@@ -129,6 +134,7 @@ class FastEngine(Engine):
             on_step=on_step,
             policy_options=policy_options,
             batching=batching,
+            max_model_len=max_model_len,
         )
         self.fast = (fast or FastConfig.from_environment()).for_device(self.device, loaded.dtype)
         self.fallback_reason: str | None = None
@@ -197,6 +203,35 @@ class FastEngine(Engine):
                 stepper.close()
         return self.last_profile.compile_s
 
+    def eager_reason(self, on_logits=None) -> str | None:
+        """Why this engine's steppers are eager ones (None: the static path)."""
+        return self.fallback_reason or self._eager_reason or ("a logits callback" if on_logits is not None else None)
+
+    @property
+    def takes_forced(self) -> bool:
+        """Teacher forcing runs on the eager stepper: on this engine only inside generate(forced=...) or when the
+        policy sends the whole engine eager."""
+        return self.eager_reason() is not None
+
+    def check_sampling(self, params) -> None:
+        """A request's own sampling params on the static path: per-row device tensors the captured sampler reads
+        (greedy, temperature, top-p; top-k within the engine's top-k candidates). A greedy engine's step is argmax
+        only, so it takes greedy requests alone. (Seeds, max_new_tokens, ignore_eos, stop tokens and budgets are
+        per request on every path.)"""
+        if self.fallback_reason is not None or params.greedy:
+            return
+        if self.sampling.greedy:
+            raise DynTSError(
+                "this engine decodes greedily on the static fast path (its captured step is argmax only): a sampled "
+                "request needs an engine built with sampling, or the eager path (fast=False)"
+            )
+        k = top_k_count(self.sampling, self.vocab_size)
+        if k < self.vocab_size and not 0 < params.top_k <= k:
+            raise DynTSError(
+                f"top_k {params.top_k} is not within the engine's {k} candidates the static fast path samples from: "
+                f"give a top_k from 1 to {k}, or build the engine with a larger top_k (0: the whole vocabulary)"
+            )
+
     @property
     def sampler(self) -> str:
         return "per-sequence torch generators" if self.fallback_reason else "counter-based noise"
@@ -211,16 +246,19 @@ class FastEngine(Engine):
             self._eager_reason = None
 
     def stream(self, requests, run=None, on_logits=None):
-        self.last_profile = DecodeProfile(
-            kernel=self.fast.kernel, graphs=bool(self.fast.graphs), check_every=self.fast.check_every
-        )
+        self.last_profile = self._new_profile()  # one profile per stream (an EngineCore's steppers share one)
         return super().stream(requests, run, on_logits)
 
+    def _new_profile(self) -> DecodeProfile:
+        return DecodeProfile(kernel=self.fast.kernel, graphs=bool(self.fast.graphs), check_every=self.fast.check_every)
+
     def stepper(self, rows: int, capacity: int, on_logits=None):
-        reason = self.fallback_reason or self._eager_reason or ("a logits callback" if on_logits is not None else None)
+        reason = self.eager_reason(on_logits)
         if reason is not None:
             if not self._warned:
                 warnings.warn(f"fast decode path off for {reason}: using the eager engine", stacklevel=4)
                 self._warned = True
             return super().stepper(rows, capacity, on_logits)
+        if self.last_profile is None:
+            self.last_profile = self._new_profile()
         return StaticStepper(self, rows, capacity)

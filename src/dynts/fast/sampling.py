@@ -5,9 +5,15 @@ index, candidate): deterministic per sequence, independent of what else shares t
 device with integer ops. Sampling is the Gumbel-max trick over the protocol's filtered distribution
 (temperature -> top-k -> top-p, the rules of engine/sampling.py). The distribution equals the eager sampler's;
 the random stream does not, so sampled (non-greedy) texts differ between the two paths.
+
+Per-request params (RowSampling): each row's greedy flag, temperature, top-p and top-k live in device tensors the
+captured sampler reads in place; the candidates are the engine's top-k (its count is a shape), so a row's own
+top-k can only narrow them.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -44,16 +50,37 @@ def uniform_noise(seeds: torch.Tensor, step: torch.Tensor, count: int) -> torch.
     return ((bits >> 8).to(torch.float32) + 0.5) / float(1 << 24)
 
 
+@dataclass
+class RowSampling:
+    """Each row's own sampling params, [n] device tensors each (the rows of a DecodeState)."""
+
+    greedy: torch.Tensor  # bool
+    temperature: torch.Tensor  # float32 (1 for a greedy row: never divided by 0)
+    top_p: torch.Tensor  # float32
+    top_k: torch.Tensor  # long: candidates kept, at most the engine's top-k count
+
+
 def choose_tokens(
-    logits: torch.Tensor, config: SamplingConfig, seeds: torch.Tensor, step: torch.Tensor
+    logits: torch.Tensor,
+    config: SamplingConfig,
+    seeds: torch.Tensor,
+    step: torch.Tensor,
+    rows: RowSampling | None = None,
 ) -> torch.Tensor:
-    """logits [n, vocab] -> token ids [n], with no host sync."""
-    if config.greedy:
+    """logits [n, vocab] -> token ids [n], with no host sync. rows: per-row params (the candidate count is still
+    config's top-k); None: config's for every row."""
+    if rows is None and config.greedy:
         return logits.argmax(dim=-1)
     k = top_k_count(config, logits.shape[-1])
-    values, ids = (logits.float() / config.temperature).topk(k, dim=-1)  # sorted, best first
-    if config.top_p < 1.0:
+    scale = config.temperature if rows is None else rows.temperature[:, None]
+    values, ids = (logits.float() / scale).topk(k, dim=-1)  # sorted, best first
+    if rows is not None:
+        beyond = torch.arange(k, device=logits.device)[None, :] >= rows.top_k[:, None]
+        nucleus = nucleus_drop(values.masked_fill(beyond, float("-inf")), rows.top_p[:, None])
+        values = values.masked_fill(beyond | (nucleus & (rows.top_p < 1.0)[:, None]), float("-inf"))
+    elif config.top_p < 1.0:
         values = values.masked_fill(nucleus_drop(values, config.top_p), float("-inf"))
     gumbel = -torch.log(-torch.log(uniform_noise(seeds, step, k)))
     pick = (values + gumbel).argmax(dim=-1, keepdim=True)
-    return ids.gather(1, pick)[:, 0]
+    tokens = ids.gather(1, pick)[:, 0]
+    return tokens if rows is None else torch.where(rows.greedy, logits.argmax(dim=-1), tokens)

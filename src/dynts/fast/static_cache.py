@@ -15,6 +15,8 @@ from dynts.kv.cache import BudgetedCache, StepPlan
 
 
 class StaticBudgetedCache(BudgetedCache):
+    _static_plan: StepPlan | None = None
+
     def preallocate(self, kv_heads: int, head_dim: int, dtype: torch.dtype) -> None:
         """Allocate every layer's keys, values and buffers now, instead of at the first forward."""
         probe = torch.empty(1, kv_heads, 0, head_dim, dtype=dtype, device=self.device)
@@ -30,9 +32,14 @@ class StaticBudgetedCache(BudgetedCache):
         self._fills = {n: torch.tensor(f, dtype=d, device=self.device) for n, (d, f) in fills.items()}
 
     def plan_static_decode(self, write_slots: torch.Tensor) -> None:
-        """Every later decode forward writes row b at slot write_slots[b] and sees the whole capacity."""
-        rows = torch.arange(self.rows_allocated, device=self.device)
-        self.plan = StepPlan(row_index=rows, write_slots=write_slots, kv_len=self.capacity)
+        """Every later decode forward writes row b at slot write_slots[b] (a device tensor the step updates in place)
+        and sees the whole capacity. The plan is made once per row count and write_slots tensor, and put back after
+        each prefill: a captured step goes on reading the same tensors."""
+        plan = self._static_plan
+        rows = self.decode_rows(self.rows_allocated)
+        if plan is None or plan.row_index is not rows or plan.write_slots is not write_slots:
+            plan = self._static_plan = StepPlan(row_index=rows, write_slots=write_slots, kv_len=self.capacity)
+        self.plan = plan
 
     def advance(self) -> None:
         """Host bookkeeping for one decode step (the device lengths advance inside the step itself)."""

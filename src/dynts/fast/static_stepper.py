@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from dynts.engine.scheduler import LiveSequence, Poll, StepLog
+from dynts.engine.stepper import LiveSequence, Poll, StepLog
 from dynts.fast.attention import check_kernel, static_attention
 from dynts.fast.profile import StageClock
 from dynts.fast.static_cache import StaticBudgetedCache
@@ -30,7 +30,8 @@ class _Read:
     """A chunk of tokens on its way to the host, and what the host knew when it asked for it."""
 
     held: list[LiveSequence | None]  # the sequence each row held during the chunk
-    admitted: set[int]  # rows whose column 0 holds the token chosen at their admission
+    admitted: dict[int, int]  # rows whose column 0 holds the token chosen at their admission -> the chunk's steps
+    # run before it (an admission between reads, e.g. into an aborted row: the columns before are the old sequence's)
     logs: list[StepLog]
     host: torch.Tensor  # [rows, 1 + C] (pinned on a GPU)
     event: object
@@ -38,8 +39,11 @@ class _Read:
 
 
 class StaticStepper:
+    """The static fast path's Stepper (engine/stepper.py): its rows are fixed when it is built (it never grows)."""
+
     reports_at_once = False
     release_in_buckets = True
+    can_grow = False
 
     def __init__(self, engine, rows: int, capacity: int):
         self.engine = engine
@@ -52,9 +56,9 @@ class StaticStepper:
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         think_end = tuple(engine.loaded.think_end_ids)
         with self._on_device():
+            kernel = self._checked_kernel(rows, config, head_dim, capacity + slack)  # before the cache takes memory
             self.cache = engine.new_cache(rows, capacity + slack, StaticBudgetedCache)
             self.cache.preallocate(config.num_key_value_heads, head_dim, engine.loaded.dtype)
-            kernel = self._checked_kernel(rows, config, head_dim, capacity + slack)
             state = DecodeState.empty(rows, self.device, self.chunk, max(1, len(think_end)))
             self.step_ = StaticStep(
                 engine.decoder,
@@ -70,19 +74,21 @@ class StaticStepper:
                 sync_check=fast.sync_check,
                 compiled=engine.compiled_forward(),
                 fused=engine.fused_decoder(),
+                capture_check=fast.capture_check,
             )
         self._compile_before = engine.compile_totals()
         self._attention = static_attention(engine.loaded.model)
         self._attention.__enter__()
         self.clock = StageClock(self.device)
         self.counts = [0] * rows  # the token index each row feeds next
-        self.admitted: set[int] = set()
+        self.admitted: dict[int, int] = {}
         self.idle_rows: set[int] = set()
         self.logs: list[StepLog] = []
         self.reads: deque[_Read] = deque()
         self.read_started = time.perf_counter()
         self._marks: list = []
         self._draining = False  # every row reached its last token: read what is there now
+        self.stepped = False  # a decode step has been launched
 
     def _on_device(self):
         """Every stream, event, capture and launch happens on the engine's GPU, whatever the current one is."""
@@ -124,10 +130,11 @@ class StaticStepper:
             hidden = engine.feed(cache, row, seq.request.prompt_ids, is_prompt=True)
             logits = engine.lm_head(hidden[:, -1])
             cache.plan_static_decode(self.step_.state.lengths)  # the prefill planned its own forward
-            self.step_.admit_row(row, logits, seq.request.seed, cache.lengths[row], cache.next_position[row])
-            engine.synchronize()
+            self.step_.admit_row(row, logits, seq.seed, cache.lengths[row], cache.next_position[row], seq.params)
+            if not self.stepped:  # the first rows' prefill is timed; a refill never waits for the queued steps
+                engine.synchronize()
         self.counts[row] = 0
-        self.admitted.add(row)
+        self.admitted[row] = len(self.logs)
         self.idle_rows.discard(row)
         self._draining = False
 
@@ -148,7 +155,7 @@ class StaticStepper:
             self.step_.keep_rows(live)
         new = {old: i for i, old in enumerate(live)}
         self.counts = [self.counts[r] for r in live]
-        self.admitted = {new[r] for r in self.admitted if r in new}
+        self.admitted = {new[r]: at for r, at in self.admitted.items() if r in new}
         self.idle_rows = {new[r] for r in self.idle_rows if r in new}
 
     # --- one step -----------------------------------------------------------------------------------
@@ -156,6 +163,7 @@ class StaticStepper:
     def step(self, held: list[LiveSequence | None]) -> tuple[list, list[int]]:
         with self._on_device():
             self._marks = self.step_.run(self.clock.mark)
+        self.stepped = True
         self.cache.advance()
         fed = list(self.counts)
         self.counts = [c + 1 for c in self.counts]
@@ -165,9 +173,14 @@ class StaticStepper:
         return list(self.cache.lengths)
 
     @torch.no_grad()
-    def compact(self, rows: list[int]) -> None:
+    def compact(self, rows: list[int], budgets) -> None:
+        """Rows at the same budget are compacted together (they hold the same number of tokens)."""
+        groups: dict = {}
+        for row, budget in zip(rows, budgets):
+            groups.setdefault(budget, []).append(row)
         with self._on_device():
-            self.step_.compact(rows)
+            for budget, group in groups.items():
+                self.step_.compact(group, None if budget is self.engine.budget else budget)
             self._marks.append(self.clock.mark())
 
     def record(self, log: StepLog) -> None:
@@ -189,9 +202,9 @@ class StaticStepper:
             if self.idle_rows:
                 self._restart_idle(sorted(self.idle_rows))
         now = time.perf_counter()
-        self.reads.append(_Read(list(held), set(self.admitted), self.logs, host, event, now - self.read_started))
+        self.reads.append(_Read(list(held), dict(self.admitted), self.logs, host, event, now - self.read_started))
         self.read_started = now
-        self.admitted, self.logs = set(), []
+        self.admitted, self.logs = {}, []
         self.profile.host_reads += 1
 
     def finishing(self, held: list[LiveSequence | None]) -> bool:
@@ -216,7 +229,12 @@ class StaticStepper:
             rows = read.host.tolist()
             steps = len(read.logs)
             poll.tokens += [
-                (seq, ([rows[r][0]] if r in read.admitted else []) + rows[r][1 : 1 + steps])
+                (
+                    seq,
+                    [rows[r][0], *rows[r][1 + read.admitted[r] : 1 + steps]]
+                    if r in read.admitted
+                    else rows[r][1 : 1 + steps],
+                )
                 for r, seq in enumerate(read.held)
                 if seq is not None
             ]

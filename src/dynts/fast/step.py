@@ -18,9 +18,12 @@ from dataclasses import dataclass, fields
 import torch
 
 from dynts.config import SamplingConfig
+from dynts.engine.sampling import top_k_count
+from dynts.engine.transfer import to_device
 from dynts.fast.attention import StaticStepContext
+from dynts.fast.capture_guard import CaptureGuard
 from dynts.fast.host_sync import HostSyncGuard
-from dynts.fast.sampling import MASK32, choose_tokens
+from dynts.fast.sampling import MASK32, RowSampling, choose_tokens
 from dynts.fast.static_cache import StaticBudgetedCache
 from dynts.models.loading import cache_keyword
 from dynts.policies import Policy, TokenBatch
@@ -42,6 +45,11 @@ class DecodeState:
     tail: torch.Tensor  # [n, m] the row's last m tokens (m: the end-of-thinking marker's length), -1 before
     chunk: torch.Tensor  # [n, 1 + C]: column 0 the token chosen at admission, then the tokens of the chunk's steps
     chunk_step: torch.Tensor  # 0-dim: steps into the current chunk of C
+    # The row's own sampling params (RowSampling), read in place by a sampled engine's step:
+    greedy: torch.Tensor  # [n] bool: argmax for this row
+    temperature: torch.Tensor  # [n] float32
+    top_p: torch.Tensor  # [n] float32
+    top_k: torch.Tensor  # [n] candidates kept (at most the engine's top-k count)
 
     @classmethod
     def empty(cls, rows: int, device, chunk: int, tail: int) -> DecodeState:
@@ -58,7 +66,14 @@ class DecodeState:
             tail=torch.full((rows, tail), -1, dtype=torch.long, device=device),
             chunk=torch.full((rows, 1 + chunk), -1, dtype=torch.long, device=device),
             chunk_step=zeros(()),
+            greedy=zeros(rows, dtype=torch.bool),
+            temperature=torch.ones(rows, device=device),
+            top_p=torch.ones(rows, device=device),
+            top_k=zeros(rows),
         )
+
+    def row_sampling(self) -> RowSampling:
+        return RowSampling(self.greedy, self.temperature, self.top_p, self.top_k)
 
     def keep_rows(self, live: list[int]) -> None:
         """Move the live rows to the front and narrow every field to them, in place (see the cache's)."""
@@ -89,6 +104,7 @@ class StaticStep:
         sync_check: bool = False,
         compiled=None,
         fused=None,
+        capture_check: bool = False,
     ):
         """compiled: a compiled_step.CompiledStage of StaticStep.forward (None: eager); fused: a
         fused_decoder.FusedDecoder of the model, run instead of its forward (None: the model's forward)."""
@@ -101,6 +117,8 @@ class StaticStep:
         self.graphs, self.warmup_steps, self.sync_check = graphs, warmup_steps, sync_check
         self.capture_s, self.captures = 0.0, 0
         self.compiled, self.fused = compiled, fused
+        self.capture_guard = CaptureGuard() if capture_check else None
+        self._events: list[str] = []  # what happened to the rows since the last step (for the guard's message)
         self._reset_shape()
 
     def _reset_shape(self) -> None:
@@ -110,6 +128,8 @@ class StaticStep:
         self.cache.plan_static_decode(self.state.lengths)
         self._graphs = None
         self._eager_left = self.warmup_steps
+        if self.capture_guard is not None:
+            self.capture_guard.reset()
 
     # --- the three stages ---------------------------------------------------------------------------
     def forward(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -158,7 +178,7 @@ class StaticStep:
         s.lengths.add_(1)
         s.positions.add_(1)
         s.count.add_(1)
-        tokens = choose_tokens(logits, self.sampling, s.seeds, s.count)
+        tokens = choose_tokens(logits, self.sampling, s.seeds, s.count, self._row_sampling())
         s.chunk.index_copy_(1, s.chunk_step.view(1) + 1, tokens[:, None])
         s.chunk_step.copy_((s.chunk_step + 1) % (s.chunk.shape[1] - 1))
         s.tokens.copy_(tokens)
@@ -166,24 +186,55 @@ class StaticStep:
         if self.think_end is not None:
             s.in_answer |= (s.tail == self.think_end).all(dim=-1)
 
-    def admit_row(self, row: int, logits: torch.Tensor, seed: int, length: int, position: int) -> None:
+    def _row_sampling(self, row: int | None = None) -> RowSampling | None:
+        """The rows' own params when the engine samples (a greedy engine's step is argmax only)."""
+        if self.sampling.greedy:
+            return None
+        rows = self.state.row_sampling()
+        if row is None:
+            return rows
+        return RowSampling(*(getattr(rows, f.name)[row : row + 1] for f in fields(RowSampling)))
+
+    def admit_row(self, row: int, logits: torch.Tensor, seed: int, length: int, position: int, params=None) -> None:
         """A request was prefilled into `row` (its cache row holds `length` tokens, the next at `position`): set
-        the row's state and choose its token number 0 from the prefill logits [1, V]."""
+        the row's state (params: its SamplingParams, None for the engine's) and choose its token number 0 from the
+        prefill logits [1, V]."""
+        self._events.append(f"a refill of row {row}")
         s = self.state
         length_t, position_t, seed_t = device_index([length, position, int(seed) & MASK32], self.device)
         s.lengths[row], s.positions[row], s.seeds[row] = length_t, position_t, seed_t
+        if not self.sampling.greedy:
+            self._set_row_sampling(row, params, logits.shape[-1])
         s.count[row] = 0
         s.in_answer[row] = False
         s.tail[row] = -1
-        token = choose_tokens(logits, self.sampling, s.seeds[row : row + 1], s.count[row : row + 1])
+        token = choose_tokens(
+            logits, self.sampling, s.seeds[row : row + 1], s.count[row : row + 1], self._row_sampling(row)
+        )
         s.chunk[row, 0] = token[0]
         s.tokens[row] = token[0]
         s.tail[row, -1] = token[0]
         if self.think_end is not None:
             s.in_answer[row] = (s.tail[row] == self.think_end).all()
 
+    def _set_row_sampling(self, row: int, params, vocab: int) -> None:
+        """Write a row's params in place (the captured sampler reads these tensors)."""
+        s, config = self.state, self.sampling
+        k = top_k_count(config, vocab)
+        if params is None:
+            greedy, temperature, top_p, top_k = False, config.temperature, config.top_p, k
+        else:
+            greedy, top_p = params.greedy, params.top_p
+            temperature = 1.0 if params.greedy else params.temperature
+            top_k = min(k, params.top_k) if params.top_k > 0 else k
+        floats = torch.tensor([temperature, top_p], dtype=torch.float32).to(self.device)
+        s.temperature[row], s.top_p[row] = floats[0], floats[1]
+        s.top_k[row] = device_index([top_k], self.device)[0]
+        s.greedy[row] = device_index([int(greedy)], self.device)[0].bool()
+
     def idle_rows(self, rows: torch.Tensor) -> None:
         """Rows left without a sequence keep running with the batch until they are released: keep them short."""
+        self._events.append("idle rows restarting")
         self.state.lengths.index_fill_(0, rows, 0)
         self.state.positions.index_fill_(0, rows, 0)
 
@@ -200,6 +251,9 @@ class StaticStep:
         """One step; mark() is called before, between and after the stages, and the marks are returned."""
         if self.graphs and self._graphs is None and self._eager_left <= 0:
             self._try_capture()
+        guard, when = self.capture_guard, self._since()
+        if guard is not None:
+            guard.check(when)
         marks = [mark()]
         if self._graphs is not None:
             for graph in self._graphs:
@@ -207,7 +261,10 @@ class StaticStep:
                 marks.append(mark())
             return marks
         side = self._side_stream()
-        with side if side is not None else contextlib.nullcontext():
+        watch = contextlib.nullcontext()
+        if guard is not None and not self.graphs:  # eager: the step a capture would take, and every one after it
+            watch = guard.recording() if self._eager_left == 0 else guard.comparing(when) if guard.active else watch
+        with side if side is not None else contextlib.nullcontext(), watch:
             with self._guard("the forward stage"):
                 hidden, logits = self._forward()
             marks.append(mark())
@@ -222,6 +279,11 @@ class StaticStep:
         self._eager_left -= 1
         return marks
 
+    def _since(self) -> str:
+        """The events since the last step, in words; the list starts again."""
+        events, self._events = self._events, []
+        return "at the step after " + (", ".join(dict.fromkeys(events)) if events else "another step")
+
     def _try_capture(self) -> None:
         """Capture the stages; a capture that raises leaves the step eager for the rest of the run, with one
         warning naming the cause, instead of stopping the run."""
@@ -229,6 +291,8 @@ class StaticStep:
             self._capture()
         except Exception as exc:  # noqa: BLE001 (any failure of the optional graphs falls back)
             self.graphs, self._graphs = False, None
+            if self.capture_guard is not None:
+                self.capture_guard.reset()
             if torch.cuda.is_available():
                 torch.cuda.synchronize(self.device)
             warnings.warn(
@@ -249,23 +313,27 @@ class StaticStep:
         torch.cuda.synchronize(self.device)
         pool = torch.cuda.graph_pool_handle()
         forward, score, sample = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
-        with torch.cuda.graph(forward, pool=pool):
-            hidden, logits = self._forward()
-        with torch.cuda.graph(score, pool=pool):
-            self.score(hidden)
-        with torch.cuda.graph(sample, pool=pool):
-            self.sample(logits)
+        watch = self.capture_guard.recording() if self.capture_guard is not None else contextlib.nullcontext()
+        with watch:
+            with torch.cuda.graph(forward, pool=pool):
+                hidden, logits = self._forward()
+            with torch.cuda.graph(score, pool=pool):
+                self.score(hidden)
+            with torch.cuda.graph(sample, pool=pool):
+                self.sample(logits)
         self._graphs = (forward, score, sample)
         self._static_outputs = (hidden, logits)  # the graphs write here on every replay
         torch.cuda.synchronize(self.device)
         self.capture_s += time.perf_counter() - start
         self.captures += 1
 
-    def compact(self, rows: list[int]) -> None:
-        """Compress `rows` (all at the budget) on the device; only the row list comes from the host."""
+    def compact(self, rows: list[int], budget=None) -> None:
+        """Compress `rows` (all at the budget: the policy's, or `budget`, their requests' own) on the device; only
+        the row list comes from the host."""
+        self._events.append(f"a compaction of rows {rows}")
         index = device_index(rows, self.device)
         with self._guard("compaction"):
-            keep = keep_slots(self.policy, self.cache, rows)
+            keep = keep_slots(self.policy, self.cache, rows, budget)
             self.cache.compact_rows(rows, index, keep)
             self.state.lengths.index_fill_(0, index, keep.shape[-1])
 
@@ -279,6 +347,4 @@ class StaticStep:
 
 def device_index(values: list[int], device: torch.device) -> torch.Tensor:
     """A small index tensor on `device`; on a GPU through pinned memory, so the host does not wait for the copy."""
-    if device.type == "cuda":
-        return torch.tensor(values, dtype=torch.long).pin_memory().to(device, non_blocking=True)
-    return torch.tensor(values, dtype=torch.long, device=device)
+    return to_device(values, device, torch.long)

@@ -29,11 +29,9 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from dynts.config import DEFAULT_PERMUTATIONS, DEFAULT_RESAMPLES, DEFAULT_SEED
 from dynts.errors import DynTSError
 
-DEFAULT_SEED = 0
-DEFAULT_RESAMPLES = 2000
-DEFAULT_PERMUTATIONS = 10000
 CONFIDENCE = 0.95
 EXACT_PERMUTATION_LIMIT = 16  # at most 2**16 sign patterns are enumerated exactly
 METHOD = "bootstrap over problems, then over each problem's samples; percentile interval"

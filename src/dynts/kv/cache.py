@@ -71,6 +71,18 @@ class BudgetedLayer(CacheLayerMixin):
         self.slot = {k: v[index] for k, v in self.slot.items()}
         self.rows = {k: v[index] for k, v in self.rows.items()}
 
+    def add_rows(self, n: int) -> None:
+        """n empty rows at the end (the owner's rows_allocated already counts them)."""
+        if not self.is_initialized:
+            return
+
+        def grown(buf: torch.Tensor, fill) -> torch.Tensor:
+            return torch.cat([buf, torch.full((n, *buf.shape[1:]), fill, dtype=buf.dtype, device=buf.device)])
+
+        self.keys, self.values = grown(self.keys, 0), grown(self.values, 0)
+        self.slot = {k: grown(v, self.owner.layer_slot_specs[k][1]) for k, v in self.slot.items()}
+        self.rows = {k: grown(v, 0) for k, v in self.rows.items()}
+
     def reset_row(self, row: int) -> None:
         if not self.is_initialized:
             return
@@ -121,6 +133,7 @@ class BudgetedCache(Cache):
         self.lengths: list[int] = [0] * batch_size
         self.next_position: list[int] = [0] * batch_size  # original position of each row's next token
         self.plan: StepPlan | None = None
+        self._decode_rows: dict[int, torch.Tensor] = {}  # row count -> arange(rows), made once
         self.layer_slot_specs: dict[str, tuple[torch.dtype, float]] = {}
         self.layer_row_specs: dict[str, tuple] = {}
         self.slot: dict[str, torch.Tensor] = {}  # shared by all layers and heads: [batch, capacity]
@@ -146,12 +159,20 @@ class BudgetedCache(Cache):
         start = self.lengths[row]
         self.plan = StepPlan(prefill_row=row, kv_len=start + length, start=start)
 
+    def decode_rows(self, n: int) -> torch.Tensor:
+        """The row index [n] of a decode step over n rows: one tensor per row count, kept for the cache's life, so a
+        captured step that reads it (its K/V writes) still finds it after a refill re-planned the step."""
+        rows = self._decode_rows.get(n)
+        if rows is None:
+            rows = self._decode_rows[n] = torch.arange(n, device=self.device)
+        return rows
+
     def plan_decode(self) -> torch.Tensor | None:
         """Plan one token per row; returns the [batch, 1, 1, kv_len] validity mask (None when no row is shorter)."""
         n = len(self.lengths)
         kv_len = max(self.lengths) + 1
         slots = torch.tensor(self.lengths, device=self.device)
-        self.plan = StepPlan(row_index=torch.arange(n, device=self.device), write_slots=slots, kv_len=kv_len)
+        self.plan = StepPlan(row_index=self.decode_rows(n), write_slots=slots, kv_len=kv_len)
         if min(self.lengths) + 1 == kv_len:
             return None
         return (torch.arange(kv_len, device=self.device)[None, :] <= slots[:, None])[:, None, None, :]
@@ -198,6 +219,17 @@ class BudgetedCache(Cache):
         self.lengths = [self.lengths[r] for r in rows]
         self.next_position = [self.next_position[r] for r in rows]
         self.rows_allocated = len(rows)
+
+    def add_rows(self, n: int) -> None:
+        """Add n empty rows at the end (continuous batching: requests arrived after rows were dropped)."""
+        self.rows_allocated += n
+        for name, buf in self.slot.items():
+            extra = torch.full((n, *buf.shape[1:]), self.slot_fill[name], dtype=buf.dtype, device=buf.device)
+            self.slot[name] = torch.cat([buf, extra])
+        for layer in self.layers:
+            layer.add_rows(n)
+        self.lengths += [0] * n
+        self.next_position += [0] * n
 
     # --- introspection ------------------------------------------------------------------------
     def get_seq_length(self, layer_idx: int = 0) -> int:

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from dynts.errors import DynTSError
-from dynts.models.loading import SUPPORTED_TYPES, prepare_model
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
@@ -150,9 +151,15 @@ class NullTokenizer:
         return {}
 
 
-def random_model(name: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, seed: int = 0):
-    """The architecture of `name` with random weights, built directly on `device` in `dtype`, ready for the engine."""
+def random_model(name: str, device: str | torch.device = "cpu", dtype: torch.dtype | None = None, seed: int = 0):
+    """The architecture of `name` with random weights, built directly on `device` in `dtype` (default fp32), ready
+    for the engine. torch and transformers load here, not with the module: the parser reads SHAPES."""
+    import torch
     from transformers import AutoModelForCausalLM
+
+    from dynts.models.loading import SUPPORTED_TYPES, prepare_model
+
+    dtype = torch.float32 if dtype is None else dtype
 
     config = shape_config(name)
     if getattr(config, "model_type", "?") not in SUPPORTED_TYPES:

@@ -85,9 +85,14 @@ class Policy:
         """Scores of slots [0, older) of `row`: shape [older], or [layers, kv_heads, older] if per_head."""
         raise NotImplementedError
 
-    def select(self, cache: BudgetedCache, row: int) -> torch.Tensor:
-        """Sorted slot indices to keep for one row (selection.keep_slots for a single row)."""
-        return keep_slots(self, cache, [row])[0]
+    def select(self, cache: BudgetedCache, row: int, budget: BudgetConfig | None = None) -> torch.Tensor:
+        """Sorted slot indices to keep for one row (selection.keep_slots for a single row); budget: the row's own
+        frame when it has one (a request with its own KV budget)."""
+        return keep_slots(self, cache, [row], budget)[0]
+
+    def check_budget(self, budget: BudgetConfig) -> None:
+        """Raise a DynTSError when this policy cannot compress in `budget`'s frame (called for the engine's frame
+        and for every per-request budget); the base policy takes any."""
 
     def note_overflow(self, overflowed: torch.Tensor) -> None:
         """Count rows whose protected tokens did not all fit, on the device (read only when asked for)."""

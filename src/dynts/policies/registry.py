@@ -1,40 +1,58 @@
 """Policy registry: a name maps to a Policy class and the preset options it runs with.
 
 Adding a policy: write one file with a Policy subclass (its `Config` dataclass holds its options), add one line
-below; `dynts policies` then lists it with its options.
+to POLICY_TABLE; `dynts policies` then lists it with its options.
+
+The table names each class by module, and a class is imported when it is first looked up: the CLI parser reads
+the policy names without importing torch (`dynts --help` stays fast).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
+import importlib
+from collections.abc import Iterator, Mapping
+from typing import TYPE_CHECKING, Any
 
 from dynts.config import BudgetConfig
 from dynts.errors import DynTSError
-from dynts.policies.base import Policy
-from dynts.policies.dynts import DynTSPolicy
-from dynts.policies.full import FullPolicy
-from dynts.policies.h2o import H2OPolicy
 from dynts.policies.options import as_dict, build_config, describe, parse_spec
-from dynts.policies.rkv import RKVPolicy
-from dynts.policies.sepllm import SepLLMPolicy
-from dynts.policies.snapkv import SnapKVPolicy
-from dynts.policies.streaming import StreamingPolicy
-from dynts.policies.window import WindowPolicy
 
-POLICIES: dict[str, tuple[type[Policy], dict[str, Any]]] = {
-    "full": (FullPolicy, {}),
-    "window": (WindowPolicy, {}),
-    "streaming": (StreamingPolicy, {}),
-    "sepllm": (SepLLMPolicy, {}),
-    "h2o": (H2OPolicy, {}),
-    "snapkv": (SnapKVPolicy, {}),
-    "rkv": (RKVPolicy, {}),
-    "dynts": (DynTSPolicy, {}),
-    "dynts-random": (DynTSPolicy, {"selection": "random"}),
-    "dynts-bottom": (DynTSPolicy, {"selection": "bottom"}),
-    "dynts-noquestion": (DynTSPolicy, {"protect_prompt": False}),  # the prompt scored 0
+if TYPE_CHECKING:
+    from dynts.policies.base import Policy
+
+# name: ("module:Class" under dynts.policies, the preset options it runs with)
+POLICY_TABLE: dict[str, tuple[str, dict[str, Any]]] = {
+    "full": ("full:FullPolicy", {}),
+    "window": ("window:WindowPolicy", {}),
+    "streaming": ("streaming:StreamingPolicy", {}),
+    "sepllm": ("sepllm:SepLLMPolicy", {}),
+    "h2o": ("h2o:H2OPolicy", {}),
+    "snapkv": ("snapkv:SnapKVPolicy", {}),
+    "rkv": ("rkv:RKVPolicy", {}),
+    "dynts": ("dynts:DynTSPolicy", {}),
+    "dynts-random": ("dynts:DynTSPolicy", {"selection": "random"}),
+    "dynts-bottom": ("dynts:DynTSPolicy", {"selection": "bottom"}),
+    "dynts-noquestion": ("dynts:DynTSPolicy", {"protect_prompt": False}),  # the prompt scored 0
 }
+POLICY_NAMES: tuple[str, ...] = tuple(POLICY_TABLE)
+
+
+class _Registry(Mapping):
+    """name -> (Policy class, preset), importing each class's module on first use."""
+
+    def __getitem__(self, name: str) -> tuple[type[Policy], dict[str, Any]]:
+        where, preset = POLICY_TABLE[name]
+        module, cls = where.split(":")
+        return getattr(importlib.import_module(f"dynts.policies.{module}"), cls), preset
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(POLICY_TABLE)
+
+    def __len__(self) -> int:
+        return len(POLICY_TABLE)
+
+
+POLICIES: Mapping[str, tuple[type[Policy], dict[str, Any]]] = _Registry()
 
 
 def policy_class(name: str) -> type[Policy]:

@@ -12,14 +12,16 @@ from __future__ import annotations
 import torch
 
 
-def keep_slots(policy, cache, rows: list[int]) -> torch.Tensor:
-    """Sorted kept slots for `rows`: [m, kept], or [m, layers, kv_heads, kept] for per-head policies."""
+def keep_slots(policy, cache, rows: list[int], budget=None) -> torch.Tensor:
+    """Sorted kept slots for `rows`: [m, kept], or [m, layers, kv_heads, kept] for per-head policies. budget: the
+    rows' B / W / r frame when they decode under a budget of their own (None: the policy's)."""
     length = cache.lengths[rows[0]]
     if any(cache.lengths[r] != length for r in rows):
         raise ValueError("rows compacted together must hold the same number of tokens")
-    window = policy.budget.window
+    budget = policy.budget if budget is None else budget
+    window = budget.window
     older = length - window
-    k = policy.budget.selected_count(length)
+    k = budget.selected_count(length)
     scores = torch.stack([policy.score_older(cache, r, older) for r in rows]).float()
     recent = torch.arange(older, length, device=scores.device)
     if policy.per_head:

@@ -24,6 +24,9 @@ class StreamingPolicy(Policy):
 
     def __init__(self, budget, config=None):
         super().__init__(budget, config)
+        self.check_budget(budget)
+
+    def check_budget(self, budget):
         if budget.compresses and self.config.sinks > budget.selected_count(budget.budget):
             raise DynTSError(
                 f"streaming: {self.config.sinks} sink tokens do not fit in the "

@@ -49,6 +49,7 @@ from pathlib import Path
 
 import torch
 
+from dynts.config import DEFAULT_BAND
 from dynts.errors import DynTSError
 from dynts.models.importance_head import HeadConfig, ImportanceHead
 
@@ -56,7 +57,6 @@ INDEX_FILE = "index.json"
 LABELS_DIR = "labels"
 HEAVY_WEIGHT = 5.0
 HEAVY_RANGE = (4.0, 5.0)  # the paper's band of transformed label values, sized for 10k-token R1 traces
-DEFAULT_BAND = "quantile:0.75:0.9"
 
 
 # ----------------------------------------------------------------------------------------------- transforms

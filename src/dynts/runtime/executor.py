@@ -13,60 +13,17 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
-from dynts.api import make_engine
-from dynts.config import BudgetConfig, SamplingConfig
-from dynts.fast.fast_engine import FastConfig
+from dynts.api import build_engine
+from dynts.engine.spec import EngineSpec, options_key
 from dynts.models.importance_head import resolve_head
 from dynts.policies import policy_class
-from dynts.policies.options import as_dict
+
+__all__ = ["ENGINE_CACHE_SIZE", "EngineSpec", "LocalExecutor", "ModelHost", "Task", "options_key"]
 
 ENGINE_CACHE_SIZE = 4  # engines kept per host: a sweep's cells alternate, but each engine's settings are small
-
-
-@dataclass(frozen=True)
-class EngineSpec:
-    """Everything an Engine is built from besides the model: hashable, picklable, sent with each task."""
-
-    policy: str = "full"
-    budget: BudgetConfig = field(default_factory=BudgetConfig)
-    sampling: SamplingConfig = field(default_factory=SamplingConfig)
-    batch_size: int = 8
-    head_path: str | None = None
-    trace_steps: bool = False
-    fast: bool | None = None  # the static fast decode path; None: on with CUDA (dynts.api.make_engine)
-    policy_options: tuple[tuple[str, Any], ...] = ()  # (key, value) pairs, sorted: hashable
-    batching: str = "continuous"
-    kernel: str | None = None  # the fast path's decode attention; None: $DYNTS_KERNEL, else auto
-    graphs: bool | None = None  # CUDA graphs on the fast path; None: $DYNTS_GRAPHS, else on with CUDA
-    compile: bool | None = None  # torch.compile the fast path's step; None: $DYNTS_COMPILE, else off
-
-    def fast_config(self) -> FastConfig:
-        return FastConfig.from_environment(kernel=self.kernel, graphs=self.graphs, compile=self.compile)
-
-    @classmethod
-    def of(cls, engine) -> EngineSpec:
-        """The spec of an already built engine (its head is whatever that engine holds)."""
-        return cls(
-            engine.policy_name,
-            engine.budget,
-            engine.sampling,
-            engine.batch_size,
-            trace_steps=engine.trace_steps,
-            policy_options=options_key(as_dict(engine.policy.config)),
-            batching=engine.batching,
-        )
-
-    @property
-    def options(self) -> dict[str, Any]:
-        return dict(self.policy_options)
-
-
-def options_key(options: dict[str, Any] | None) -> tuple[tuple[str, Any], ...]:
-    """Policy options as sorted (key, value) pairs, the hashable form an EngineSpec holds."""
-    return tuple(sorted((options or {}).items()))
 
 
 @dataclass(frozen=True)
@@ -103,20 +60,7 @@ class ModelHost:
             self._engines.move_to_end(spec)
             return self._engines[spec]
         head = self.head(spec.head_path) if policy_class(spec.policy).uses_head else None
-        engine = make_engine(
-            self.loaded,
-            spec.policy,
-            spec.budget,
-            spec.sampling,
-            spec.batch_size,
-            head=head,
-            head_path=spec.head_path,
-            trace_steps=spec.trace_steps,
-            fast=spec.fast,
-            fast_config=spec.fast_config(),
-            policy_options=spec.options,
-            batching=spec.batching,
-        )
+        engine = build_engine(self.loaded, spec, head=head)
         self._engines[spec] = engine
         unpinned = [key for key in self._engines if key not in self._pinned]
         for key in unpinned[:-ENGINE_CACHE_SIZE]:
