@@ -16,6 +16,7 @@ import torch
 from dynts.config import SamplingConfig
 from dynts.engine.engine import Engine
 from dynts.errors import DynTSError
+from dynts.experiments.op_count import live_sequence
 from dynts.fast.compiled_step import CompileConfig, compile_from_environment
 from dynts.fast.fast_engine import FastConfig, FastEngine
 from dynts.fast.fused_decoder import FusedDecoder
@@ -32,16 +33,11 @@ GREEDY_FULL = dataclasses.replace(GREEDY, max_new_tokens=13)
 def decode_step_outputs(lm, fused: bool):
     """Hidden states and logits of one static decode step after the prompts are prefilled (policy full)."""
     engine = FastEngine(lm, "full", None, GREEDY, 3, fast=FastConfig(fused=fused))
-    from dynts.engine.requests import Request
-    from dynts.engine.scheduler import LiveSequence
-    from dynts.engine.stats import SequenceStats
-
     engine.last_profile = DecodeProfile()
     stepper = engine.stepper(3, 64)
     try:
         for row, prompt in enumerate(PROMPTS):
-            seq = LiveSequence(Request.of(prompt, 0, key=row), row, 10, SequenceStats(len(prompt)))
-            stepper.admit(row, seq)
+            stepper.admit(row, live_sequence(engine, prompt, row, 10))
         with torch.no_grad():
             hidden, logits = stepper.step_.forward()
         keys = [layer.keys.clone() for layer in stepper.cache.layers]

@@ -15,10 +15,10 @@ from dataclasses import dataclass
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from dynts.config import BudgetConfig, SamplingConfig
+from dynts.config import BudgetConfig, SamplingConfig, SamplingParams
 from dynts.engine.requests import Request
-from dynts.engine.scheduler import LiveSequence
 from dynts.engine.stats import SequenceStats
+from dynts.engine.stepper import LiveSequence
 from dynts.fast.fast_engine import FastConfig, FastEngine
 from dynts.fast.profile import DecodeProfile
 
@@ -45,6 +45,23 @@ class StepOps:
     top: list  # the most frequent ops: (name, count per step)
 
 
+def live_sequence(engine, prompt: list[int], index: int, limit: int) -> LiveSequence:
+    """A sequence to admit into a stepper directly (outside the engine core), with the engine's sampling."""
+    params = SamplingParams.from_config(engine.sampling)
+    return LiveSequence(
+        request=Request.of(prompt, 0, key=index),
+        request_id=index,
+        params=params,
+        budget=engine.budget,
+        seed=0,
+        limit=limit,
+        eos=frozenset(),
+        stops=frozenset(),
+        stats=SequenceStats(len(prompt)),
+        index=index,
+    )
+
+
 def _stepper(engine: FastEngine, rows: int, prompt_len: int, capacity: int):
     engine.last_profile = DecodeProfile()
     stepper = engine.stepper(rows, capacity)
@@ -53,7 +70,7 @@ def _stepper(engine: FastEngine, rows: int, prompt_len: int, capacity: int):
     held = []
     for row in range(rows):
         prompt = torch.randint(0, vocab, (prompt_len,), generator=generator).tolist()
-        seq = LiveSequence(Request.of(prompt, 0, key=row), row, 1 << 20, SequenceStats(prompt_len))
+        seq = live_sequence(engine, prompt, row, 1 << 20)
         stepper.admit(row, seq)
         held.append(seq)
     return stepper, held
