@@ -42,7 +42,7 @@ def build_engine(
     )
     chosen = policy if policy is not None else spec.policy
     if use_fast:
-        fast = fast_config or FastConfig.from_environment(kernel=spec.kernel, graphs=spec.graphs)
+        fast = fast_config or FastConfig.from_environment(kernel=spec.kernel, graphs=spec.graphs, compile=spec.compile)
         return FastEngine(loaded, chosen, spec.budget, spec.sampling, spec.batch_size, fast=fast, **common)
     return Engine(loaded, chosen, spec.budget, spec.sampling, spec.batch_size, **common)
 

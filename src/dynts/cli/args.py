@@ -148,6 +148,18 @@ def add_kernel_flags(g) -> None:
         help="capture the fast path's step as CUDA graphs (default: $DYNTS_GRAPHS, else on with CUDA); a capture "
         "that fails falls back to eager steps with a warning",
     )
+    add_compile_flag(g)
+
+
+def add_compile_flag(g) -> None:
+    """--compile/--no-compile (for every command that builds a fast-path engine; serve too)."""
+    g.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="torch.compile the fast path's decode step, once per batch shape, its time reported (default: "
+        "$DYNTS_COMPILE, else off); a compile that fails falls back to the eager step with a warning",
+    )
 
 
 def sampling_from_args(args, max_new_tokens: int | None = None) -> SamplingConfig:
@@ -198,6 +210,7 @@ def engine_spec_from_args(args):
         batching=args.batching,
         kernel=args.kernel,
         graphs=args.graphs,
+        compile=getattr(args, "compile", None),
         max_model_len=getattr(args, "max_model_len", None),  # a command with a --max-model-len flag (serve)
     )
 

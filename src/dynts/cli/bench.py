@@ -63,7 +63,6 @@ def register(subparsers) -> None:
         default=None,
         help="decode steps between host reads of generated tokens (default 16 on CUDA, 1 on CPU)",
     )
-    g.add_argument("--compile", action="store_true", help="torch.compile the forward stage (experimental)")
     g.add_argument(
         "--eager-engine",
         dest="fast",
@@ -88,7 +87,8 @@ def register(subparsers) -> None:
 
 
 def cmd_bench(args) -> int:
-    from dynts.experiments.bench import BenchConfig, format_report, parse_batch, parse_layers, run_bench
+    from dynts.experiments.bench import BenchConfig
+    from dynts.fast.compiled_step import compile_from_environment, format_report, parse_batch, parse_layers, run_bench
     from dynts.policies import policy_config
     from dynts.policies.options import parse_assignments
     from dynts.runtime.executor import options_key
@@ -115,7 +115,7 @@ def cmd_bench(args) -> int:
         kernel=args.kernel,
         graphs=args.graphs,
         check_every=args.check_every,
-        compile=args.compile,
+        compile=compile_from_environment(args.compile),
         head_layers=parse_layers(args.head_layers),
         seed=args.seed,
     )

@@ -172,6 +172,7 @@ def spec_from_args(args):
         batching=args.batching,
         kernel=args.kernel,
         graphs=args.graphs,
+        compile=args.compile,
         policy_options=parse_assignments(args.policy_opt),
     )
 

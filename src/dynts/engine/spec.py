@@ -36,6 +36,7 @@ class EngineSpec:
     kernel: str | None = None
     graphs: bool | None = None
     max_model_len: int | None = None
+    compile: bool | None = None  # torch.compile the fast path's step; None: $DYNTS_COMPILE, else off
 
     def __post_init__(self):
         if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:

@@ -253,7 +253,10 @@ def run_bench(config: BenchConfig) -> dict:
     vocab = loaded.model.config.vocab_size
     prompts = torch.randint(0, vocab, (batch, config.prompt_len), generator=generator).tolist()
     engine.sampling = replace(sampling, max_new_tokens=min(config.new_tokens, 8))  # warm-up: kernels, graphs
-    engine.generate(prompts)
+    warmup = engine.generate(prompts)
+    warmup_profile = getattr(engine, "last_profile", None)
+    warmup_compile_s = warmup_profile.compile_s if warmup_profile is not None else 0.0
+    del warmup
     engine.sampling = sampling
     engine.last_cache = None  # the warm-up's cache and graphs go before the timed run allocates its own
     if device.type == "cuda":
@@ -287,6 +290,9 @@ def run_bench(config: BenchConfig) -> dict:
             host_reads=profile.host_reads,
             captures=profile.captures,
             capture_s=profile.capture_s,
+            compiled=profile.compiled,
+            compile_s=warmup_compile_s + profile.compile_s,
+            fused=profile.fused,
             stage_seconds={
                 "forward": profile.forward_s,
                 "scoring": profile.scoring_s,
@@ -379,6 +385,10 @@ def format_report(r: dict) -> str:
             f"fast path: attention kernel {ours['kernel']}, CUDA graphs {'on' if ours['graphs'] else 'off'}"
             f" ({ours['captures']} captures, {ours['capture_s']:.2f} s), host reads every "
             f"{ours['check_every']} steps ({ours['host_reads']} reads)"
+        )
+        lines.append(
+            f"forward stage: {'fused decoder' if ours['fused'] else 'the model forward'}, "
+            + (f"compiled ({ours['compile_s']:.1f} s compiling, in the warm-up)" if ours["compiled"] else "eager")
         )
     else:
         lines.append("engine: the eager budgeted Engine (--eager-engine)")

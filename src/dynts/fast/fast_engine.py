@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 import torch
@@ -28,8 +29,11 @@ from dynts.engine.engine import Engine
 from dynts.engine.sampling import top_k_count
 from dynts.errors import DynTSError
 from dynts.fast.attention import KERNELS, resolve_kernel
+from dynts.fast.compiled_step import CompileConfig, CompiledStage, CompileFailure, compile_from_environment
+from dynts.fast.fused_decoder import FUSED_TYPES, FusedDecoder, attention_inputs, layer_output
 from dynts.fast.profile import DecodeProfile
 from dynts.fast.static_stepper import StaticStepper
+from dynts.fast.step import StaticStep
 from dynts.models.loading import LoadedModel
 
 
@@ -40,7 +44,10 @@ class FastConfig:
     graphs: capture the step as CUDA graphs (CUDA only; default on there; env DYNTS_GRAPHS=0/1).
     kernel: decode attention, one of attention.KERNELS (env DYNTS_KERNEL when left at "auto").
     check_every: decode steps between host reads of the generated tokens (EOS checks): 16 on CUDA, 1 elsewhere.
-    compile: torch.compile the forward stage before capture (experimental).
+    compile: torch.compile the forward stage (compiled_step.py; env DYNTS_COMPILE=0/1), before any capture.
+    compile_mode: compiled_step.COMPILE_MODES; compile_backend: a torch.compile backend name (default inductor).
+    fused: run the forward stage through our fused decoder (fused_decoder.py) instead of the model's forward; None:
+        on for the model types it supports.
     sync_check: raise HostSyncError on any host sync inside a step or a compaction (debugging, tests).
     capture_check: record every tensor the captured step touches and raise CaptureSafetyError at any later step
         where one is gone, moved or reshaped (capture_guard.py; debugging, tests; works without graphs too).
@@ -51,6 +58,9 @@ class FastConfig:
     kernel: str = "auto"
     check_every: int | None = None
     compile: bool = False
+    compile_mode: str = "default"
+    compile_backend: str = "inductor"
+    fused: bool | None = None
     sync_check: bool = False
     capture_check: bool = False
     warmup_steps: int = 2
@@ -62,11 +72,15 @@ class FastConfig:
             raise DynTSError(f"check_every must be at least 1, got {self.check_every}")
         if self.warmup_steps < 1:
             raise DynTSError(f"warmup_steps must be at least 1, got {self.warmup_steps}")
+        self.compile_config()
+
+    def compile_config(self) -> CompileConfig:
+        return CompileConfig(backend=self.compile_backend, mode=self.compile_mode)
 
     @classmethod
     def from_environment(cls, **given) -> FastConfig:
-        """The config with DYNTS_KERNEL / DYNTS_GRAPHS filling what was not given (flags win over the
-        environment, the environment over the defaults)."""
+        """The config with DYNTS_KERNEL / DYNTS_GRAPHS / DYNTS_COMPILE filling what was not given (flags win over
+        the environment, the environment over the defaults)."""
         kernel = given.pop("kernel", None) or os.environ.get("DYNTS_KERNEL") or "auto"
         graphs = given.pop("graphs", None)
         text = os.environ.get("DYNTS_GRAPHS")
@@ -74,7 +88,8 @@ class FastConfig:
             if text.lower() not in ("0", "1", "true", "false", "on", "off"):
                 raise DynTSError(f"DYNTS_GRAPHS must be 0 or 1, got {text!r}")
             graphs = text.lower() in ("1", "true", "on")
-        return cls(kernel=kernel, graphs=graphs, **given)
+        compile_ = compile_from_environment(given.pop("compile", None))
+        return cls(kernel=kernel, graphs=graphs, compile=compile_, **given)
 
     def for_device(self, device: torch.device, dtype: torch.dtype) -> FastConfig:
         cuda = device.type == "cuda"
@@ -131,6 +146,62 @@ class FastEngine(Engine):
         self._eager_reason: str | None = None  # set by generate() for teacher forcing / a logits callback
         self.kernel_checked: dict = {}  # kernel -> why it failed its check against SDPA, or None
         self._warned = False
+        self.compile_failure = CompileFailure()
+        self._compiled: CompiledStage | None = None  # the whole forward stage (the model's forward)
+        self._regions: tuple[CompiledStage, ...] = ()  # the fused decoder's two layer regions
+        self._fused: FusedDecoder | None = None
+
+    def fused_decoder(self) -> FusedDecoder | None:
+        """The fused decoder the static step runs (built once per engine), or None for the model's forward."""
+        wanted = self.fast.fused
+        if wanted is None:
+            wanted = self.loaded.model.config.model_type in FUSED_TYPES
+        if wanted and self._fused is None:
+            self._fused = FusedDecoder(self.loaded.model)
+            if self.fast.compile:  # regional: every layer runs the same two compiled regions
+                self._regions = tuple(
+                    CompiledStage(fn, self.fast.compile_config(), self.compile_failure, self.synchronize)
+                    for fn in (attention_inputs, layer_output)
+                )
+                self._fused.set_regions(*self._regions)
+        return self._fused if wanted else None
+
+    def compiled_forward(self) -> CompiledStage | None:
+        """The compiled forward stage of the model's own forward (when the fused decoder is off), shared by every
+        batch of this engine (so each shape compiles once), or None when compiling is off or has failed."""
+        if not self.fast.compile or self.compile_failure.reason is not None or self.fused_decoder() is not None:
+            return None
+        if self._compiled is None:
+            self._compiled = CompiledStage(
+                StaticStep.forward,
+                self.fast.compile_config(),
+                self.compile_failure,
+                self.synchronize,
+                key=lambda args: (args[0].cache.rows_allocated, args[0].cache.capacity),
+            )
+        return self._compiled
+
+    def compile_totals(self) -> tuple[bool, float, int]:
+        """(the step runs compiled, seconds spent compiling, compiles) over this engine's life."""
+        stages = [s for s in (self._compiled, *self._regions) if s is not None]
+        active = bool(stages) and self.compile_failure.reason is None
+        return active, sum(s.compile_s for s in stages), sum(s.compiles for s in stages)
+
+    @torch.no_grad()
+    def warm_up(self, rows: Sequence[int], capacity: int) -> float:
+        """Compile (and on CUDA capture) the step for each row count at `capacity` (the budget; for the full cache
+        the longest prompt + max_new_tokens) before timing or serving: one step on an empty cache per shape, thrown
+        away. Returns the seconds spent compiling."""
+        self.last_profile = DecodeProfile(kernel=self.fast.kernel, graphs=bool(self.fast.graphs))
+        for n in rows:
+            stepper = StaticStepper(self, n, capacity)
+            try:
+                for _ in range(self.fast.warmup_steps + 1 if self.fast.graphs else 1):
+                    stepper.step(held=[])
+                self.synchronize()
+            finally:
+                stepper.close()
+        return self.last_profile.compile_s
 
     def eager_reason(self, on_logits=None) -> str | None:
         """Why this engine's steppers are eager ones (None: the static path)."""

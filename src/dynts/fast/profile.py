@@ -21,6 +21,10 @@ class DecodeProfile:
     eviction_s: float = 0.0  # selection + compaction
     capture_s: float = 0.0
     captures: int = 0
+    compiled: bool = False  # the forward stage ran compiled (compiled_step.py)
+    compile_s: float = 0.0  # first calls of each new shape: tracing and compiling
+    compiles: int = 0
+    fused: bool = False  # the forward stage ran our fused decoder (fused_decoder.py)
     host_reads: int = 0
     kernel: str = ""
     graphs: bool = False

@@ -72,9 +72,11 @@ class StaticStepper:
                 graphs=fast.graphs,
                 warmup_steps=fast.warmup_steps,
                 sync_check=fast.sync_check,
-                compile_forward=fast.compile,
+                compiled=engine.compiled_forward(),
+                fused=engine.fused_decoder(),
                 capture_check=fast.capture_check,
             )
+        self._compile_before = engine.compile_totals()
         self._attention = static_attention(engine.loaded.model)
         self._attention.__enter__()
         self.clock = StageClock(self.device)
@@ -274,4 +276,9 @@ class StaticStepper:
         self.profile.capture_s += self.step_.capture_s
         self.profile.captures += self.step_.captures
         self.profile.graphs = bool(self.step_.graphs)
+        active, compile_s, compiles = self.engine.compile_totals()
+        self.profile.compiled = active
+        self.profile.compile_s += compile_s - self._compile_before[1]
+        self.profile.compiles += compiles - self._compile_before[2]
+        self.profile.fused = self.step_.fused is not None
         self._attention.__exit__(None, None, None)

