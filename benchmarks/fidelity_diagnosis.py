@@ -49,7 +49,7 @@ def run(args) -> int:
     from dynts.models.importance_head import ImportanceHead, resolve_head
     from dynts.models.loading import load_model
     from dynts.predictor.labels import label_trace
-    from dynts.predictor.train import predict
+    from dynts.predictor.ranking import predict
 
     run_dir = Path(args.run)
     manifest = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").is_file() else {}

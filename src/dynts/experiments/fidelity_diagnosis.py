@@ -27,15 +27,8 @@ from dynts.engine.replay import replay
 from dynts.errors import DynTSError
 from dynts.experiments.fidelity import Trace
 from dynts.models.loading import LoadedModel
-from dynts.predictor.labels import label_store, label_trace
-from dynts.predictor.train import (
-    RANKING,
-    evaluate_head,
-    evaluate_recency,
-    evaluate_reference,
-    evaluate_scores,
-    load_label_set,
-)
+from dynts.predictor.labels import label_store, label_trace, load_label_set
+from dynts.predictor.ranking import RANKING, evaluate_head, evaluate_recency, evaluate_reference, evaluate_scores
 
 
 def wants_oracle(engine: Engine) -> bool:
