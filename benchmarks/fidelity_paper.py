@@ -37,7 +37,7 @@ LONG_LIMIT = 6  # experiments/long_regime.py LONG_LIMIT (read here without impor
 
 
 def main(argv=None) -> int:
-    from dynts.cli.args import parse_int_list
+    from dynts.config import parse_int_list
     from dynts.errors import DynTSError
     from dynts.experiments import fidelity_paper as paper
 
