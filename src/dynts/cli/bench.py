@@ -87,8 +87,8 @@ def register(subparsers) -> None:
 
 
 def cmd_bench(args) -> int:
-    from dynts.experiments.bench import BenchConfig
-    from dynts.fast.compiled_step import compile_from_environment, format_report, parse_batch, parse_layers, run_bench
+    from dynts.experiments.bench import BenchConfig, format_report, parse_batch, parse_layers, run_bench
+    from dynts.fast.compiled_step import compile_from_environment
     from dynts.policies import policy_config
     from dynts.policies.options import parse_assignments
     from dynts.runtime.executor import options_key
