@@ -32,6 +32,7 @@ from dynts.config import BudgetConfig
 from dynts.errors import DynTSError
 from dynts.experiments import fidelity_paper as paper
 from dynts.experiments.fidelity import Trace, measure_engines, write_outputs
+from dynts.harness.store import JsonlAppender
 from dynts.models.loading import LoadedModel
 from dynts.predictor.solution_traces import TraceLayout, solution_traces, write_solution_traces
 
@@ -168,28 +169,25 @@ def run_long(
 
     paper.check_manifest(out_dir, manifest)
     out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / paper.PER_TRACE_FILE
     done: dict[str, dict] = {}
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            try:
-                item = json.loads(line)
-            except ValueError:
-                continue
-            done[json.dumps(item["key"])] = item
+
+    def key_of(item: dict) -> str:
+        return json.dumps(item["key"])
+
     wanted = [json.dumps(key) for key, _ in keyed]
     sizes = [len(t.prompt_ids) + len(t.token_ids) for _, t in keyed]
-    finished = sum(k in done for k in wanted)
-    bar = tqdm(
-        total=sum(sizes),
-        initial=sum(n for n, k in zip(sizes, wanted) if k in done),
-        unit="tok",
-        desc="long regime",
-        smoothing=0,
-        disable=not progress,
-    )
-    bar.set_postfix_str(f"{finished}/{len(keyed)} traces")
-    with path.open("a") as handle:
+    with JsonlAppender(out_dir / paper.PER_TRACE_FILE, key_of, keep=lambda item: (key_of(item), item)) as stored:
+        done.update(stored.kept())
+        finished = sum(k in done for k in wanted)
+        bar = tqdm(
+            total=sum(sizes),
+            initial=sum(n for n, k in zip(sizes, wanted) if k in done),
+            unit="tok",
+            desc="long regime",
+            smoothing=0,
+            disable=not progress,
+        )
+        bar.set_postfix_str(f"{finished}/{len(keyed)} traces")
         for (key, trace), name, size in zip(keyed, wanted, sizes):
             if name in done:
                 continue
@@ -211,8 +209,7 @@ def run_long(
                 if config is not None
             }
             done[name] = {"key": key, "records": records, "items": curves}
-            handle.write(json.dumps(done[name]) + "\n")
-            handle.flush()
+            stored.append(done[name])
             finished += 1
             bar.set_postfix_str(f"{finished}/{len(keyed)} traces", refresh=False)
             bar.update(size)
