@@ -37,6 +37,7 @@ from dynts.serving.protocol import (
 from dynts.serving.reasoning import ReasoningSplitter, ThinkTokens
 
 DONE = "data: [DONE]\n\n"
+DISCONNECT_CHECK_S = 0.5  # how often a request checks that its client is still there, tokens flowing or not
 
 
 @dataclass(frozen=True)
@@ -97,6 +98,7 @@ class Generation:
     sequences: list[LiveChoice]
     arrival: float
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)
+    checked_at: float = 0.0  # when the client's connection was last checked
 
     @property
     def finished(self) -> bool:
@@ -108,13 +110,16 @@ class Generation:
                 self.service.loop.abort(seq.request_id, reason)
 
     async def next(self, disconnected: Callable[[], Awaitable[bool]] | None = None) -> tuple[LiveChoice, Delta, bool]:
-        """The next change: (sequence, its new text, whether it just finished). Raises EngineDied."""
+        """The next change: (sequence, its new text, whether it just finished). Raises EngineDied, or ClientGone
+        once the client has gone: that is checked every DISCONNECT_CHECK_S whether or not tokens keep coming."""
         while True:
+            if disconnected is not None and time.monotonic() - self.checked_at >= DISCONNECT_CHECK_S:
+                self.checked_at = time.monotonic()
+                if await disconnected():
+                    raise ClientGone()
             try:
-                index, emitted = await asyncio.wait_for(self.queue.get(), timeout=1.0)
+                index, emitted = await asyncio.wait_for(self.queue.get(), timeout=DISCONNECT_CHECK_S)
             except TimeoutError:
-                if disconnected is not None and await disconnected():
-                    raise ClientGone() from None
                 continue
             seq = self.sequences[index]
             if emitted.error is not None:
