@@ -293,6 +293,25 @@ def check_manifest(out_dir: Path, manifest: dict) -> None:
         )
 
 
+def trace_progress(sizes: list[int], wanted: list[str], done, desc: str, progress: bool):
+    """A bar with one update per trace, weighted by its tokens (its replay cost), so the estimate of the time left
+    holds when trace lengths differ; shown in a log file too, resumed traces excluded from the rate.
+    Returns (bar, traces already done)."""
+    from tqdm import tqdm
+
+    finished = sum(k in done for k in wanted)
+    bar = tqdm(
+        total=sum(sizes),
+        initial=sum(n for n, k in zip(sizes, wanted) if k in done),
+        unit="tok",
+        desc=desc,
+        smoothing=0,
+        disable=not progress,
+    )
+    bar.set_postfix_str(f"{finished}/{len(wanted)} traces")
+    return bar, finished
+
+
 def run_benchmark(
     loaded: LoadedModel,
     keyed: list[tuple[list, Trace]],
@@ -305,7 +324,6 @@ def run_benchmark(
 ) -> list[dict]:
     """Replay each trace under every engine (resuming from DIR/per_trace.jsonl); returns the aggregated records.
     prepare(trace), when given, runs before a trace is replayed (fidelity_diagnosis.oracle_hook: oracle labels)."""
-    from tqdm import tqdm
 
     from dynts.experiments.fidelity import write_outputs
 
@@ -318,21 +336,10 @@ def run_benchmark(
     def key_of(item: dict) -> str:
         return json.dumps(item["key"])
 
-    # one update per trace, weighted by its tokens (its replay cost), so the estimate of the time left holds
-    # when trace lengths differ; shown in a log file too (disable=False), resumed traces excluded from the rate
     sizes = [len(t.prompt_ids) + len(t.token_ids) for _, t in keyed]
     with JsonlAppender(out_dir / PER_TRACE_FILE, key_of, keep=lambda item: (key_of(item), item["records"])) as stored:
         done.update(stored.kept())
-        finished = sum(k in done for k in wanted)
-        bar = tqdm(
-            total=sum(sizes),
-            initial=sum(n for n, k in zip(sizes, wanted) if k in done),
-            unit="tok",
-            desc="fidelity",
-            smoothing=0,
-            disable=not progress,
-        )
-        bar.set_postfix_str(f"{finished}/{len(keyed)} traces")
+        bar, finished = trace_progress(sizes, wanted, done, "fidelity", progress)
         for (key, trace), name, size in zip(keyed, wanted, sizes):
             if name not in done:
                 if prepare is not None:

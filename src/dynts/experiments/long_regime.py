@@ -165,7 +165,6 @@ def run_long(
 ) -> list[dict]:
     """Replay each trace under every engine, appending {"key", "records", "items"} to DIR/per_trace.jsonl (a
     rerun resumes); returns the aggregated records and writes the default regime's outputs and the curve."""
-    from tqdm import tqdm
 
     paper.check_manifest(out_dir, manifest)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -178,16 +177,7 @@ def run_long(
     sizes = [len(t.prompt_ids) + len(t.token_ids) for _, t in keyed]
     with JsonlAppender(out_dir / paper.PER_TRACE_FILE, key_of, keep=lambda item: (key_of(item), item)) as stored:
         done.update(stored.kept())
-        finished = sum(k in done for k in wanted)
-        bar = tqdm(
-            total=sum(sizes),
-            initial=sum(n for n, k in zip(sizes, wanted) if k in done),
-            unit="tok",
-            desc="long regime",
-            smoothing=0,
-            disable=not progress,
-        )
-        bar.set_postfix_str(f"{finished}/{len(keyed)} traces")
+        bar, finished = paper.trace_progress(sizes, wanted, done, "long regime", progress)
         for (key, trace), name, size in zip(keyed, wanted, sizes):
             if name in done:
                 continue
