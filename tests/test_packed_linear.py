@@ -3,13 +3,15 @@ on by default where they run and off where they cannot."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from dynts.errors import DynTSError
 from dynts.fast.fast_engine import FastConfig, FastEngine
-from dynts.fast.packed_linear import PackedWeight, packing_problem, project
+from dynts.fast.packed_linear import PackedWeight, memory_problem, packing_problem, project
 from test_compiled_step import GREEDY
 from test_fast_engine import PROMPTS, assert_same_run, budget_for, pair
 
@@ -73,3 +75,12 @@ def test_budgeted_packed_engine_matches_the_eager_engine(make_tiny):
     eager, fast = pair(lm, "window", GREEDY, budget=budget_for("window"), fast=FastConfig(packed=True))
     assert_same_run(eager.generate(PROMPTS), fast.generate(PROMPTS))
     assert fast.last_profile.packed
+
+
+def test_no_packed_copy_by_default_where_it_would_crowd_the_memory():
+    """A model whose weights are a third of the free memory gets no packed copy by default (it would hold them
+    twice); a small one does."""
+    free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    big = torch.nn.Linear(1024, free // 3 // (1024 * 4), bias=False, device="meta")  # meta: no memory taken
+    assert "quarter of the free memory" in memory_problem(big)
+    assert memory_problem(torch.nn.Linear(64, 64)) is None

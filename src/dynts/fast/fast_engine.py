@@ -31,7 +31,7 @@ from dynts.errors import DynTSError
 from dynts.fast.attention import KERNELS, resolve_kernel
 from dynts.fast.compiled_step import CompileConfig, CompiledStage, CompileFailure, compile_from_environment
 from dynts.fast.fused_decoder import FUSED_TYPES, FusedDecoder, attention_inputs, layer_output
-from dynts.fast.packed_linear import PACKED_ENV, PackedHead, packing_problem
+from dynts.fast.packed_linear import PACKED_ENV, PackedHead, memory_problem, packing_problem
 from dynts.fast.profile import DecodeProfile
 from dynts.fast.static_stepper import StaticStepper
 from dynts.fast.step import StaticStep
@@ -149,7 +149,10 @@ class FastEngine(Engine):
             batching=batching,
             max_model_len=max_model_len,
         )
-        self.fast = (fast or FastConfig.from_environment()).for_device(self.device, loaded.dtype)
+        asked = fast or FastConfig.from_environment()
+        self.fast = asked.for_device(self.device, loaded.dtype)
+        if asked.packed is None and self.fast.packed and memory_problem(loaded.model) is not None:
+            self.fast = replace(self.fast, packed=False)  # the default only where the copy fits easily
         self.fallback_reason: str | None = None
         if not self.policy.is_capturable():
             self.fallback_reason = (

@@ -9,13 +9,16 @@ packs its weights the same way.
 
 The cost is memory: the packed copies sit beside the model's own weights (the prefill runs the model's forward,
 which reads those), so the decode weights are held twice: `PackedWeights.nbytes` says how much, and
-`FastConfig(packed=False)` (env DYNTS_PACKED=0) turns it off. Packing needs a CPU device, fp32 or bf16, and a
+`FastConfig(packed=False)` (env DYNTS_PACKED=0) turns it off, and by default it is not made where the copy would
+take over a quarter of the free memory (`memory_problem`). Packing needs a CPU device, fp32 or bf16, and a
 oneDNN build; `packing_problem` says why not, checked by running one packed product against F.linear.
 The packed tensors are opaque to torch.compile's inductor (its oneDNN lowering takes only weights it folded as
 constants itself), so the compiled step keeps the plain weights.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import torch.nn.functional as F
@@ -52,6 +55,19 @@ def project(x: torch.Tensor, weight, bias: torch.Tensor | None) -> torch.Tensor:
     if isinstance(weight, PackedWeight):
         return weight(x, bias)
     return F.linear(x, weight, bias)
+
+
+def memory_problem(model) -> str | None:
+    """None when a packed copy of the model's weights takes at most a quarter of the memory free now, else why it
+    is not made by default (a laptop running a 7B model should not find its weights held twice)."""
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    try:
+        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # no sysconf here: nothing to judge by, so no copy
+        return "the free memory is unknown here"
+    if weights > free / 4:
+        return f"a packed copy of the weights ({weights / 2**30:.1f} GiB) would take over a quarter of the free memory"
+    return None
 
 
 def packing_problem(device: torch.device, dtype: torch.dtype) -> str | None:
