@@ -84,3 +84,16 @@ def test_no_packed_copy_by_default_where_it_would_crowd_the_memory():
     big = torch.nn.Linear(1024, free // 3 // (1024 * 4), bias=False, device="meta")  # meta: no memory taken
     assert "quarter of the free memory" in memory_problem(big)
     assert memory_problem(torch.nn.Linear(64, 64)) is None
+
+
+@pytest.mark.parametrize("name", ["full", "snapkv"])
+def test_long_prompts_on_the_cpu_default_path(make_tiny, name):
+    """Prompts of 150-300 tokens (the tests' others hold about 10) through the CPU default (packed weights, live
+    window): the eager engine's tokens and statistics, full cache and a budget that compresses after them."""
+    lm = make_tiny("llama")
+    gen = torch.Generator().manual_seed(7)
+    prompts = [torch.randint(3, 128, (n,), generator=gen).tolist() for n in (300, 150, 220)]
+    budget = budget_for(name, budget=340, window=16) if name != "full" else None
+    eager, fast = pair(lm, name, GREEDY, budget=budget, fast=FastConfig())
+    assert_same_run(eager.generate(prompts), fast.generate(prompts))
+    assert fast.last_profile.packed
