@@ -86,7 +86,7 @@ def test_compiled_step_matches_eager(make_tiny, name):
     policy; compile time is reported and a second run of the same shape compiles nothing."""
     lm = make_tiny("llama")
     sampling = GREEDY_FULL if name == "full" else GREEDY
-    eager, fast = pair(lm, name, sampling, fast=FastConfig(compile=True))
+    eager, fast = pair(lm, name, sampling, fast=FastConfig(compile=True, packed=False))  # regions: the GPU's way
     a, b = eager.generate(PROMPTS), fast.generate(PROMPTS)
     profile = fast.last_profile
     assert profile.compiled and profile.fused and profile.compiles == 2 and profile.compile_s > 0  # two regions
@@ -101,13 +101,30 @@ def test_compiled_step_matches_eager(make_tiny, name):
 def test_warm_up_compiles_before_the_run(make_tiny):
     """warm_up compiles the shapes a run will use, so the run itself compiles nothing."""
     lm = make_tiny("llama")
-    engine = FastEngine(lm, "window", budget_for("window"), GREEDY, 3, fast=FastConfig(compile=True))
+    engine = FastEngine(lm, "window", budget_for("window"), GREEDY, 3, fast=FastConfig(compile=True, packed=False))
     assert engine.warm_up([3], 28) >= 0
     assert engine.last_profile.compiles == 2  # the two layer regions, once for every layer
     out = engine.generate(PROMPTS)
     assert engine.last_profile.compiles == 0
     reference = Engine(lm, "window", budget_for("window"), GREEDY, 3).generate(PROMPTS)
     assert [r.token_ids for r in out.results] == [r.token_ids for r in reference.results]
+
+
+@pytest.mark.parametrize("name", ["full", "snapkv", "dynts"])
+def test_compiled_step_on_packed_weights_matches_eager(make_tiny, name):
+    """The CPU's compiled step: the whole forward in one graph, its GEMMs oneDNN's packed products through the
+    dynts::packed_linear op; the eager engine's tokens, statistics and caches, one compile per shape."""
+    lm = make_tiny("llama")
+    sampling = GREEDY_FULL if name == "full" else GREEDY
+    eager, fast = pair(lm, name, sampling, fast=FastConfig(compile=True))
+    assert fast.fast.packed
+    a, b = eager.generate(PROMPTS), fast.generate(PROMPTS)
+    profile = fast.last_profile
+    assert profile.compiled and profile.packed and profile.compiles == 1 and fast.compile_failure.reason is None
+    assert_same_run(a, b)
+    assert_same_cache(eager.last_cache, fast.last_cache)
+    assert fast.generate(PROMPTS).stats.generated_tokens == a.stats.generated_tokens
+    assert fast.last_profile.compiles == 0
 
 
 def failing_backend(graph_module, example_inputs):

@@ -51,7 +51,7 @@ class FastConfig:
         on for the model types it supports.
     packed: the fused decoder's projections and the LM head multiply by weights packed for oneDNN
         (packed_linear.py: a second copy of the decode weights); None: on where packing runs (CPU, fp32/bf16) and
-        the step is not compiled (env DYNTS_PACKED=0/1).
+        the copy fits (env DYNTS_PACKED=0/1). Compiled, the whole forward is then one graph.
     sync_check: raise HostSyncError on any host sync inside a step or a compaction (debugging, tests).
     capture_check: record every tensor the captured step touches and raise CaptureSafetyError at any later step
         where one is gone, moved or reshaped (capture_guard.py; debugging, tests; works without graphs too).
@@ -102,8 +102,7 @@ class FastConfig:
             raise DynTSError("CUDA graphs need a CUDA device")
         packed = self.packed
         if packed is not False:
-            problem = "the step is compiled (inductor keeps plain weights)" if self.compile else None
-            problem = problem or packing_problem(device, dtype)
+            problem = packing_problem(device, dtype)
             if packed and problem:
                 raise DynTSError(f"packed projections cannot run: {problem}")
             packed = problem is None
@@ -180,7 +179,7 @@ class FastEngine(Engine):
                 self.packed_bytes = self._fused.pack(self.batch_size)
                 self._decode_head = PackedHead(self.lm_head.weight, self.batch_size)
                 self.packed_bytes += self._decode_head.weight.nbytes
-            if self.fast.compile:  # regional: every layer runs the same two compiled regions
+            if self.fast.compile and not self.fast.packed:  # regional: all layers run the same two regions
                 self._regions = tuple(
                     CompiledStage(fn, self.fast.compile_config(), self.compile_failure, self.synchronize)
                     for fn in (attention_inputs, layer_output)
@@ -194,9 +193,13 @@ class FastEngine(Engine):
         return self._decode_head or self.lm_head
 
     def compiled_forward(self) -> CompiledStage | None:
-        """The compiled forward stage of the model's own forward (when the fused decoder is off), shared by every
-        batch of this engine (so each shape compiles once), or None when compiling is off or has failed."""
-        if not self.fast.compile or self.compile_failure.reason is not None or self.fused_decoder() is not None:
+        """The compiled forward stage as one graph, shared by every batch of this engine (so each shape compiles
+        once): the model's own forward when the fused decoder is off, and the fused decoder on packed weights
+        (whose GEMMs are custom ops naming each layer's weight, so its layers cannot share regions); None when
+        compiling is off or has failed, or the fused decoder's regions are compiled instead."""
+        if not self.fast.compile or self.compile_failure.reason is not None:
+            return None
+        if self.fused_decoder() is not None and not self.fast.packed:
             return None
         if self._compiled is None:
             self._compiled = CompiledStage(

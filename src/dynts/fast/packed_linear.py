@@ -13,18 +13,25 @@ which reads those), so the decode weights are held twice: `PackedWeights.nbytes`
 take over a quarter of the free memory (`memory_problem`). Packing needs a CPU device, fp32 or bf16, and a
 oneDNN build; `packing_problem` says why not, checked by running one packed product against F.linear.
 The packed tensors are opaque to torch.compile's inductor (its oneDNN lowering takes only weights it folded as
-constants itself), so the compiled step keeps the plain weights.
+constants itself), so a compiled step calls them through one custom op, `dynts::packed_linear`, that inductor
+leaves as an external call: the compiled graph fuses everything between the GEMMs, the GEMMs stay oneDNN's.
+The op names its weight by a registry key (an int, constant in the graph), so it is used where the whole forward
+is one graph (FastEngine.compiled_forward); eagerly the weight is called directly, without the op's dispatch.
 """
 
 from __future__ import annotations
 
+import itertools
 import os
+import weakref
 
 import torch
 import torch.nn.functional as F
 
 PACKED_DTYPES = (torch.float32, torch.bfloat16)
 PACKED_ENV = "DYNTS_PACKED"
+_REGISTRY: weakref.WeakValueDictionary[int, PackedWeight] = weakref.WeakValueDictionary()
+_KEYS = itertools.count()
 
 
 class PackedWeight:
@@ -34,9 +41,27 @@ class PackedWeight:
         self.out_features, self.in_features = weight.shape
         self.nbytes = weight.numel() * weight.element_size()
         self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), rows)
+        self.key = next(_KEYS)
+        _REGISTRY[self.key] = self
+
+    def multiply(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, bias, "none", [], "")
 
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed, bias, "none", [], "")
+        if torch.compiler.is_compiling():
+            return torch.ops.dynts.packed_linear(x, self.key, self.out_features, bias)
+        return self.multiply(x, bias)
+
+
+@torch.library.custom_op("dynts::packed_linear", mutates_args=())
+def packed_linear(x: torch.Tensor, key: int, out_features: int, bias: torch.Tensor | None) -> torch.Tensor:
+    """x @ W.T + bias with W the registered PackedWeight `key` (what a compiled graph calls)."""
+    return _REGISTRY[key].multiply(x, bias)
+
+
+@packed_linear.register_fake
+def _packed_linear_shape(x, key, out_features, bias):
+    return x.new_empty((*x.shape[:-1], out_features))
 
 
 class PackedHead(torch.nn.Module):
