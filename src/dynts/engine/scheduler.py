@@ -25,18 +25,23 @@ from dynts.engine.stepper import LiveSequence, Poll, StepLog
 from dynts.engine.stopping import stop_reason
 from dynts.errors import DynTSError
 
-__all__ = ["BATCHING", "LiveSequence", "Poll", "Scheduler", "StepLog"]
+__all__ = ["BATCHING", "LiveSequence", "Poll", "Scheduler", "StepLog", "check_batching"]
 
 BATCHING = ("continuous", "static")
+
+
+def check_batching(batching: str) -> str:
+    """The one rule for --batching: one of BATCHING."""
+    if batching not in BATCHING:
+        raise DynTSError(f"--batching must be one of {', '.join(BATCHING)}, got {batching!r}")
+    return batching
 
 
 class Scheduler:
     """Rows, the waiting queue and the run's figures; see the module docstring."""
 
     def __init__(self, engine, run: RunStats, batching: str = "continuous", full_width: bool = False):
-        if batching not in BATCHING:
-            raise DynTSError(f"--batching must be one of {', '.join(BATCHING)}, got {batching!r}")
-        self.batching = batching
+        self.batching = check_batching(batching)
         self.full_width = full_width  # a stepper that cannot grow opens with, and keeps, batch_size rows
         self.batch_size = engine.batch_size
         self.trace_steps = engine.trace_steps

@@ -23,6 +23,7 @@ from dynts.fast.attention import check_kernel, static_attention
 from dynts.fast.profile import StageClock
 from dynts.fast.static_cache import StaticBudgetedCache
 from dynts.fast.step import DecodeState, StaticStep, device_index
+from dynts.models.shapes import head_dim as attention_head_dim
 
 
 @dataclass
@@ -53,7 +54,7 @@ class StaticStepper:
         self.chunk = max(1, min(fast.check_every, capacity // 2))
         slack = 0 if engine.budget.compresses else 2 * self.chunk + 2  # rows run a chunk or two past their end
         config = engine.loaded.model.config
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        head_dim = attention_head_dim(config)
         think_end = tuple(engine.loaded.think_end_ids)
         with self._on_device():
             kernel = self._checked_kernel(rows, config, head_dim, capacity + slack)  # before the cache takes memory
