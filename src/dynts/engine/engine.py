@@ -190,8 +190,9 @@ class Engine:
         """The device side of a decode: this engine's steps are eager transformers forwards."""
         return EagerStepper(self, rows, capacity, on_logits)
 
-    # The random stream sampled tokens come from: a sampled run resumed with another one would mix two streams.
-    sampler = "per-sequence torch generators"
+    # The random stream sampled tokens come from (the manifest's "sampler"): a sampled run resumed with another
+    # stream would mix two.
+    random_stream = "per-sequence torch generators"
 
     def check_prompts(self, prompts: Sequence[Sequence[int]]) -> None:
         """Raise before any work when a prompt can't be decoded under this budget."""

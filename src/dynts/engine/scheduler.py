@@ -19,9 +19,10 @@ once the tokens of that step are known.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Sequence
 
 from dynts.engine.stats import GenerationResult, RunStats, account_step, step_record
-from dynts.engine.stepper import LiveSequence, Poll, StepLog
+from dynts.engine.stepper import LiveSequence, Poll, StepLog, TimingMark
 from dynts.engine.stopping import stop_reason
 from dynts.errors import DynTSError
 
@@ -118,7 +119,7 @@ class Scheduler:
             row for row, (seq, n) in enumerate(zip(self.held, lengths)) if seq is not None and seq.budget.reached(n)
         ]
 
-    def log(self, fed: list[int], lengths: list[int], compressed: list[int], marks) -> StepLog:
+    def log(self, fed: list[int], lengths: list[int], compressed: list[int], marks: Sequence[TimingMark]) -> StepLog:
         log = StepLog(self.step_index, list(self.held), fed, lengths, set(compressed), marks)
         self.step_index += 1
         return log

@@ -95,7 +95,7 @@ def manifest_for(engine: Engine, plan: EvalPlan) -> dict:
         "data_source": "local" if plan.data_dir else "env-or-hub",
         "batch_size": engine.batch_size,
         "device": str(engine.device),
-        "sampler": "argmax" if engine.sampling.greedy else engine.sampler,
+        "sampler": "argmax" if engine.sampling.greedy else engine.random_stream,
         "package_version": __version__,
     }
 
