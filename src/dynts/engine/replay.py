@@ -27,8 +27,7 @@ from dynts.kv.attention import StepContext, attention_probs
 
 @dataclass
 class TokenRun:
-    """A run of tokens that entered a row in one forward, as a full-cache replay computed it (not a run directory:
-    `harness.compare.ComparedRun` is one of those)."""
+    """A run of tokens that entered a row in one forward, as a full-cache replay computed it."""
 
     token_ids: list[int]
     is_prompt: bool
