@@ -15,6 +15,14 @@ from dynts.errors import DynTSError
 PAPER_BUDGET, PAPER_WINDOW, PAPER_RATIO = 5000, 2000, 0.4
 PAPER_WINDOW_SHARE = PAPER_WINDOW / PAPER_BUDGET  # W / B = 0.4, the proportion the fidelity benchmarks keep
 PAPER_MAX_NEW_TOKENS, PAPER_SAMPLES = 16384, 5
+
+
+def paper_window(budget: int) -> int:
+    """W for a budget B in the paper's proportion W / B = 2000 / 5000: floor(0.4 B), in integers (exact for every
+    B; the fidelity benchmarks and `dynts fidelity` keep this proportion at every budget)."""
+    return budget * PAPER_WINDOW // PAPER_BUDGET
+
+
 DEFAULT_MAX_NEW_TOKENS = 1024
 # Cache slots per row of a policy that never compresses, when requests arrive over time and nothing says more:
 # the model's max positions, capped here so that a default full-cache engine does not allocate 32k slots a row.

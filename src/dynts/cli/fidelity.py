@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from dynts.cli.args import add_model_flags, add_policy_opt_flag
-from dynts.config import FIDELITY_POLICIES, PAPER_RATIO, PAPER_WINDOW_SHARE, parse_int_list
+from dynts.config import FIDELITY_POLICIES, PAPER_RATIO, PAPER_WINDOW_SHARE, paper_window, parse_int_list
 from dynts.errors import DynTSError
 
 DEFAULT_POLICIES = ",".join(FIDELITY_POLICIES)
@@ -151,7 +151,8 @@ def windows_for(budgets: list[int], window: int | None, fraction: float | None) 
         raise DynTSError("give --window (tokens) or --window-fraction (share of each budget), not both")
     if window is not None:
         return dict.fromkeys(budgets, window)
-    fraction = PAPER_WINDOW_SHARE if fraction is None else fraction
+    if fraction is None:
+        return {b: paper_window(b) for b in budgets}
     if not 0 < fraction < 1:
         raise DynTSError(f"--window-fraction must be in (0, 1), got {fraction}")
     return {b: math.floor(fraction * b + 1e-9) for b in budgets}

@@ -39,9 +39,9 @@ from dynts.config import (
     PAPER_BUDGET,
     PAPER_RATIO,
     PAPER_WINDOW,
-    PAPER_WINDOW_SHARE,
     BudgetConfig,
     SamplingConfig,
+    paper_window,
 )
 from dynts.engine.engine import Engine
 from dynts.errors import DynTSError
@@ -56,7 +56,6 @@ from dynts.policies.options import format_spec
 from dynts.policies.registry import option_names, resolve_spec
 from dynts.predictor.solution_traces import TraceLayout, solution_traces, write_solution_traces
 
-WINDOW_SHARE = PAPER_WINDOW_SHARE  # W / B, the paper's 2000 / 5000
 RATIO = PAPER_RATIO  # r, the paper's R1-Qwen setting
 PROMPT_SHARE = 0.2  # the protected prompt may take at most this share of what a compression keeps
 MIN_COMPRESSIONS = 3
@@ -71,7 +70,7 @@ SHUFFLE_SEED = 16
 
 @dataclass(frozen=True)
 class PaperFrame:
-    """B / W / r at each budget, W = WINDOW_SHARE * B (exact: B a multiple of 5), r = RATIO."""
+    """B / W / r at each budget, W = config.paper_window(B) = 0.4 B (exact: B a multiple of 5), r = RATIO."""
 
     budgets: tuple[int, ...] = DEFAULT_BUDGETS
 
@@ -93,7 +92,7 @@ class PaperFrame:
         return MIN_COMPRESSIONS
 
     def window(self, budget: int) -> int:
-        return budget * PAPER_WINDOW // PAPER_BUDGET
+        return paper_window(budget)
 
     def config(self, budget: int) -> BudgetConfig:
         return BudgetConfig(budget, self.window(budget), RATIO)

@@ -21,14 +21,13 @@ tokens) see 3-5. SmolLM2 takes 8k positions, so the same ratio fits at its scale
 from __future__ import annotations
 
 import json
-import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from dynts.config import BudgetConfig
+from dynts.config import BudgetConfig, paper_window
 from dynts.errors import DynTSError
 from dynts.experiments import fidelity_paper as paper
 from dynts.experiments.fidelity import Trace, measure_engines, write_outputs
@@ -67,7 +66,7 @@ class LongFrame(paper.PaperFrame):
         return LONG_COMPRESSIONS
 
     def window(self, budget: int) -> int:
-        return int(math.floor(paper.WINDOW_SHARE * budget))
+        return paper_window(budget)
 
     def config(self, budget: int) -> BudgetConfig:
         return BudgetConfig(budget, self.window(budget), paper.RATIO)
