@@ -258,6 +258,18 @@ def parse_int_list(text: str, flag: str = "--budgets") -> list[int]:
     return sorted(set(values))
 
 
+def parse_widths(text: str, flag: str) -> tuple[int, ...]:
+    """An importance head's hidden layer widths, in order: '8192,2048' (--hidden, --head-layers)."""
+    usage = f"{flag} takes comma-separated positive layer widths like 8192,2048, got {text!r}"
+    try:
+        widths = tuple(int(part) for part in str(text).split(",") if part.strip())
+    except ValueError:
+        raise DynTSError(usage) from None
+    if not widths or any(w <= 0 for w in widths):
+        raise DynTSError(usage)
+    return widths
+
+
 def parse_float_list(text: str, flag: str = "--ratios") -> list[float]:
     """Like parse_int_list for floats: '0.3,0.4' or '0.2:0.5:0.1' (inclusive, rounded to 10 decimals)."""
     values = _parse_list(text, flag, float, "numbers")

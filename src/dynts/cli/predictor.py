@@ -8,7 +8,7 @@ from pathlib import Path
 
 from dynts.cli.args import add_model_flags, add_ray_flags, add_sampling_flags, engine_spec_from_args, existing_run
 from dynts.cli.execution import open_executor
-from dynts.config import DEFAULT_BAND, DTYPES, PAPER_MAX_NEW_TOKENS
+from dynts.config import DEFAULT_BAND, DTYPES, PAPER_MAX_NEW_TOKENS, parse_widths
 from dynts.errors import DynTSError
 
 
@@ -196,12 +196,8 @@ def cmd_label(args) -> int:
 def cmd_train(args) -> int:
     from dynts.predictor.train import TrainConfig, train_head
 
-    try:
-        hidden = tuple(int(x) for x in args.hidden.split(",") if x.strip())
-    except ValueError:
-        raise DynTSError(f"--hidden takes comma-separated layer widths like 8192,2048, got {args.hidden!r}") from None
     config = TrainConfig(
-        hidden=hidden,
+        hidden=parse_widths(args.hidden, "--hidden"),
         epochs=args.epochs,
         lr=args.lr,
         transform=args.transform,

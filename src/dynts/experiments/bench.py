@@ -448,12 +448,3 @@ def parse_batch(text: str) -> int | None:
         return int(text)
     except ValueError:
         raise DynTSError(f"--batch takes a number of sequences or 'max', got {text!r}") from None
-
-
-def parse_layers(text: str | None) -> tuple[int, ...] | None:
-    if text is None:
-        return None
-    try:
-        return tuple(int(x) for x in text.split(","))
-    except ValueError:
-        raise DynTSError(f"--head-layers takes comma-separated widths like 8192,2048, got {text!r}") from None
