@@ -211,8 +211,9 @@ def cmd_train(args) -> int:
     for path in args.compare:
         if path == "shipped":
             from dynts.models.importance_head import shipped_head_path
+            from dynts.predictor.labels import label_set_model
 
-            model = read_label_model(args.dir)
+            model = label_set_model(args.dir)
             shipped = shipped_head_path(model) if model else None
             if shipped is None:
                 raise DynTSError("--compare shipped: no head ships for the model of these labels")
@@ -223,16 +224,6 @@ def cmd_train(args) -> int:
     print(f"head written to {args.out}")
     print(heldout_table(metrics))
     return 0
-
-
-def read_label_model(directory: str) -> str | None:
-    """The model named in a trace directory's label index (None when unreadable: training then says why)."""
-    from dynts.predictor.labels import INDEX_FILE, LABELS_DIR
-
-    try:
-        return json.loads((Path(directory) / LABELS_DIR / INDEX_FILE).read_text()).get("model")
-    except (OSError, ValueError, AttributeError):
-        return None
 
 
 def heldout_table(metrics: dict) -> str:
