@@ -130,24 +130,20 @@ def prepare_runs(host, jobs: list[tuple[EngineSpec, EvalPlan, list[Problem]]]) -
     return manifests, prompts
 
 
-@dataclass(frozen=True)
-class SampleRequest:
-    """One sample from plan to record: its key (dataset, id, sample index; the store's record_key), its prompt and
-    its own sampler seed. Small and hashable, so a worker needs nothing else and a streaming task can name what
-    came back; the driver finds the problem by the key."""
-
-    key: Key
-    prompt_ids: tuple[int, ...]
-    seed: int
+def sample_request(problem: Problem, sample: int, prompt_ids, seed: int) -> Request:
+    """One sample from plan to record, as the engine's Request: its key is the store's record_key (dataset, id,
+    sample index), with its prompt and its own sampler seed. Frozen and hashable, so a worker needs nothing else
+    and a streaming task can name what came back; the driver finds the problem by the key."""
+    key: Key = (problem.dataset, problem.id, sample)
+    return Request(tuple(prompt_ids), sample_seed(seed, problem, sample), key=key)
 
 
-def generate_stream(host, spec: EngineSpec, items: tuple[SampleRequest, ...]):
-    """Streaming task: decode the samples with continuous batching, yielding (item, result) as each ends."""
+def generate_stream(host, spec: EngineSpec, items: tuple[Request, ...]):
+    """Streaming task: decode the samples with continuous batching, yielding (request, result) as each ends."""
     engine = host.engine(spec)
-    requests = (Request(item.prompt_ids, item.seed, key=item) for item in items)
     try:
-        for request, result in engine.stream(requests):
-            yield request.key, {"text": result.text, "token_ids": result.token_ids, "stats": result.stats.to_dict()}
+        for request, result in engine.stream(items):
+            yield request, {"text": result.text, "token_ids": result.token_ids, "stats": result.stats.to_dict()}
     finally:
         engine.last_cache = None  # a cached engine must not pin the KV memory of its last stream
 
@@ -213,7 +209,7 @@ def run_evals(
         for job, manifest in zip(jobs, manifests):
             stores.append(ResultStore(job.out_dir, {**manifest, **(job.extra_manifest or {})}))
         tasks, remaining, total, finished, correct = [], [0] * len(jobs), 0, 0, 0
-        work: dict[tuple, SampleRequest] = {}
+        work: dict[tuple, Request] = {}
         problem_of = [{(p.dataset, p.id): p for p in ps} for ps in problems]
         parallelism = getattr(executor, "parallelism", 1)
         for j, (job, store) in enumerate(zip(jobs, stores)):
@@ -224,7 +220,7 @@ def run_evals(
             correct += sum(bool(r["correct"]) for r in stored)
             seed = job.engine.sampling.seed
             todo = [
-                SampleRequest((p.dataset, p.id, s), tuple(prompt_ids[j][p.dataset, p.id]), sample_seed(seed, p, s))
+                sample_request(p, s, prompt_ids[j][p.dataset, p.id], seed)
                 for p in problems[j]
                 for s in range(job.plan.samples)
                 if (p.dataset, p.id, s) not in done
