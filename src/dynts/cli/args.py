@@ -35,14 +35,15 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
     add_device_flags(g)
 
 
-def add_device_flags(g) -> None:
-    """--device and --dtype, the same for every command that loads or builds a model."""
+def add_device_flags(g, dtype_default: str = "bf16 on CUDA, fp32 on CPU") -> None:
+    """--device and --dtype, the same for every command that loads or builds a model (dtype_default: what the
+    command takes when --dtype is not given, for its help)."""
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available, else cpu)")
     g.add_argument(
         "--dtype",
         default=None,
         choices=DTYPES,
-        help="weights and cache dtype (default: bf16 on CUDA, fp32 on CPU)",
+        help=f"weights and cache dtype (default: {dtype_default})",
     )
 
 

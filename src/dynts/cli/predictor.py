@@ -6,9 +6,16 @@ import json
 from contextlib import closing
 from pathlib import Path
 
-from dynts.cli.args import add_model_flags, add_ray_flags, add_sampling_flags, engine_spec_from_args, existing_run
+from dynts.cli.args import (
+    add_device_flags,
+    add_model_flags,
+    add_ray_flags,
+    add_sampling_flags,
+    engine_spec_from_args,
+    existing_run,
+)
 from dynts.cli.execution import open_executor
-from dynts.config import DEFAULT_BAND, DTYPES, PAPER_MAX_NEW_TOKENS, parse_widths
+from dynts.config import DEFAULT_BAND, PAPER_MAX_NEW_TOKENS, parse_widths
 from dynts.errors import DynTSError
 
 
@@ -56,8 +63,7 @@ def register(sub) -> None:
     lab = sub.add_parser("label", help="label the thinking tokens of collected traces by answer attention")
     lab.add_argument("dir", help="trace directory written by dynts collect; labels go to DIR/labels/")
     lab.add_argument("--model", default=None, help="must be the model that wrote the traces (default: that model)")
-    lab.add_argument("--device", default=None)
-    lab.add_argument("--dtype", default=None, choices=DTYPES, help="default fp32")
+    add_device_flags(lab, dtype_default="fp32")
     lab.add_argument("--shard-size", type=int, default=64, help="traces per safetensors shard (default 64)")
     add_ray_flags(lab)
     lab.set_defaults(func=cmd_label)
