@@ -103,6 +103,16 @@ def test_parse_lists():
         parse_float_list("0.1:nan:0.1")
 
 
+def test_parse_names_one_grammar_for_every_name_list():
+    """--datasets, --policies and --kind (eval, sweep, fidelity, plot, the paper benchmark) read names alike."""
+    from dynts.config import parse_names
+
+    assert parse_names(" gsm8k, math500,gsm8k,", "--datasets") == ["gsm8k", "math500"]
+    for bad in ("", " , ", ","):
+        with pytest.raises(DynTSError, match="--kind names nothing"):
+            parse_names(bad, "--kind")
+
+
 def test_parse_widths_one_grammar_for_hidden_and_head_layers():
     """`dynts train --hidden` and `dynts bench --head-layers` read layer widths by config.parse_widths."""
     from dynts.config import parse_widths

@@ -258,6 +258,14 @@ def parse_int_list(text: str, flag: str = "--budgets") -> list[int]:
     return sorted(set(values))
 
 
+def parse_names(text: str, flag: str) -> list[str]:
+    """A comma-separated list of names (--datasets, --policies, --kind): stripped, in order, without repeats."""
+    names = [n.strip() for n in str(text).split(",") if n.strip()]
+    if not names:
+        raise DynTSError(f"{flag} names nothing")
+    return list(dict.fromkeys(names))
+
+
 def parse_widths(text: str, flag: str) -> tuple[int, ...]:
     """An importance head's hidden layer widths, in order: '8192,2048' (--hidden, --head-layers)."""
     usage = f"{flag} takes comma-separated positive layer widths like 8192,2048, got {text!r}"

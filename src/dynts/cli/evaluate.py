@@ -14,7 +14,7 @@ from dynts.cli.args import (
     existing_run,
 )
 from dynts.cli.execution import open_executor
-from dynts.config import PAPER_MAX_NEW_TOKENS, PAPER_SAMPLES
+from dynts.config import PAPER_MAX_NEW_TOKENS, PAPER_SAMPLES, parse_names
 
 
 def register(sub) -> None:
@@ -66,7 +66,7 @@ def cmd_eval(args) -> int:
     from dynts.harness.report import REPORT_FILE, format_table
     from dynts.harness.store import SAMPLES_FILE
 
-    datasets = [d.strip() for d in args.datasets.split(",") if d.strip()]
+    datasets = parse_names(args.datasets, "--datasets")
     plan = EvalPlan(datasets=datasets, samples=args.samples, limit=args.limit, data_dir=args.data_dir)
     for name in datasets:  # unknown names and missing files fail before the model loads
         load_dataset(name, data_dir=args.data_dir, limit=1)

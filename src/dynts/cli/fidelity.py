@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from dynts.cli.args import add_model_flags, add_policy_opt_flag
-from dynts.config import FIDELITY_POLICIES, PAPER_RATIO, PAPER_WINDOW_SHARE, paper_window, parse_int_list
+from dynts.config import FIDELITY_POLICIES, PAPER_RATIO, PAPER_WINDOW_SHARE, paper_window, parse_int_list, parse_names
 from dynts.errors import DynTSError
 
 DEFAULT_POLICIES = ",".join(FIDELITY_POLICIES)
@@ -84,7 +84,7 @@ def cmd_fidelity(args) -> int:
     from dynts.policies.registry import check_common_options, resolve_spec
 
     options = parse_assignments(args.policy_opt)
-    policies = [p.strip() for p in args.policies.split(",") if p.strip()]
+    policies = parse_names(args.policies, "--policies")
     check_common_options(options, [resolve_spec(p, options)[0] for p in policies])  # mistakes before the load
     budgets = parse_int_list(args.budgets, "--budgets")
     windows = windows_for(budgets, args.window, args.window_fraction)

@@ -6,8 +6,15 @@ import argparse
 
 from dynts.cli.args import add_model_flags, add_policy_opt_flag, add_ray_flags, add_sampling_flags, sampling_from_args
 from dynts.config import FIGURE_KINDS as KINDS
-from dynts.config import PAPER_MAX_NEW_TOKENS, PAPER_RATIO, PAPER_SAMPLES, PAPER_WINDOW
-from dynts.errors import DynTSError
+from dynts.config import (
+    PAPER_MAX_NEW_TOKENS,
+    PAPER_RATIO,
+    PAPER_SAMPLES,
+    PAPER_WINDOW,
+    parse_float_list,
+    parse_int_list,
+    parse_names,
+)
 
 PAPER_DATASETS = "aime24,aime25,amc23,gpqa_d"
 PAPER_BUDGETS = "2500:5000:500"
@@ -137,7 +144,7 @@ def register(subparsers) -> None:
 
 def spec_from_args(args):
     """Build and check a SweepSpec from parsed `dynts sweep` flags (no model is loaded)."""
-    from dynts.experiments.sweep import SweepSpec, parse_float_list, parse_int_list, parse_names
+    from dynts.experiments.sweep import SweepSpec
     from dynts.policies.options import parse_assignments
 
     defaults = sweep_defaults(args.model, args.head)
@@ -208,9 +215,7 @@ def cmd_plot(args) -> int:
 
     kinds = None
     if args.kind is not None:
-        kinds = [k.strip() for k in args.kind.split(",") if k.strip()]
-        if not kinds:
-            raise DynTSError("--kind names no figure kind")
+        kinds = parse_names(args.kind, "--kind")
     written = plot_sweeps(
         args.sweeps, out_dir=args.out, kinds=kinds, window=args.window, ratio=args.ratio, budget=args.budget
     )

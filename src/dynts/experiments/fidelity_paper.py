@@ -42,6 +42,7 @@ from dynts.config import (
     BudgetConfig,
     SamplingConfig,
     paper_window,
+    parse_names,
 )
 from dynts.engine.engine import Engine
 from dynts.errors import DynTSError
@@ -368,7 +369,7 @@ def default_policies() -> list[str]:
 
 def policies_from_text(text: str | None) -> list[str]:
     """The policy list (default_policies() when none is given); each spec is checked against the registry."""
-    policies = [p.strip() for p in (text.split(",") if text else default_policies()) if p.strip()]
+    policies = parse_names(text, "--policies") if text else default_policies()
     for spec in policies:
         try:
             resolve_spec(spec)
