@@ -103,6 +103,15 @@ def test_parse_lists():
         parse_float_list("0.1:nan:0.1")
 
 
+def test_every_figure_kind_has_one_builder():
+    """config.FIGURE_KINDS (what `dynts plot --help` lists) and the builders of experiments.plots name the same
+    figures, in the same order."""
+    from dynts.config import FIGURE_KINDS
+    from dynts.experiments import plots
+
+    assert tuple(plots._BUILDERS) == FIGURE_KINDS == plots.KINDS
+
+
 def test_parse_names_one_grammar_for_every_name_list():
     """--datasets, --policies and --kind (eval, sweep, fidelity, plot, the paper benchmark) read names alike."""
     from dynts.config import parse_names

@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 
 from dynts.cli.args import add_model_flags, add_policy_opt_flag, add_ray_flags, add_sampling_flags, sampling_from_args
-from dynts.config import FIGURE_KINDS as KINDS
 from dynts.config import (
+    FIGURE_KINDS,
     PAPER_MAX_NEW_TOKENS,
     PAPER_RATIO,
     PAPER_SAMPLES,
@@ -129,7 +129,9 @@ def register(subparsers) -> None:
     pl = subparsers.add_parser("plot", help="draw the paper's figures (PNG + PDF + sidecar CSV) from sweep directories")
     pl.add_argument("sweeps", nargs="+", metavar="SWEEP", help="sweep directories written by dynts sweep")
     pl.add_argument(
-        "--kind", default=None, help=f"comma-separated from {', '.join(KINDS)} (default: every kind the data supports)"
+        "--kind",
+        default=None,
+        help=f"comma-separated from {', '.join(FIGURE_KINDS)} (default: every kind the data supports)",
     )
     pl.add_argument("--out", default=None, help="figure directory (default: SWEEP/figures of the first SWEEP)")
     pl.add_argument(
