@@ -69,6 +69,16 @@ PER_TRACE_FILE = "per_trace.jsonl"
 SHUFFLE_SEED = 16
 
 
+def checked_budgets(budgets) -> tuple[int, ...]:
+    """A benchmark's budgets, sorted: at least two distinct positive integers."""
+    budgets = tuple(budgets)
+    if not budgets or any(not isinstance(b, int) or isinstance(b, bool) or b <= 0 for b in budgets):
+        raise DynTSError(f"budgets must be positive integers, got {budgets}")
+    if len(set(budgets)) < 2:
+        raise DynTSError("the benchmark compares at least two distinct budgets")
+    return tuple(sorted(budgets))
+
+
 @dataclass(frozen=True)
 class PaperFrame:
     """B / W / r at each budget, W = config.paper_window(B) = 0.4 B (exact: B a multiple of 5), r = RATIO."""
@@ -76,15 +86,11 @@ class PaperFrame:
     budgets: tuple[int, ...] = DEFAULT_BUDGETS
 
     def __post_init__(self):
-        budgets = tuple(self.budgets)
-        if not budgets or any(not isinstance(b, int) or b <= 0 for b in budgets):
-            raise DynTSError(f"budgets must be positive integers, got {self.budgets}")
-        if len(set(budgets)) < 2:
-            raise DynTSError("the benchmark compares at least two distinct budgets")
+        budgets = checked_budgets(self.budgets)
         off = [b for b in budgets if (b * PAPER_WINDOW) % PAPER_BUDGET]
         if off:
             raise DynTSError(f"W/B = 0.4 needs budgets that are multiples of 5, got {off}")
-        object.__setattr__(self, "budgets", tuple(sorted(budgets)))
+        object.__setattr__(self, "budgets", budgets)
         for b in self.budgets:
             self.config(b)  # a frame that frees nothing fails here
 

@@ -27,7 +27,6 @@ from pathlib import Path
 
 import torch
 
-from dynts.config import BudgetConfig, paper_window
 from dynts.errors import DynTSError
 from dynts.experiments import fidelity_paper as paper
 from dynts.experiments.fidelity import Trace, measure_engines, write_outputs
@@ -52,24 +51,13 @@ class LongFrame(paper.PaperFrame):
     budgets: tuple[int, ...] = LONG_BUDGETS
 
     def __post_init__(self):
-        budgets = tuple(self.budgets)
-        if not budgets or any(not isinstance(b, int) or isinstance(b, bool) or b <= 0 for b in budgets):
-            raise DynTSError(f"budgets must be positive integers, got {self.budgets}")
-        if len(set(budgets)) < 2:
-            raise DynTSError("the benchmark compares at least two distinct budgets")
-        object.__setattr__(self, "budgets", tuple(sorted(budgets)))
+        object.__setattr__(self, "budgets", paper.checked_budgets(self.budgets))
         for b in self.budgets:
             self.config(b)
 
     @property
     def min_compressions(self) -> int:
         return LONG_COMPRESSIONS
-
-    def window(self, budget: int) -> int:
-        return paper_window(budget)
-
-    def config(self, budget: int) -> BudgetConfig:
-        return BudgetConfig(budget, self.window(budget), paper.RATIO)
 
     def min_length(self) -> int:
         b = self.budgets[0]
