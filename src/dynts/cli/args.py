@@ -241,6 +241,16 @@ def add_ray_flags(p: argparse.ArgumentParser) -> None:
     )
 
 
+# --- data --------------------------------------------------------------------------------------------
+def add_data_dir_flag(p) -> None:
+    """--data-dir, the same for every command that reads benchmark or training data (harness/datasets.py)."""
+    p.add_argument(
+        "--data-dir",
+        default=None,
+        help="directory of dataset JSONL files (default: $DYNTS_DATA_DIR, else the Hugging Face hub)",
+    )
+
+
 # --- small parsers ------------------------------------------------------------------------------------
 def existing_run(out: str) -> Path:
     path = Path(out)

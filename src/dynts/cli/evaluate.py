@@ -6,6 +6,7 @@ from contextlib import closing
 from pathlib import Path
 
 from dynts.cli.args import (
+    add_data_dir_flag,
     add_model_flags,
     add_policy_flags,
     add_ray_flags,
@@ -36,11 +37,7 @@ def register(sub) -> None:
         help=f"samples per problem; Pass@1 = avg@k (default {PAPER_SAMPLES})",
     )
     ev.add_argument("--limit", type=int, default=None, help="first N problems of each dataset")
-    ev.add_argument(
-        "--data-dir",
-        default=None,
-        help="directory of benchmark JSONL files (default: $DYNTS_DATA_DIR, else the Hugging Face hub)",
-    )
+    add_data_dir_flag(ev)
     ev.add_argument(
         "--out",
         required=True,

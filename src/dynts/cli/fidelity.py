@@ -6,7 +6,7 @@ import math
 import sys
 from pathlib import Path
 
-from dynts.cli.args import add_model_flags, add_policy_opt_flag
+from dynts.cli.args import add_data_dir_flag, add_model_flags, add_policy_opt_flag
 from dynts.config import FIDELITY_POLICIES, PAPER_RATIO, PAPER_WINDOW_SHARE, paper_window, parse_int_list, parse_names
 from dynts.errors import DynTSError
 
@@ -25,7 +25,7 @@ def register(sub) -> None:
     )
     fid.add_argument("--traces", default=None, help="trace directory from dynts collect")
     fid.add_argument("--dataset", default=None, help="or: generate reference traces (greedy, full cache) from this")
-    fid.add_argument("--data-dir", default=None, help="dataset directory (default: $DYNTS_DATA_DIR)")
+    add_data_dir_flag(fid)
     fid.add_argument(
         "--limit",
         type=int,

@@ -7,6 +7,7 @@ from contextlib import closing
 from pathlib import Path
 
 from dynts.cli.args import (
+    add_data_dir_flag,
     add_device_flags,
     add_model_flags,
     add_ray_flags,
@@ -34,7 +35,7 @@ def register(sub) -> None:
         action="store_true",
         help="label only the first correct trace of each problem (paper); off for tiny models",
     )
-    col.add_argument("--data-dir", default=None, help="directory of dataset JSONL files (default: $DYNTS_DATA_DIR)")
+    add_data_dir_flag(col)
     col.add_argument(
         "--from-solutions",
         action="store_true",

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import argparse
 
-from dynts.cli.args import add_model_flags, add_policy_opt_flag, add_ray_flags, add_sampling_flags, sampling_from_args
+from dynts.cli.args import (
+    add_data_dir_flag,
+    add_model_flags,
+    add_policy_opt_flag,
+    add_ray_flags,
+    add_sampling_flags,
+    sampling_from_args,
+)
 from dynts.config import (
     FIGURE_KINDS,
     PAPER_MAX_NEW_TOKENS,
@@ -102,7 +109,7 @@ def register(subparsers) -> None:
     ev.add_argument("--datasets", default=None, help="comma-separated benchmark names (see dynts eval)")
     ev.add_argument("--samples", type=int, default=None, help="samples per problem; Pass@1 = avg@k")
     ev.add_argument("--limit", type=int, default=None, help="first N problems of each dataset")
-    ev.add_argument("--data-dir", default=None, help="directory of benchmark JSONL files (default: $DYNTS_DATA_DIR)")
+    add_data_dir_flag(ev)
     ev.add_argument("--out", required=True, help="sweep directory; rerunning resumes, a different grid extends it")
     ev.add_argument(
         "--trace-steps",
