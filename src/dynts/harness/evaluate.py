@@ -60,8 +60,11 @@ class EvalPlan:
         return problems
 
 
-def manifest_for(engine: Engine, plan: EvalPlan) -> dict:
-    """What defines the results of a run; a resume must match it (see store.py for the fields that may differ)."""
+def manifest_for(spec: EngineSpec, engine: Engine, plan: EvalPlan) -> dict:
+    """What defines the results of a run; a resume must match it (see store.py for the fields that may differ).
+
+    The settings come from the spec and the plan; the engine built from the spec adds only what it resolved: the
+    policy's full options and frame, the head it loaded, the model's dtype and device, and its random stream."""
     policy = engine.policy
     head = getattr(policy, "head", None)
     head_info = None
@@ -76,15 +79,15 @@ def manifest_for(engine: Engine, plan: EvalPlan) -> dict:
         "model": engine.loaded.name,
         "policy": {
             "name": policy.name,
-            "registry_name": engine.policy_name,
+            "registry_name": spec.policy,
             "budget": budget.budget,
             "window": budget.window if budget.compresses else None,
             "ratio": budget.ratio if budget.compresses else None,
             "options": as_dict(policy.config),
         },
         "head": head_info,
-        "sampling": engine.sampling.to_dict(),
-        "seed": engine.sampling.seed,
+        "sampling": spec.sampling.to_dict(),
+        "seed": spec.sampling.seed,
         "shuffle_seed": plan.shuffle_seed,
         "dtype": str(engine.loaded.dtype).replace("torch.", ""),
         "datasets": plan.datasets,
@@ -93,9 +96,9 @@ def manifest_for(engine: Engine, plan: EvalPlan) -> dict:
         "limit": plan.limit,
         "data_dir": str(Path(plan.data_dir).resolve()) if plan.data_dir else None,
         "data_source": "local" if plan.data_dir else "env-or-hub",
-        "batch_size": engine.batch_size,
+        "batch_size": spec.batch_size,
         "device": str(engine.device),
-        "sampler": "argmax" if engine.sampling.greedy else engine.random_stream,
+        "sampler": "argmax" if spec.sampling.greedy else engine.random_stream,
         "package_version": __version__,
     }
 
@@ -125,7 +128,7 @@ def prepare_runs(host, jobs: list[tuple[EngineSpec, EvalPlan, list[Problem]]]) -
                 encoded[key] = engine.encode(question_text(p, plan.shuffle_seed))
             ids[p.dataset, p.id] = encoded[key]
         engine.check_prompts(list(ids.values()))  # bad budgets fail before anything is written
-        manifests.append(manifest_for(engine, plan))
+        manifests.append(manifest_for(spec, engine, plan))
         prompts.append(ids)
     return manifests, prompts
 
