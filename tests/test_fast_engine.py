@@ -295,7 +295,8 @@ def test_teacher_forcing_falls_back(make_tiny):
 
 def test_make_engine_and_config_checks(make_tiny):
     lm = make_tiny("qwen2")
-    assert type(make_engine(lm, "window", budget_for("window"))) is Engine  # CPU: eager unless asked
+    assert type(make_engine(lm, "window", budget_for("window"))) is FastEngine  # the CPU's default too
+    assert type(make_engine(lm, "window", budget_for("window"), fast=False)) is Engine
     assert type(make_engine(lm, "window", budget_for("window"), fast=True)) is FastEngine
     with pytest.raises(DynTSError, match="CUDA graphs"):
         FastEngine(lm, "full", fast=FastConfig(graphs=True))

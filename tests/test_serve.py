@@ -438,3 +438,44 @@ def test_serve_flag_mistakes_are_one_line_errors(argv, message, capsys):
     assert dynts_main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("dynts: error:") and message in err
+
+
+def test_the_cpu_default_fast_path_serves_the_offline_tokens(smollm):
+    """A server on the default decode path (the static fast path, on a CPU too: packed weights): 12 concurrent
+    greedy chats on 4 rows (so rows are refilled mid-run) give the offline fast engine's tokens, including
+    compressions; a stream closed early is aborted and the server goes on answering."""
+    import dataclasses
+
+    from dynts.api import make_engine
+
+    spec = dataclasses.replace(engine_spec("dynts", BUDGET, WINDOW, RATIO, 4, max_new_tokens=40), fast=None)
+    prompts = [PROMPTS[i % len(PROMPTS)] + f" ({i})" for i in range(12)]
+    offline = make_engine(smollm, spec.policy, spec.budget, spec.sampling, 4).generate(prompts).results
+    with ThreadServer(smollm, spec, api_key=KEY, served_model_name=NAME) as srv:
+        assert type(srv.service.loop.core.engine).__name__ == "FastEngine"
+        ac = lambda: openai.AsyncOpenAI(base_url=srv.url + "/v1", api_key=KEY, max_retries=0, timeout=300)  # noqa: E731
+
+        async def served():
+            async with ac() as client:
+                body = {"return_token_ids": True}
+                calls = [
+                    client.chat.completions.create(
+                        model=NAME, messages=chat(p), max_tokens=40, temperature=0, extra_body=body
+                    )
+                    for p in prompts
+                ]
+                return await asyncio.gather(*calls)
+
+        responses = asyncio.run(served())
+        assert any(r.model_extra["kv"]["compressions"] > 0 for r in responses)
+        for want, got in zip(offline, responses):
+            assert got.choices[0].model_extra["token_ids"] == want.token_ids
+
+        async def closed_then_one_more():
+            async with ac() as client:
+                await stream_tokens(client, PROMPTS[2], 40, stop_after=3)
+                return await stream_tokens(client, PROMPTS[0], 8)
+
+        text, finish, _ = asyncio.run(closed_then_one_more())
+        assert text and finish in ("stop", "length")
+        wait_idle(srv)

@@ -111,7 +111,8 @@ def offline_tokens(loaded, prompt_ids, seed):
     from dynts.api import make_engine
     from dynts.config import SamplingConfig
 
-    engine = make_engine(loaded, "full", None, SamplingConfig(max_new_tokens=MAX_TOKENS, top_k=0, **SAMPLING), 1)
+    sampling = SamplingConfig(max_new_tokens=MAX_TOKENS, top_k=0, **SAMPLING)
+    engine = make_engine(loaded, "full", None, sampling, 1, fast=False)  # the server's path (engine_spec)
     return engine.generate([prompt_ids], seeds=[seed]).results[0].token_ids
 
 

@@ -7,6 +7,7 @@ This module imports nothing heavy (no torch, no transformers), so `dynts --help`
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import asdict, dataclass
 
 from dynts.errors import DynTSError
@@ -317,3 +318,14 @@ def _parse_list(text, flag, kind, noun):
             value = start + i * step
             values.append(round(value, 10) if kind is float else value)
     return values
+
+
+def environment_switch(name: str) -> bool | None:
+    """An on/off environment variable (DYNTS_GRAPHS, DYNTS_COMPILE, DYNTS_PACKED): 0/1, true/false or on/off;
+    None when unset or empty (the default applies)."""
+    text = os.environ.get(name)
+    if not text:
+        return None
+    if text.lower() not in ("0", "1", "true", "false", "on", "off"):
+        raise DynTSError(f"{name} must be 0 or 1, got {text!r}")
+    return text.lower() in ("1", "true", "on")

@@ -120,8 +120,8 @@ def add_decode_flags(p: argparse.ArgumentParser) -> None:
         "--fast",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="static fast decode path with CUDA graphs (default: on with CUDA, off on CPU); greedy output "
-        "is the same either way, sampled output differs (counter-based noise)",
+        help="static fast decode path: CUDA graphs on a GPU, packed weights on a CPU (default: on; --no-fast: the "
+        "eager engine); greedy output is the same either way, sampled output differs (counter-based noise)",
     )
     g.add_argument(
         "--batching",

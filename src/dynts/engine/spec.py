@@ -18,10 +18,10 @@ from dynts.policies.options import as_dict
 class EngineSpec:
     """policy: a registered name; budget / sampling: its frame and the engine's sampling protocol; head_path: the
     importance head's checkpoint (None: the one shipped for the model); trace_steps: keep a per-step trace;
-    fast: the static fast decode path (None: on with CUDA); policy_options: (key, value) pairs, sorted (hashable);
-    batching: "continuous" or "static"; kernel / graphs: the fast path's decode attention and CUDA graphs (None:
-    $DYNTS_KERNEL / $DYNTS_GRAPHS, else the device's default); max_model_len: cache slots per row of a policy that
-    never compresses when requests arrive over time (None: Engine's default, see engine.py)."""
+    fast: the static fast decode path (None: on with CUDA or a CPU); policy_options: (key, value) pairs, sorted
+    (hashable); batching: "continuous" or "static"; kernel / graphs: the fast path's decode attention and CUDA
+    graphs (None: $DYNTS_KERNEL / $DYNTS_GRAPHS, else the device's default); max_model_len: cache slots per row of a
+    policy that never compresses when requests arrive over time (None: Engine's default, see engine.py)."""
 
     policy: str = "full"
     budget: BudgetConfig = field(default_factory=BudgetConfig)

@@ -91,7 +91,7 @@ def count_step_ops(
     budget = budget or BudgetConfig(None)
     capacity = budget.budget if budget.compresses else prompt_len + steps + 4
     sampling = SamplingConfig(greedy=True, max_new_tokens=steps + 2, ignore_eos=True)
-    engine = FastEngine(loaded, policy, budget, sampling, rows, head=head, fast=FastConfig(fused=fused))
+    engine = FastEngine(loaded, policy, budget, sampling, rows, head=head, fast=FastConfig(fused=fused, packed=False))
     stepper, held = _stepper(engine, rows, prompt_len, capacity)
     try:
         stepper.step(held)  # the first step may set things up
@@ -139,7 +139,7 @@ def count_fused_step_kernels(loaded, policy="full", rows=8, prompt_len=16, steps
     budget = budget or BudgetConfig(None)
     capacity = budget.budget if budget.compresses else prompt_len + steps + 4
     sampling = SamplingConfig(greedy=True, max_new_tokens=steps + 2, ignore_eos=True)
-    engine = FastEngine(loaded, policy, budget, sampling, rows, head=head, fast=FastConfig(fused=True))
+    engine = FastEngine(loaded, policy, budget, sampling, rows, head=head, fast=FastConfig(fused=True, packed=False))
     stepper, held = _stepper(engine, rows, prompt_len, capacity)
     counter = OpCounter()
     regions = [RecordingRegion(attention_inputs, counter), RecordingRegion(layer_output, counter)]

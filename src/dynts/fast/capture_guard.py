@@ -90,7 +90,9 @@ class _Recorder(TorchDispatchMode):
 
 
 def _empty(t: torch.Tensor) -> bool:
-    return t.device.type == "meta" or t.untyped_storage().nbytes() == 0
+    """Nothing a capture could lose: no storage, or a CPU weight packed for oneDNN (packed_linear.py; an opaque
+    tensor with no storage to fingerprint, held by the engine for its life, and never on a CUDA device)."""
+    return t.device.type == "meta" or t.is_mkldnn or t.untyped_storage().nbytes() == 0
 
 
 class CaptureGuard:

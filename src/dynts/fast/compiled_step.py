@@ -14,7 +14,6 @@ fullgraph tracing runs before anything executes, so the eager retry of that step
 
 from __future__ import annotations
 
-import os
 import time
 import warnings
 from collections.abc import Callable
@@ -22,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
+from dynts.config import environment_switch
 from dynts.errors import DynTSError
 
 # Modes measured on the 2-core CPU (benchmarks/vs_vllm.py): "default" is inductor's; max-autotune-no-cudagraphs
@@ -50,12 +50,7 @@ def compile_from_environment(given: bool | None) -> bool:
     """--compile / --no-compile if given, else DYNTS_COMPILE=0/1, else off."""
     if given is not None:
         return given
-    text = os.environ.get(COMPILE_ENV)
-    if not text:
-        return False
-    if text.lower() not in ("0", "1", "true", "false", "on", "off"):
-        raise DynTSError(f"{COMPILE_ENV} must be 0 or 1, got {text!r}")
-    return text.lower() in ("1", "true", "on")
+    return bool(environment_switch(COMPILE_ENV))
 
 
 class CompileFailure:

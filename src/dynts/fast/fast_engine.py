@@ -24,13 +24,14 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from dynts.config import BudgetConfig, SamplingConfig
+from dynts.config import BudgetConfig, SamplingConfig, environment_switch
 from dynts.engine.engine import Engine
 from dynts.engine.sampling import top_k_count
 from dynts.errors import DynTSError
 from dynts.fast.attention import KERNELS, resolve_kernel
 from dynts.fast.compiled_step import CompileConfig, CompiledStage, CompileFailure, compile_from_environment
 from dynts.fast.fused_decoder import FUSED_TYPES, FusedDecoder, attention_inputs, layer_output
+from dynts.fast.packed_linear import PACKED_ENV, PackedHead, memory_problem, packing_problem
 from dynts.fast.profile import DecodeProfile
 from dynts.fast.static_stepper import StaticStepper
 from dynts.fast.step import StaticStep
@@ -48,6 +49,9 @@ class FastConfig:
     compile_mode: compiled_step.COMPILE_MODES; compile_backend: a torch.compile backend name (default inductor).
     fused: run the forward stage through our fused decoder (fused_decoder.py) instead of the model's forward; None:
         on for the model types it supports.
+    packed: the fused decoder's projections and the LM head multiply by weights packed for oneDNN
+        (packed_linear.py: a second copy of the decode weights); None: on where packing runs (CPU, fp32/bf16) and
+        the step is not compiled (env DYNTS_PACKED=0/1).
     sync_check: raise HostSyncError on any host sync inside a step or a compaction (debugging, tests).
     capture_check: record every tensor the captured step touches and raise CaptureSafetyError at any later step
         where one is gone, moved or reshaped (capture_guard.py; debugging, tests; works without graphs too).
@@ -61,6 +65,7 @@ class FastConfig:
     compile_mode: str = "default"
     compile_backend: str = "inductor"
     fused: bool | None = None
+    packed: bool | None = None
     sync_check: bool = False
     capture_check: bool = False
     warmup_steps: int = 2
@@ -79,27 +84,35 @@ class FastConfig:
 
     @classmethod
     def from_environment(cls, **given) -> FastConfig:
-        """The config with DYNTS_KERNEL / DYNTS_GRAPHS / DYNTS_COMPILE filling what was not given (flags win over
-        the environment, the environment over the defaults)."""
+        """The config with DYNTS_KERNEL / DYNTS_GRAPHS / DYNTS_COMPILE / DYNTS_PACKED filling what was not given
+        (flags win over the environment, the environment over the defaults)."""
         kernel = given.pop("kernel", None) or os.environ.get("DYNTS_KERNEL") or "auto"
         graphs = given.pop("graphs", None)
-        text = os.environ.get("DYNTS_GRAPHS")
-        if graphs is None and text:
-            if text.lower() not in ("0", "1", "true", "false", "on", "off"):
-                raise DynTSError(f"DYNTS_GRAPHS must be 0 or 1, got {text!r}")
-            graphs = text.lower() in ("1", "true", "on")
+        if graphs is None:
+            graphs = environment_switch("DYNTS_GRAPHS")
         compile_ = compile_from_environment(given.pop("compile", None))
-        return cls(kernel=kernel, graphs=graphs, compile=compile_, **given)
+        packed = given.pop("packed", None)
+        if packed is None:
+            packed = environment_switch(PACKED_ENV)
+        return cls(kernel=kernel, graphs=graphs, compile=compile_, packed=packed, **given)
 
     def for_device(self, device: torch.device, dtype: torch.dtype) -> FastConfig:
         cuda = device.type == "cuda"
         if self.graphs and not cuda:
             raise DynTSError("CUDA graphs need a CUDA device")
+        packed = self.packed
+        if packed is not False:
+            problem = "the step is compiled (inductor keeps plain weights)" if self.compile else None
+            problem = problem or packing_problem(device, dtype)
+            if packed and problem:
+                raise DynTSError(f"packed projections cannot run: {problem}")
+            packed = problem is None
         return replace(
             self,
             graphs=cuda if self.graphs is None else self.graphs,
             kernel=resolve_kernel(self.kernel, device, dtype),
             check_every=self.check_every or (16 if cuda else 1),
+            packed=packed,
         )
 
 
@@ -136,7 +149,10 @@ class FastEngine(Engine):
             batching=batching,
             max_model_len=max_model_len,
         )
-        self.fast = (fast or FastConfig.from_environment()).for_device(self.device, loaded.dtype)
+        asked = fast or FastConfig.from_environment()
+        self.fast = asked.for_device(self.device, loaded.dtype)
+        if asked.packed is None and self.fast.packed and memory_problem(loaded.model) is not None:
+            self.fast = replace(self.fast, packed=False)  # the default only where the copy fits easily
         self.fallback_reason: str | None = None
         if not self.policy.is_capturable():
             self.fallback_reason = (
@@ -150,6 +166,8 @@ class FastEngine(Engine):
         self._compiled: CompiledStage | None = None  # the whole forward stage (the model's forward)
         self._regions: tuple[CompiledStage, ...] = ()  # the fused decoder's two layer regions
         self._fused: FusedDecoder | None = None
+        self._decode_head: PackedHead | None = None
+        self.packed_bytes = 0  # what the packed copies of the decode weights hold (FastConfig.packed)
 
     def fused_decoder(self) -> FusedDecoder | None:
         """The fused decoder the static step runs (built once per engine), or None for the model's forward."""
@@ -158,6 +176,10 @@ class FastEngine(Engine):
             wanted = self.loaded.model.config.model_type in FUSED_TYPES
         if wanted and self._fused is None:
             self._fused = FusedDecoder(self.loaded.model)
+            if self.fast.packed:
+                self.packed_bytes = self._fused.pack(self.batch_size)
+                self._decode_head = PackedHead(self.lm_head.weight, self.batch_size)
+                self.packed_bytes += self._decode_head.weight.nbytes
             if self.fast.compile:  # regional: every layer runs the same two compiled regions
                 self._regions = tuple(
                     CompiledStage(fn, self.fast.compile_config(), self.compile_failure, self.synchronize)
@@ -165,6 +187,11 @@ class FastEngine(Engine):
                 )
                 self._fused.set_regions(*self._regions)
         return self._fused if wanted else None
+
+    def decode_head(self):
+        """The LM head the decode step runs: the packed one where the fused decoder's weights are packed."""
+        self.fused_decoder()
+        return self._decode_head or self.lm_head
 
     def compiled_forward(self) -> CompiledStage | None:
         """The compiled forward stage of the model's own forward (when the fused decoder is off), shared by every

@@ -25,6 +25,7 @@ from torch import nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from dynts.errors import DynTSError
+from dynts.fast.packed_linear import PackedWeight, project
 
 FUSED_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
@@ -85,6 +86,18 @@ class FusedLayer(nn.Module):
             q_weight = q_norm.weight.detach()[None].expand(self.heads, -1)
             weight = torch.cat([q_weight, k_norm.weight.detach()[None].expand(self.kv_heads, -1)])
             self.qk_norm = (weight, q_norm.variance_epsilon)
+        # What the projections multiply by: the plain weights, or their packed copies (FusedDecoder.pack)
+        # (plain tensors sharing the parameters' storage, so that a packed copy can take their place)
+        self.qkv_w, self.o_w = self.qkv_weight, self.o_proj.weight.detach()
+        self.gate_up_w, self.down_w = self.gate_up_weight, self.down_proj.weight.detach()
+
+    def pack(self, rows: int) -> int:
+        """Multiply by packed copies of the four weights from now on (packed_linear.py); returns their bytes."""
+        self.qkv_w, self.o_w, self.gate_up_w, self.down_w = (
+            w if isinstance(w, PackedWeight) else PackedWeight(w, rows)
+            for w in (self.qkv_w, self.o_w, self.gate_up_w, self.down_w)
+        )
+        return sum(w.nbytes for w in (self.qkv_w, self.o_w, self.gate_up_w, self.down_w))
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -98,7 +111,7 @@ def attention_inputs(h, qkv_weight, qkv_bias, qk_norm_weight, cos, sin, heads: i
     """Region 1 of a layer (pure: same code for every layer): the normed input h [n, 1, hidden] -> query
     [n, H, 1, d], key and value [n, kvh, 1, d], with one QKV projection and rotary on q and k together."""
     n, d = h.shape[0], cos.shape[-1]
-    qkv = F.linear(h, qkv_weight, qkv_bias).view(n, 1, heads + 2 * kv_heads, d)
+    qkv = project(h, qkv_weight, qkv_bias).view(n, 1, heads + 2 * kv_heads, d)
     qk, v = qkv[:, :, : heads + kv_heads], qkv[:, :, heads + kv_heads :]
     if qk_norm_weight is not None:  # qwen3: RMSNorm over each head's dims
         qk = qk_norm_weight * F.rms_norm(qk.float(), (d,), None, eps).to(qk.dtype)
@@ -123,10 +136,10 @@ def layer_output(
 ):
     """Region 2 of a layer (pure): residual + output projection, RMSNorm, one gate/up projection, SiLU·mul, down
     projection, residual, and the next RMSNorm (the next layer's input norm, or the final one) -> (x, normed x)."""
-    x = x + F.linear(attn, o_weight, o_bias)
+    x = x + project(attn, o_weight, o_bias)
     h = rms_norm(x, post_weight, eps)
-    gate, up = F.linear(h, gate_up_weight, gate_up_bias).chunk(2, dim=-1)
-    x = x + F.linear(F.silu(gate) * up, down_weight, down_bias)
+    gate, up = project(h, gate_up_weight, gate_up_bias).chunk(2, dim=-1)
+    x = x + project(F.silu(gate) * up, down_weight, down_bias)
     return x, rms_norm(x, next_weight, next_eps)
 
 
@@ -147,6 +160,11 @@ class FusedDecoder(nn.Module):
         self.norm = decoder.norm
         self.layers = nn.ModuleList([FusedLayer(layer, config) for layer in decoder.layers[: config.num_hidden_layers]])
         self.regions = (attention_inputs, layer_output)  # or their compiled forms (set_regions)
+
+    def pack(self, rows: int) -> int:
+        """Every layer's projections multiply by packed copies of their weights (the eager step on a CPU); returns
+        the bytes the copies hold."""
+        return sum(layer.pack(rows) for layer in self.layers)
 
     def set_regions(self, pre, post) -> None:
         """Run the layers' two regions through these callables (compiled_step.CompiledStage of attention_inputs and
@@ -173,7 +191,7 @@ class FusedDecoder(nn.Module):
         for i, layer in enumerate(self.layers):
             qk_weight, qk_eps = layer.qk_norm if layer.qk_norm is not None else (None, 0.0)
             query, key, value = pre(
-                h, layer.qkv_weight, layer.qkv_bias, qk_weight, cos, sin, layer.heads, layer.kv_heads, qk_eps
+                h, layer.qkv_w, layer.qkv_bias, qk_weight, cos, sin, layer.heads, layer.kv_heads, qk_eps
             )
             keys, values = cache.update(key, value, layer.layer_idx)  # the cache's own write rule
             out, _ = attention(
@@ -184,12 +202,12 @@ class FusedDecoder(nn.Module):
             x, h = post(
                 x,
                 out.reshape(n, 1, -1),
-                o.weight,
+                layer.o_w,
                 o.bias,
                 post_norm.weight,
-                gate_up.gate_up_weight,
+                layer.gate_up_w,
                 gate_up.gate_up_bias,
-                down.weight,
+                layer.down_w,
                 down.bias,
                 following.weight,
                 post_norm.variance_epsilon,

@@ -25,6 +25,7 @@ class DecodeProfile:
     compile_s: float = 0.0  # first calls of each new shape: tracing and compiling
     compiles: int = 0
     fused: bool = False  # the forward stage ran our fused decoder (fused_decoder.py)
+    packed: bool = False  # its projections and the LM head ran on packed weights (packed_linear.py)
     host_reads: int = 0
     kernel: str = ""
     graphs: bool = False

@@ -1,8 +1,9 @@
 """The budgeted cache with one shape for every decode step, for the fast path.
 
 BudgetedCache plans each decode step over the longest row (kv_len = max length + 1) and its lengths live on
-the host. Here all layers are allocated up front, every step attends over the whole capacity (masked, or
-limited by a length-aware kernel), rows write at their own length held in a device tensor, and the rows that
+the host. Here all layers are allocated up front, a captured or compiled step attends over the whole capacity
+(masked, or limited by a length-aware kernel) while an eager one keeps the longest row's kv_len
+(StaticStep.live_window), rows write at their own length held in a device tensor, and the rows that
 reach the budget at the same step are compacted together with device-side gathers. The host still tracks the
 lengths (each step adds one, a compaction sets W + floor(r (B - W))), so it never has to read them back.
 """

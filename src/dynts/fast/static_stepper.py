@@ -63,7 +63,7 @@ class StaticStepper:
             state = DecodeState.empty(rows, self.device, self.chunk, max(1, len(think_end)))
             self.static_step = StaticStep(
                 engine.decoder,
-                engine.lm_head,
+                engine.decode_head(),
                 engine.policy,
                 self.cache,
                 state,
@@ -283,4 +283,5 @@ class StaticStepper:
         self.profile.compile_s += compile_s - self._compile_before[1]
         self.profile.compiles += compiles - self._compile_before[2]
         self.profile.fused = self.static_step.fused is not None
+        self.profile.packed = self.profile.fused and self.engine.packed_bytes > 0
         self._attention.__exit__(None, None, None)

@@ -118,6 +118,10 @@ class StaticStep:
         self.capture_s, self.captures = 0.0, 0
         self.compiled, self.fused = compiled, fused
         self.capture_guard = CaptureGuard() if capture_check else None
+        # An eager step (no graphs, no whole-forward compile, nothing emulating a capture) attends over the longest
+        # row's tokens, as the eager engine's cache plans it, instead of the whole capacity: same result, and on a
+        # CPU a full cache's early steps read a fraction of it. Captured and compiled steps keep one shape.
+        self.live_window = not graphs and compiled is None and not capture_check
         self._events: list[str] = []  # what happened to the rows since the last step (for the guard's message)
         self._reset_shape()
 
@@ -134,7 +138,11 @@ class StaticStep:
     # --- the three stages ---------------------------------------------------------------------------
     def forward(self) -> tuple[torch.Tensor, torch.Tensor]:
         s = self.state
-        mask = (self.capacity_slots[None, :] <= s.lengths[:, None])[:, None, None, :]
+        slots = self.capacity_slots
+        if self.live_window:  # host lengths: the longest row's tokens and the one it writes now
+            slots = slots[: min(self.cache.capacity, max(self.cache.lengths[: self.cache.rows_allocated]) + 1)]
+            self.cache.plan.kv_len = slots.shape[0]
+        mask = (slots[None, :] <= s.lengths[:, None])[:, None, None, :]
         ctx = StaticStepContext(
             mask=mask,
             observer=self.observer,
