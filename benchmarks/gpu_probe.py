@@ -180,7 +180,7 @@ def equality() -> None:
 
                 def watched(rows, capacity, on_logits=None, make=make, guards=guards):
                     stepper = make(rows, capacity, on_logits)
-                    guards.append(stepper.step_.capture_guard)
+                    guards.append(stepper.static_step.capture_guard)
                     return stepper
 
                 fast.stepper = watched

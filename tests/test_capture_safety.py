@@ -106,7 +106,7 @@ class Driver:
 
     @property
     def guard(self) -> CaptureGuard:
-        return self.stepper.step_.capture_guard
+        return self.stepper.static_step.capture_guard
 
     def step(self, n: int = 1) -> None:
         stepper, budget = self.stepper, self.engine.budget
@@ -234,7 +234,7 @@ def test_runs_with_refills_and_releases_keep_the_captured_memory(staggered_lm, n
 
     def watched(rows, capacity, on_logits=None):
         stepper = step(rows, capacity, on_logits)
-        checks.append(stepper.step_.capture_guard)
+        checks.append(stepper.static_step.capture_guard)
         return stepper
 
     engine.stepper = watched
@@ -259,12 +259,12 @@ def test_cuda_graphs_replay_after_refills(make_tiny, name):
     driver = Driver(engine, rows=4)
     try:
         driver.step(engine.fast.warmup_steps + 1)
-        assert driver.stepper.step_._graphs is not None and driver.guard.active
+        assert driver.stepper.static_step._graphs is not None and driver.guard.active
         for event in EVENTS:
             getattr(driver, event)()
             driver.step(engine.fast.warmup_steps + 2)
         torch.cuda.synchronize()
-        assert driver.stepper.step_.captures == 2  # one per row count
+        assert driver.stepper.static_step.captures == 2  # one per row count
     finally:
         driver.stepper.close()
     sampling = SamplingConfig(greedy=True, max_new_tokens=30)

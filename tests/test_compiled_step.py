@@ -39,7 +39,7 @@ def decode_step_outputs(lm, fused: bool):
         for row, prompt in enumerate(PROMPTS):
             stepper.admit(row, live_sequence(engine, prompt, row, 10))
         with torch.no_grad():
-            hidden, logits = stepper.step_.forward()
+            hidden, logits = stepper.static_step.forward()
         keys = [layer.keys.clone() for layer in stepper.cache.layers]
     finally:
         stepper.close()

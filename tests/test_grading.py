@@ -1,4 +1,4 @@
-"""Grader behaviour on tricky answers; the decisions tested here are documented in dynts.grading."""
+"""Grader behaviour on tricky answers; the decisions tested here are documented in dynts.harness.grading."""
 
 import threading
 import time

@@ -131,3 +131,18 @@ def test_select_traces_correct_only_keeps_first_correct_per_problem():
     ]
     assert [(r["id"], r["sample"]) for r in select_traces(recs, True)] == [("1", 1)]
     assert len(select_traces(recs, False)) == 4
+
+
+def test_label_set_model_reads_the_index_from_the_trace_or_labels_directory(tmp_path):
+    """`dynts train --compare shipped` finds the labels' model by the one label-set path (labels.label_set_model)."""
+    import json
+
+    from dynts.predictor.labels import INDEX_FILE, LABELS_DIR, label_set_model
+
+    assert label_set_model(tmp_path) is None  # not labelled yet
+    labels = tmp_path / LABELS_DIR
+    labels.mkdir()
+    (labels / INDEX_FILE).write_text("{not json")
+    assert label_set_model(tmp_path) is None
+    (labels / INDEX_FILE).write_text(json.dumps({"model": "smollm2-135m", "hidden_size": 576, "shards": []}))
+    assert label_set_model(tmp_path) == label_set_model(labels) == "smollm2-135m"

@@ -158,7 +158,7 @@ def test_static_batching_releases_in_buckets_and_refills_never_wait(lm_with_eos)
 
         def watched(rows, capacity, on_logits=None, stepper=original_stepper, guards=guards, releases=releases):
             made = stepper(rows, capacity, on_logits)
-            guards.append(made.step_.capture_guard)
+            guards.append(made.static_step.capture_guard)
             release = made.release
 
             def spy(live):

@@ -96,6 +96,18 @@ def test_complete_but_unterminated_last_line_is_kept(tmp_path):
     assert len(read_records(tmp_path)) == 3
 
 
+def test_the_last_line_is_found_reading_backwards_across_blocks(tmp_path):
+    """The torn-tail repair reads only the last line: found block by block from the end, however long it is."""
+    from dynts.harness.store import _last_line_start
+
+    path = tmp_path / "f"
+    for data in (b"", b"no newline at all", b"first\n", b"first\nsecond line, torn", b"a\n" + b"x" * 37):
+        path.write_bytes(data)
+        with path.open("rb") as handle:
+            for block in (1, 4, 7, 1 << 16):
+                assert _last_line_start(handle, len(data), block) == data.rfind(b"\n") + 1, (data, block)
+
+
 def test_corrupt_middle_line_is_an_error(tmp_path):
     with ResultStore(tmp_path, MANIFEST) as store:
         store.append(make_record("demo-01", 0))

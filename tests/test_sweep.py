@@ -103,6 +103,36 @@ def test_parse_lists():
         parse_float_list("0.1:nan:0.1")
 
 
+def test_every_figure_kind_has_one_builder():
+    """config.FIGURE_KINDS (what `dynts plot --help` lists) and the builders of experiments.plots name the same
+    figures, in the same order."""
+    from dynts.config import FIGURE_KINDS
+    from dynts.experiments import plots
+
+    assert tuple(plots._BUILDERS) == FIGURE_KINDS == plots.KINDS
+
+
+def test_parse_names_one_grammar_for_every_name_list():
+    """--datasets, --policies and --kind (eval, sweep, fidelity, plot, the paper benchmark) read names alike."""
+    from dynts.config import parse_names
+
+    assert parse_names(" gsm8k, math500,gsm8k,", "--datasets") == ["gsm8k", "math500"]
+    for bad in ("", " , ", ","):
+        with pytest.raises(DynTSError, match="--kind names nothing"):
+            parse_names(bad, "--kind")
+
+
+def test_parse_widths_one_grammar_for_hidden_and_head_layers():
+    """`dynts train --hidden` and `dynts bench --head-layers` read layer widths by config.parse_widths."""
+    from dynts.config import parse_widths
+
+    assert parse_widths("8192,2048", "--hidden") == (8192, 2048)
+    assert parse_widths(" 512, 128,", "--head-layers") == (512, 128)
+    for bad in ("", ",", "a,1", "512,0", "-4", "2.5"):
+        with pytest.raises(DynTSError, match="--hidden takes comma-separated positive layer widths"):
+            parse_widths(bad, "--hidden")
+
+
 def test_bad_grids_fail_before_writing(tmp_path):
     out = tmp_path / "S"
     with pytest.raises(DynTSError, match=r"window-B64-W64-r0.5.*smaller than --budget"):

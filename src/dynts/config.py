@@ -16,6 +16,14 @@ from dynts.errors import DynTSError
 PAPER_BUDGET, PAPER_WINDOW, PAPER_RATIO = 5000, 2000, 0.4
 PAPER_WINDOW_SHARE = PAPER_WINDOW / PAPER_BUDGET  # W / B = 0.4, the proportion the fidelity benchmarks keep
 PAPER_MAX_NEW_TOKENS, PAPER_SAMPLES = 16384, 5
+
+
+def paper_window(budget: int) -> int:
+    """W for a budget B in the paper's proportion W / B = 2000 / 5000: floor(0.4 B), in integers (exact for every
+    B; the fidelity benchmarks and `dynts fidelity` keep this proportion at every budget)."""
+    return budget * PAPER_WINDOW // PAPER_BUDGET
+
+
 DEFAULT_MAX_NEW_TOKENS = 1024
 # Cache slots per row of a policy that never compresses, when requests arrive over time and nothing says more:
 # the model's max positions, capped here so that a default full-cache engine does not allocate 32k slots a row.
@@ -249,6 +257,26 @@ def parse_int_list(text: str, flag: str = "--budgets") -> list[int]:
     """'2500:5000:500' (inclusive), '2500,3000', or a mix: '2500:3500:500,5000'. Sorted, without duplicates."""
     values = _parse_list(text, flag, int, "integers")
     return sorted(set(values))
+
+
+def parse_names(text: str, flag: str) -> list[str]:
+    """A comma-separated list of names (--datasets, --policies, --kind): stripped, in order, without repeats."""
+    names = [n.strip() for n in str(text).split(",") if n.strip()]
+    if not names:
+        raise DynTSError(f"{flag} names nothing")
+    return list(dict.fromkeys(names))
+
+
+def parse_widths(text: str, flag: str) -> tuple[int, ...]:
+    """An importance head's hidden layer widths, in order: '8192,2048' (--hidden, --head-layers)."""
+    usage = f"{flag} takes comma-separated positive layer widths like 8192,2048, got {text!r}"
+    try:
+        widths = tuple(int(part) for part in str(text).split(",") if part.strip())
+    except ValueError:
+        raise DynTSError(usage) from None
+    if not widths or any(w <= 0 for w in widths):
+        raise DynTSError(usage)
+    return widths
 
 
 def parse_float_list(text: str, flag: str = "--ratios") -> list[float]:

@@ -35,14 +35,15 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
     add_device_flags(g)
 
 
-def add_device_flags(g) -> None:
-    """--device and --dtype, the same for every command that loads or builds a model."""
+def add_device_flags(g, dtype_default: str = "bf16 on CUDA, fp32 on CPU") -> None:
+    """--device and --dtype, the same for every command that loads or builds a model (dtype_default: what the
+    command takes when --dtype is not given, for its help)."""
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available, else cpu)")
     g.add_argument(
         "--dtype",
         default=None,
         choices=DTYPES,
-        help="weights and cache dtype (default: bf16 on CUDA, fp32 on CPU)",
+        help=f"weights and cache dtype (default: {dtype_default})",
     )
 
 
@@ -237,6 +238,16 @@ def add_ray_flags(p: argparse.ArgumentParser) -> None:
         default=None,
         metavar="G",
         help="GPUs each worker reserves (default: 1 when CUDA is present and --device is not cpu, else 0)",
+    )
+
+
+# --- data --------------------------------------------------------------------------------------------
+def add_data_dir_flag(p) -> None:
+    """--data-dir, the same for every command that reads benchmark or training data (harness/datasets.py)."""
+    p.add_argument(
+        "--data-dir",
+        default=None,
+        help="directory of dataset JSONL files (default: $DYNTS_DATA_DIR, else the Hugging Face hub)",
     )
 
 

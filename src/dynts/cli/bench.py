@@ -87,7 +87,8 @@ def register(subparsers) -> None:
 
 
 def cmd_bench(args) -> int:
-    from dynts.experiments.bench import BenchConfig, format_report, parse_batch, parse_layers, run_bench
+    from dynts.config import parse_widths
+    from dynts.experiments.bench import BenchConfig, format_report, parse_batch, run_bench
     from dynts.fast.compiled_step import compile_from_environment
     from dynts.policies import policy_config
     from dynts.policies.options import parse_assignments
@@ -116,7 +117,7 @@ def cmd_bench(args) -> int:
         graphs=args.graphs,
         check_every=args.check_every,
         compile=compile_from_environment(args.compile),
-        head_layers=parse_layers(args.head_layers),
+        head_layers=None if args.head_layers is None else parse_widths(args.head_layers, "--head-layers"),
         seed=args.seed,
     )
     report = run_bench(config)

@@ -6,6 +6,7 @@ from contextlib import closing
 from pathlib import Path
 
 from dynts.cli.args import (
+    add_data_dir_flag,
     add_model_flags,
     add_policy_flags,
     add_ray_flags,
@@ -14,7 +15,7 @@ from dynts.cli.args import (
     existing_run,
 )
 from dynts.cli.execution import open_executor
-from dynts.config import PAPER_MAX_NEW_TOKENS, PAPER_SAMPLES
+from dynts.config import PAPER_MAX_NEW_TOKENS, PAPER_SAMPLES, parse_names
 
 
 def register(sub) -> None:
@@ -36,11 +37,7 @@ def register(sub) -> None:
         help=f"samples per problem; Pass@1 = avg@k (default {PAPER_SAMPLES})",
     )
     ev.add_argument("--limit", type=int, default=None, help="first N problems of each dataset")
-    ev.add_argument(
-        "--data-dir",
-        default=None,
-        help="directory of benchmark JSONL files (default: $DYNTS_DATA_DIR, else the Hugging Face hub)",
-    )
+    add_data_dir_flag(ev)
     ev.add_argument(
         "--out",
         required=True,
@@ -66,7 +63,7 @@ def cmd_eval(args) -> int:
     from dynts.harness.report import REPORT_FILE, format_table
     from dynts.harness.store import SAMPLES_FILE
 
-    datasets = [d.strip() for d in args.datasets.split(",") if d.strip()]
+    datasets = parse_names(args.datasets, "--datasets")
     plan = EvalPlan(datasets=datasets, samples=args.samples, limit=args.limit, data_dir=args.data_dir)
     for name in datasets:  # unknown names and missing files fail before the model loads
         load_dataset(name, data_dir=args.data_dir, limit=1)

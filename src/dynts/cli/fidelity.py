@@ -6,8 +6,8 @@ import math
 import sys
 from pathlib import Path
 
-from dynts.cli.args import add_model_flags, add_policy_opt_flag
-from dynts.config import FIDELITY_POLICIES, PAPER_RATIO, PAPER_WINDOW_SHARE, parse_int_list
+from dynts.cli.args import add_data_dir_flag, add_model_flags, add_policy_opt_flag
+from dynts.config import FIDELITY_POLICIES, PAPER_RATIO, PAPER_WINDOW_SHARE, paper_window, parse_int_list, parse_names
 from dynts.errors import DynTSError
 
 DEFAULT_POLICIES = ",".join(FIDELITY_POLICIES)
@@ -25,7 +25,7 @@ def register(sub) -> None:
     )
     fid.add_argument("--traces", default=None, help="trace directory from dynts collect")
     fid.add_argument("--dataset", default=None, help="or: generate reference traces (greedy, full cache) from this")
-    fid.add_argument("--data-dir", default=None, help="dataset directory (default: $DYNTS_DATA_DIR)")
+    add_data_dir_flag(fid)
     fid.add_argument(
         "--limit",
         type=int,
@@ -84,7 +84,7 @@ def cmd_fidelity(args) -> int:
     from dynts.policies.registry import check_common_options, resolve_spec
 
     options = parse_assignments(args.policy_opt)
-    policies = [p.strip() for p in args.policies.split(",") if p.strip()]
+    policies = parse_names(args.policies, "--policies")
     check_common_options(options, [resolve_spec(p, options)[0] for p in policies])  # mistakes before the load
     budgets = parse_int_list(args.budgets, "--budgets")
     windows = windows_for(budgets, args.window, args.window_fraction)
@@ -151,7 +151,8 @@ def windows_for(budgets: list[int], window: int | None, fraction: float | None) 
         raise DynTSError("give --window (tokens) or --window-fraction (share of each budget), not both")
     if window is not None:
         return dict.fromkeys(budgets, window)
-    fraction = PAPER_WINDOW_SHARE if fraction is None else fraction
+    if fraction is None:
+        return {b: paper_window(b) for b in budgets}
     if not 0 < fraction < 1:
         raise DynTSError(f"--window-fraction must be in (0, 1), got {fraction}")
     return {b: math.floor(fraction * b + 1e-9) for b in budgets}

@@ -6,9 +6,17 @@ import json
 from contextlib import closing
 from pathlib import Path
 
-from dynts.cli.args import add_model_flags, add_ray_flags, add_sampling_flags, engine_spec_from_args, existing_run
+from dynts.cli.args import (
+    add_data_dir_flag,
+    add_device_flags,
+    add_model_flags,
+    add_ray_flags,
+    add_sampling_flags,
+    engine_spec_from_args,
+    existing_run,
+)
 from dynts.cli.execution import open_executor
-from dynts.config import DEFAULT_BAND, DTYPES, PAPER_MAX_NEW_TOKENS
+from dynts.config import DEFAULT_BAND, PAPER_MAX_NEW_TOKENS, parse_widths
 from dynts.errors import DynTSError
 
 
@@ -27,7 +35,7 @@ def register(sub) -> None:
         action="store_true",
         help="label only the first correct trace of each problem (paper); off for tiny models",
     )
-    col.add_argument("--data-dir", default=None, help="directory of dataset JSONL files (default: $DYNTS_DATA_DIR)")
+    add_data_dir_flag(col)
     col.add_argument(
         "--from-solutions",
         action="store_true",
@@ -56,8 +64,7 @@ def register(sub) -> None:
     lab = sub.add_parser("label", help="label the thinking tokens of collected traces by answer attention")
     lab.add_argument("dir", help="trace directory written by dynts collect; labels go to DIR/labels/")
     lab.add_argument("--model", default=None, help="must be the model that wrote the traces (default: that model)")
-    lab.add_argument("--device", default=None)
-    lab.add_argument("--dtype", default=None, choices=DTYPES, help="default fp32")
+    add_device_flags(lab, dtype_default="fp32")
     lab.add_argument("--shard-size", type=int, default=64, help="traces per safetensors shard (default 64)")
     add_ray_flags(lab)
     lab.set_defaults(func=cmd_label)
@@ -196,12 +203,8 @@ def cmd_label(args) -> int:
 def cmd_train(args) -> int:
     from dynts.predictor.train import TrainConfig, train_head
 
-    try:
-        hidden = tuple(int(x) for x in args.hidden.split(",") if x.strip())
-    except ValueError:
-        raise DynTSError(f"--hidden takes comma-separated layer widths like 8192,2048, got {args.hidden!r}") from None
     config = TrainConfig(
-        hidden=hidden,
+        hidden=parse_widths(args.hidden, "--hidden"),
         epochs=args.epochs,
         lr=args.lr,
         transform=args.transform,
@@ -215,8 +218,9 @@ def cmd_train(args) -> int:
     for path in args.compare:
         if path == "shipped":
             from dynts.models.importance_head import shipped_head_path
+            from dynts.predictor.labels import label_set_model
 
-            model = read_label_model(args.dir)
+            model = label_set_model(args.dir)
             shipped = shipped_head_path(model) if model else None
             if shipped is None:
                 raise DynTSError("--compare shipped: no head ships for the model of these labels")
@@ -227,16 +231,6 @@ def cmd_train(args) -> int:
     print(f"head written to {args.out}")
     print(heldout_table(metrics))
     return 0
-
-
-def read_label_model(directory: str) -> str | None:
-    """The model named in a trace directory's label index (None when unreadable: training then says why)."""
-    from dynts.predictor.labels import INDEX_FILE, LABELS_DIR
-
-    try:
-        return json.loads((Path(directory) / LABELS_DIR / INDEX_FILE).read_text()).get("model")
-    except (OSError, ValueError, AttributeError):
-        return None
 
 
 def heldout_table(metrics: dict) -> str:

@@ -4,10 +4,24 @@ from __future__ import annotations
 
 import argparse
 
-from dynts.cli.args import add_model_flags, add_policy_opt_flag, add_ray_flags, add_sampling_flags, sampling_from_args
-from dynts.config import FIGURE_KINDS as KINDS
-from dynts.config import PAPER_MAX_NEW_TOKENS, PAPER_RATIO, PAPER_SAMPLES, PAPER_WINDOW
-from dynts.errors import DynTSError
+from dynts.cli.args import (
+    add_data_dir_flag,
+    add_model_flags,
+    add_policy_opt_flag,
+    add_ray_flags,
+    add_sampling_flags,
+    sampling_from_args,
+)
+from dynts.config import (
+    FIGURE_KINDS,
+    PAPER_MAX_NEW_TOKENS,
+    PAPER_RATIO,
+    PAPER_SAMPLES,
+    PAPER_WINDOW,
+    parse_float_list,
+    parse_int_list,
+    parse_names,
+)
 
 PAPER_DATASETS = "aime24,aime25,amc23,gpqa_d"
 PAPER_BUDGETS = "2500:5000:500"
@@ -95,7 +109,7 @@ def register(subparsers) -> None:
     ev.add_argument("--datasets", default=None, help="comma-separated benchmark names (see dynts eval)")
     ev.add_argument("--samples", type=int, default=None, help="samples per problem; Pass@1 = avg@k")
     ev.add_argument("--limit", type=int, default=None, help="first N problems of each dataset")
-    ev.add_argument("--data-dir", default=None, help="directory of benchmark JSONL files (default: $DYNTS_DATA_DIR)")
+    add_data_dir_flag(ev)
     ev.add_argument("--out", required=True, help="sweep directory; rerunning resumes, a different grid extends it")
     ev.add_argument(
         "--trace-steps",
@@ -122,7 +136,9 @@ def register(subparsers) -> None:
     pl = subparsers.add_parser("plot", help="draw the paper's figures (PNG + PDF + sidecar CSV) from sweep directories")
     pl.add_argument("sweeps", nargs="+", metavar="SWEEP", help="sweep directories written by dynts sweep")
     pl.add_argument(
-        "--kind", default=None, help=f"comma-separated from {', '.join(KINDS)} (default: every kind the data supports)"
+        "--kind",
+        default=None,
+        help=f"comma-separated from {', '.join(FIGURE_KINDS)} (default: every kind the data supports)",
     )
     pl.add_argument("--out", default=None, help="figure directory (default: SWEEP/figures of the first SWEEP)")
     pl.add_argument(
@@ -137,7 +153,7 @@ def register(subparsers) -> None:
 
 def spec_from_args(args):
     """Build and check a SweepSpec from parsed `dynts sweep` flags (no model is loaded)."""
-    from dynts.experiments.sweep import SweepSpec, parse_float_list, parse_int_list, parse_names
+    from dynts.experiments.sweep import SweepSpec
     from dynts.policies.options import parse_assignments
 
     defaults = sweep_defaults(args.model, args.head)
@@ -208,9 +224,7 @@ def cmd_plot(args) -> int:
 
     kinds = None
     if args.kind is not None:
-        kinds = [k.strip() for k in args.kind.split(",") if k.strip()]
-        if not kinds:
-            raise DynTSError("--kind names no figure kind")
+        kinds = parse_names(args.kind, "--kind")
     written = plot_sweeps(
         args.sweeps, out_dir=args.out, kinds=kinds, window=args.window, ratio=args.ratio, budget=args.budget
     )

@@ -14,11 +14,11 @@ from typing import Any
 
 import torch
 
-from dynts.config import DEFAULT_MAX_MODEL_LEN, BudgetConfig, SamplingConfig
+from dynts.config import DEFAULT_MAX_MODEL_LEN, BudgetConfig, SamplingConfig, check_batch_size
 from dynts.engine.core import EngineCore
 from dynts.engine.eager_step import EagerStepper
 from dynts.engine.requests import Request
-from dynts.engine.scheduler import BATCHING
+from dynts.engine.scheduler import check_batching
 from dynts.engine.stats import GenerationOutput, GenerationResult, RunStats
 from dynts.engine.transfer import to_device
 from dynts.errors import DynTSError
@@ -51,14 +51,10 @@ class Engine:
         of batch_size run until their last sequence ends); see scheduler.py. max_model_len: the cache slots per row
         of a policy that never compresses, for an EngineCore fed over time (None: the model's max positions,
         at most DEFAULT_MAX_MODEL_LEN); stream/generate size that cache to the longest of their requests instead."""
-        if batch_size < 1:
-            raise DynTSError(f"--batch-size must be at least 1, got {batch_size}")
-        if batching not in BATCHING:
-            raise DynTSError(f"--batching must be one of {', '.join(BATCHING)}, got {batching!r}")
-        self.batching = batching
+        self.batching = check_batching(batching)
         self.loaded = loaded
         self.sampling = sampling or SamplingConfig()
-        self.batch_size = batch_size
+        self.batch_size = check_batch_size(batch_size)
         self.trace_steps = trace_steps
         self.on_step = on_step  # called after every decode step with the number of tokens it produced
         self.last_cache: BudgetedCache | None = None
@@ -194,8 +190,9 @@ class Engine:
         """The device side of a decode: this engine's steps are eager transformers forwards."""
         return EagerStepper(self, rows, capacity, on_logits)
 
-    # The random stream sampled tokens come from: a sampled run resumed with another one would mix two streams.
-    sampler = "per-sequence torch generators"
+    # The random stream sampled tokens come from (the manifest's "sampler"): a sampled run resumed with another
+    # stream would mix two.
+    random_stream = "per-sequence torch generators"
 
     def check_prompts(self, prompts: Sequence[Sequence[int]]) -> None:
         """Raise before any work when a prompt can't be decoded under this budget."""

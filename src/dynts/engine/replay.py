@@ -26,8 +26,8 @@ from dynts.kv.attention import StepContext, attention_probs
 
 
 @dataclass
-class Run:
-    """One forward's worth of tokens entering a row, as a full-cache replay computed it."""
+class TokenRun:
+    """A run of tokens that entered a row in one forward, as a full-cache replay computed it."""
 
     token_ids: list[int]
     is_prompt: bool
@@ -43,7 +43,7 @@ class ReplayStats:
     forwards: int = 0
     compressions: int = 0
     shared: int = 0  # forced tokens taken from a recorded prefix instead of computed
-    runs: list[Run] = field(default_factory=list)  # recorded runs (record_until)
+    runs: list[TokenRun] = field(default_factory=list)  # recorded runs (record_until)
 
 
 class _QueryRecorder:
@@ -70,7 +70,7 @@ def answer_flags(token_ids: Sequence[int], think_end: Sequence[int]) -> list[boo
     return flags
 
 
-def admit(engine: Engine, cache, row: int, run: Run) -> None:
+def admit(engine: Engine, cache, row: int, run: TokenRun) -> None:
     """Put a recorded run into a row without the model: keys and values are written, and the policy observes
     and scores the tokens exactly as in a forward of its own."""
     n = len(run.token_ids)
@@ -99,7 +99,7 @@ def replay(
     token_ids: Sequence[int],
     on_logits: Callable[[int, torch.Tensor, int], None],
     max_chunk: int = 512,
-    prefix: Sequence[Run] = (),
+    prefix: Sequence[TokenRun] = (),
     stops: Sequence[int] = (),
     record_until: int = 0,
 ) -> ReplayStats:
@@ -134,7 +134,7 @@ def replay(
             end = cache.lengths[0]
             layers = range(len(cache.layers))
             stats.runs.append(
-                Run(
+                TokenRun(
                     list(ids),
                     is_prompt,
                     list(in_answer or [False] * len(ids)),

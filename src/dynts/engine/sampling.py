@@ -10,10 +10,6 @@ import torch
 from dynts.config import SamplingConfig
 
 
-def make_generators(seeds: list[int], device) -> list[torch.Generator]:
-    return [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
-
-
 def top_k_count(config: SamplingConfig, vocab: int) -> int:
     """How many candidates top-k keeps: top_k, or the whole vocabulary when it is 0 (off) or not smaller."""
     return config.top_k if 0 < config.top_k < vocab else vocab

@@ -19,24 +19,30 @@ once the tokens of that step are known.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Sequence
 
 from dynts.engine.stats import GenerationResult, RunStats, account_step, step_record
-from dynts.engine.stepper import LiveSequence, Poll, StepLog
+from dynts.engine.stepper import LiveSequence, Poll, StepLog, TimingMark
 from dynts.engine.stopping import stop_reason
 from dynts.errors import DynTSError
 
-__all__ = ["BATCHING", "LiveSequence", "Poll", "Scheduler", "StepLog"]
+__all__ = ["BATCHING", "LiveSequence", "Poll", "Scheduler", "StepLog", "check_batching"]
 
 BATCHING = ("continuous", "static")
+
+
+def check_batching(batching: str) -> str:
+    """The one rule for --batching: one of BATCHING."""
+    if batching not in BATCHING:
+        raise DynTSError(f"--batching must be one of {', '.join(BATCHING)}, got {batching!r}")
+    return batching
 
 
 class Scheduler:
     """Rows, the waiting queue and the run's figures; see the module docstring."""
 
     def __init__(self, engine, run: RunStats, batching: str = "continuous", full_width: bool = False):
-        if batching not in BATCHING:
-            raise DynTSError(f"--batching must be one of {', '.join(BATCHING)}, got {batching!r}")
-        self.batching = batching
+        self.batching = check_batching(batching)
         self.full_width = full_width  # a stepper that cannot grow opens with, and keeps, batch_size rows
         self.batch_size = engine.batch_size
         self.trace_steps = engine.trace_steps
@@ -113,7 +119,7 @@ class Scheduler:
             row for row, (seq, n) in enumerate(zip(self.held, lengths)) if seq is not None and seq.budget.reached(n)
         ]
 
-    def log(self, fed: list[int], lengths: list[int], compressed: list[int], marks) -> StepLog:
+    def log(self, fed: list[int], lengths: list[int], compressed: list[int], marks: Sequence[TimingMark]) -> StepLog:
         log = StepLog(self.step_index, list(self.held), fed, lengths, set(compressed), marks)
         self.step_index += 1
         return log

@@ -9,9 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from dynts.config import BudgetConfig, SamplingConfig
-from dynts.engine.scheduler import BATCHING
-from dynts.errors import DynTSError
+from dynts.config import BudgetConfig, SamplingConfig, check_batch_size
+from dynts.engine.scheduler import check_batching
 from dynts.policies.options import as_dict
 
 
@@ -39,10 +38,8 @@ class EngineSpec:
     compile: bool | None = None  # torch.compile the fast path's step; None: $DYNTS_COMPILE, else off
 
     def __post_init__(self):
-        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
-            raise DynTSError(f"--batch-size must be at least 1, got {self.batch_size}")
-        if self.batching not in BATCHING:
-            raise DynTSError(f"--batching must be one of {', '.join(BATCHING)}, got {self.batching!r}")
+        check_batch_size(self.batch_size)
+        check_batching(self.batching)
         if isinstance(self.policy_options, dict):
             object.__setattr__(self, "policy_options", options_key(self.policy_options))
 

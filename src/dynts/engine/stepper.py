@@ -7,12 +7,21 @@ the data below passes between them: the scheduler never calls the model.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypeAlias
 
 from dynts.config import BudgetConfig, SamplingParams
 from dynts.engine.requests import Request
 from dynts.engine.stats import SequenceStats
+
+if TYPE_CHECKING:
+    import torch
+
+# A stage boundary of one decode step as its stepper clocked it: a host perf_counter reading, or a CUDA event
+# recorded in the stream (read at a later sync). A stepper returns a step's marks and reads them back from its
+# StepLog once they can be read; the scheduler only carries them.
+TimingMark: TypeAlias = "float | torch.cuda.Event"
 
 
 @dataclass(eq=False)
@@ -42,14 +51,15 @@ class LiveSequence:
 @dataclass
 class StepLog:
     """What the host knows about one decode step when it runs: which sequence each row held, which token index
-    it fed, the cache lengths after the step (before compaction) and the rows compacted after it."""
+    it fed, the cache lengths after the step (before compaction), the rows compacted after it, and the step's
+    timing marks (its stages' boundaries, for the stepper that made them)."""
 
     index: int
     sequences: list[LiveSequence | None]
     fed: list[int]
     lengths: list[int]
     compressed: set[int]
-    marks: Any = None
+    marks: Sequence[TimingMark] = ()
 
 
 @dataclass
@@ -74,7 +84,7 @@ class Stepper(Protocol):
     def admit(self, row: int, seq: LiveSequence) -> None:
         """Reset the row, prefill the sequence's prompt there and choose its first token."""
 
-    def step(self, held: list[LiveSequence | None]) -> tuple[Any, list[int]]:
+    def step(self, held: list[LiveSequence | None]) -> tuple[Sequence[TimingMark], list[int]]:
         """One decode step of every row: (timing marks, the token index each row fed)."""
 
     def lengths(self) -> list[int]:

@@ -30,7 +30,7 @@ from dynts.experiments.roofline import (
 from dynts.fast.fast_engine import FastConfig, FastEngine
 from dynts.models.importance_head import random_head
 from dynts.models.loading import default_device, load_model, resolve_dtype
-from dynts.models.shapes import SHAPES, random_model
+from dynts.models.shapes import SHAPES, head_dim, random_model
 from dynts.policies import budget_for, make_policy
 
 PAPER_HEAD_LAYERS = (8192, 2048)
@@ -100,11 +100,10 @@ def bytes_per_row(engine, capacity: int, new_tokens: int) -> int:
     from dynts.fast.static_cache import StaticBudgetedCache
 
     model_config = engine.loaded.model.config
-    head_dim = getattr(model_config, "head_dim", None) or model_config.hidden_size // model_config.num_attention_heads
     cache = StaticBudgetedCache(engine.num_layers, 1, capacity, "meta")
     cache.add_slot_buffer("position", per_head=False, dtype=torch.long, fill=-1)
     engine.policy.setup(cache)
-    cache.preallocate(model_config.num_key_value_heads, head_dim, engine.loaded.dtype)
+    cache.preallocate(model_config.num_key_value_heads, head_dim(model_config), engine.loaded.dtype)
     buffers = [*cache.slot.values()]
     for layer in cache.layers:
         buffers += [layer.keys, layer.values, *layer.slot.values(), *layer.rows.values()]
@@ -449,12 +448,3 @@ def parse_batch(text: str) -> int | None:
         return int(text)
     except ValueError:
         raise DynTSError(f"--batch takes a number of sequences or 'max', got {text!r}") from None
-
-
-def parse_layers(text: str | None) -> tuple[int, ...] | None:
-    if text is None:
-        return None
-    try:
-        return tuple(int(x) for x in text.split(","))
-    except ValueError:
-        raise DynTSError(f"--head-layers takes comma-separated widths like 8192,2048, got {text!r}") from None

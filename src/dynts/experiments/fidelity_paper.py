@@ -39,9 +39,10 @@ from dynts.config import (
     PAPER_BUDGET,
     PAPER_RATIO,
     PAPER_WINDOW,
-    PAPER_WINDOW_SHARE,
     BudgetConfig,
     SamplingConfig,
+    paper_window,
+    parse_names,
 )
 from dynts.engine.engine import Engine
 from dynts.errors import DynTSError
@@ -56,7 +57,6 @@ from dynts.policies.options import format_spec
 from dynts.policies.registry import option_names, resolve_spec
 from dynts.predictor.solution_traces import TraceLayout, solution_traces, write_solution_traces
 
-WINDOW_SHARE = PAPER_WINDOW_SHARE  # W / B, the paper's 2000 / 5000
 RATIO = PAPER_RATIO  # r, the paper's R1-Qwen setting
 PROMPT_SHARE = 0.2  # the protected prompt may take at most this share of what a compression keeps
 MIN_COMPRESSIONS = 3
@@ -69,22 +69,28 @@ PER_TRACE_FILE = "per_trace.jsonl"
 SHUFFLE_SEED = 16
 
 
+def checked_budgets(budgets) -> tuple[int, ...]:
+    """A benchmark's budgets, sorted: at least two distinct positive integers."""
+    budgets = tuple(budgets)
+    if not budgets or any(not isinstance(b, int) or isinstance(b, bool) or b <= 0 for b in budgets):
+        raise DynTSError(f"budgets must be positive integers, got {budgets}")
+    if len(set(budgets)) < 2:
+        raise DynTSError("the benchmark compares at least two distinct budgets")
+    return tuple(sorted(budgets))
+
+
 @dataclass(frozen=True)
 class PaperFrame:
-    """B / W / r at each budget, W = WINDOW_SHARE * B (exact: B a multiple of 5), r = RATIO."""
+    """B / W / r at each budget, W = config.paper_window(B) = 0.4 B (exact: B a multiple of 5), r = RATIO."""
 
     budgets: tuple[int, ...] = DEFAULT_BUDGETS
 
     def __post_init__(self):
-        budgets = tuple(self.budgets)
-        if not budgets or any(not isinstance(b, int) or b <= 0 for b in budgets):
-            raise DynTSError(f"budgets must be positive integers, got {self.budgets}")
-        if len(set(budgets)) < 2:
-            raise DynTSError("the benchmark compares at least two distinct budgets")
+        budgets = checked_budgets(self.budgets)
         off = [b for b in budgets if (b * PAPER_WINDOW) % PAPER_BUDGET]
         if off:
             raise DynTSError(f"W/B = 0.4 needs budgets that are multiples of 5, got {off}")
-        object.__setattr__(self, "budgets", tuple(sorted(budgets)))
+        object.__setattr__(self, "budgets", budgets)
         for b in self.budgets:
             self.config(b)  # a frame that frees nothing fails here
 
@@ -93,7 +99,7 @@ class PaperFrame:
         return MIN_COMPRESSIONS
 
     def window(self, budget: int) -> int:
-        return budget * PAPER_WINDOW // PAPER_BUDGET
+        return paper_window(budget)
 
     def config(self, budget: int) -> BudgetConfig:
         return BudgetConfig(budget, self.window(budget), RATIO)
@@ -369,7 +375,7 @@ def default_policies() -> list[str]:
 
 def policies_from_text(text: str | None) -> list[str]:
     """The policy list (default_policies() when none is given); each spec is checked against the registry."""
-    policies = [p.strip() for p in (text.split(",") if text else default_policies()) if p.strip()]
+    policies = parse_names(text, "--policies") if text else default_policies()
     for spec in policies:
         try:
             resolve_spec(spec)

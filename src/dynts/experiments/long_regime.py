@@ -21,14 +21,12 @@ tokens) see 3-5. SmolLM2 takes 8k positions, so the same ratio fits at its scale
 from __future__ import annotations
 
 import json
-import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from dynts.config import BudgetConfig
 from dynts.errors import DynTSError
 from dynts.experiments import fidelity_paper as paper
 from dynts.experiments.fidelity import Trace, measure_engines, write_outputs
@@ -53,24 +51,13 @@ class LongFrame(paper.PaperFrame):
     budgets: tuple[int, ...] = LONG_BUDGETS
 
     def __post_init__(self):
-        budgets = tuple(self.budgets)
-        if not budgets or any(not isinstance(b, int) or isinstance(b, bool) or b <= 0 for b in budgets):
-            raise DynTSError(f"budgets must be positive integers, got {self.budgets}")
-        if len(set(budgets)) < 2:
-            raise DynTSError("the benchmark compares at least two distinct budgets")
-        object.__setattr__(self, "budgets", tuple(sorted(budgets)))
+        object.__setattr__(self, "budgets", paper.checked_budgets(self.budgets))
         for b in self.budgets:
             self.config(b)
 
     @property
     def min_compressions(self) -> int:
         return LONG_COMPRESSIONS
-
-    def window(self, budget: int) -> int:
-        return int(math.floor(paper.WINDOW_SHARE * budget))
-
-    def config(self, budget: int) -> BudgetConfig:
-        return BudgetConfig(budget, self.window(budget), paper.RATIO)
 
     def min_length(self) -> int:
         b = self.budgets[0]

@@ -263,7 +263,8 @@ class FastEngine(Engine):
             )
 
     @property
-    def sampler(self) -> str:
+    def random_stream(self) -> str:
+        """Engine.random_stream: the eager path's generators when this engine falls back to it."""
         return "per-sequence torch generators" if self.fallback_reason else "counter-based noise"
 
     def generate(self, prompts, seeds=None, chat=True, on_result=None, forced=None, on_logits=None):

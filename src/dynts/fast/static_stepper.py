@@ -18,11 +18,12 @@ from dataclasses import dataclass
 
 import torch
 
-from dynts.engine.stepper import LiveSequence, Poll, StepLog
+from dynts.engine.stepper import LiveSequence, Poll, StepLog, TimingMark
 from dynts.fast.attention import check_kernel, static_attention
 from dynts.fast.profile import StageClock
 from dynts.fast.static_cache import StaticBudgetedCache
 from dynts.fast.step import DecodeState, StaticStep, device_index
+from dynts.models.shapes import head_dim as attention_head_dim
 
 
 @dataclass
@@ -53,14 +54,14 @@ class StaticStepper:
         self.chunk = max(1, min(fast.check_every, capacity // 2))
         slack = 0 if engine.budget.compresses else 2 * self.chunk + 2  # rows run a chunk or two past their end
         config = engine.loaded.model.config
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        head_dim = attention_head_dim(config)
         think_end = tuple(engine.loaded.think_end_ids)
         with self._on_device():
             kernel = self._checked_kernel(rows, config, head_dim, capacity + slack)  # before the cache takes memory
             self.cache = engine.new_cache(rows, capacity + slack, StaticBudgetedCache)
             self.cache.preallocate(config.num_key_value_heads, head_dim, engine.loaded.dtype)
             state = DecodeState.empty(rows, self.device, self.chunk, max(1, len(think_end)))
-            self.step_ = StaticStep(
+            self.static_step = StaticStep(
                 engine.decoder,
                 engine.decode_head(),
                 engine.policy,
@@ -86,7 +87,7 @@ class StaticStepper:
         self.logs: list[StepLog] = []
         self.reads: deque[_Read] = deque()
         self.read_started = time.perf_counter()
-        self._marks: list = []
+        self._marks: list[TimingMark] = []
         self._draining = False  # every row reached its last token: read what is there now
         self.stepped = False  # a decode step has been launched
 
@@ -129,8 +130,8 @@ class StaticStepper:
             cache.reset_row(row)
             hidden = engine.feed(cache, row, seq.request.prompt_ids, is_prompt=True)
             logits = engine.lm_head(hidden[:, -1])
-            cache.plan_static_decode(self.step_.state.lengths)  # the prefill planned its own forward
-            self.step_.admit_row(row, logits, seq.seed, cache.lengths[row], cache.next_position[row], seq.params)
+            cache.plan_static_decode(self.static_step.state.lengths)  # the prefill planned its own forward
+            self.static_step.admit_row(row, logits, seq.seed, cache.lengths[row], cache.next_position[row], seq.params)
             if not self.stepped:  # the first rows' prefill is timed; a refill never waits for the queued steps
                 engine.synchronize()
         self.counts[row] = 0
@@ -146,13 +147,13 @@ class StaticStepper:
 
     def _restart_idle(self, rows: list[int]) -> None:
         with self._on_device():
-            self.step_.idle_rows(device_index(rows, self.device))
+            self.static_step.idle_rows(device_index(rows, self.device))
         for row in rows:
             self.cache.lengths[row] = self.cache.next_position[row] = 0
 
     def release(self, live: list[int]) -> None:
         with self._on_device():
-            self.step_.keep_rows(live)
+            self.static_step.keep_rows(live)
         new = {old: i for i, old in enumerate(live)}
         self.counts = [self.counts[r] for r in live]
         self.admitted = {new[r]: at for r, at in self.admitted.items() if r in new}
@@ -160,9 +161,9 @@ class StaticStepper:
 
     # --- one step -----------------------------------------------------------------------------------
     @torch.no_grad()
-    def step(self, held: list[LiveSequence | None]) -> tuple[list, list[int]]:
+    def step(self, held: list[LiveSequence | None]) -> tuple[list[TimingMark], list[int]]:
         with self._on_device():
-            self._marks = self.step_.run(self.clock.mark)
+            self._marks = self.static_step.run(self.clock.mark)
         self.stepped = True
         self.cache.advance()
         fed = list(self.counts)
@@ -180,7 +181,7 @@ class StaticStepper:
             groups.setdefault(budget, []).append(row)
         with self._on_device():
             for budget, group in groups.items():
-                self.step_.compact(group, None if budget is self.engine.budget else budget)
+                self.static_step.compact(group, None if budget is self.engine.budget else budget)
             self._marks.append(self.clock.mark())
 
     def record(self, log: StepLog) -> None:
@@ -190,7 +191,7 @@ class StaticStepper:
 
     def _launch_read(self, held: list[LiveSequence | None]) -> None:
         with self._on_device():
-            chunk = self.step_.state.chunk
+            chunk = self.static_step.state.chunk
             if self.device.type == "cuda":
                 host = torch.empty(chunk.shape, dtype=chunk.dtype, pin_memory=True)
                 host.copy_(chunk, non_blocking=True)
@@ -198,7 +199,8 @@ class StaticStepper:
                 event.record()
             else:
                 host, event = chunk.clone(), None
-            self.step_.state.chunk_step.zero_()  # after the copy, in stream order: the next chunk starts at column 1
+            # after the copy, in stream order: the next chunk starts at column 1
+            self.static_step.state.chunk_step.zero_()
             if self.idle_rows:
                 self._restart_idle(sorted(self.idle_rows))
         now = time.perf_counter()
@@ -273,13 +275,13 @@ class StaticStepper:
         return self.cache.bytes_per_token()
 
     def close(self) -> None:
-        self.profile.capture_s += self.step_.capture_s
-        self.profile.captures += self.step_.captures
-        self.profile.graphs = bool(self.step_.graphs)
+        self.profile.capture_s += self.static_step.capture_s
+        self.profile.captures += self.static_step.captures
+        self.profile.graphs = bool(self.static_step.graphs)
         active, compile_s, compiles = self.engine.compile_totals()
         self.profile.compiled = active
         self.profile.compile_s += compile_s - self._compile_before[1]
         self.profile.compiles += compiles - self._compile_before[2]
-        self.profile.fused = self.step_.fused is not None
+        self.profile.fused = self.static_step.fused is not None
         self.profile.packed = self.profile.fused and self.engine.packed_bytes > 0
         self._attention.__exit__(None, None, None)

@@ -60,8 +60,11 @@ class EvalPlan:
         return problems
 
 
-def manifest_for(engine: Engine, plan: EvalPlan) -> dict:
-    """What defines the results of a run; a resume must match it (see store.py for the fields that may differ)."""
+def manifest_for(spec: EngineSpec, engine: Engine, plan: EvalPlan) -> dict:
+    """What defines the results of a run; a resume must match it (see store.py for the fields that may differ).
+
+    The settings come from the spec and the plan; the engine built from the spec adds only what it resolved: the
+    policy's full options and frame, the head it loaded, the model's dtype and device, and its random stream."""
     policy = engine.policy
     head = getattr(policy, "head", None)
     head_info = None
@@ -76,15 +79,15 @@ def manifest_for(engine: Engine, plan: EvalPlan) -> dict:
         "model": engine.loaded.name,
         "policy": {
             "name": policy.name,
-            "registry_name": engine.policy_name,
+            "registry_name": spec.policy,
             "budget": budget.budget,
             "window": budget.window if budget.compresses else None,
             "ratio": budget.ratio if budget.compresses else None,
             "options": as_dict(policy.config),
         },
         "head": head_info,
-        "sampling": engine.sampling.to_dict(),
-        "seed": engine.sampling.seed,
+        "sampling": spec.sampling.to_dict(),
+        "seed": spec.sampling.seed,
         "shuffle_seed": plan.shuffle_seed,
         "dtype": str(engine.loaded.dtype).replace("torch.", ""),
         "datasets": plan.datasets,
@@ -93,9 +96,9 @@ def manifest_for(engine: Engine, plan: EvalPlan) -> dict:
         "limit": plan.limit,
         "data_dir": str(Path(plan.data_dir).resolve()) if plan.data_dir else None,
         "data_source": "local" if plan.data_dir else "env-or-hub",
-        "batch_size": engine.batch_size,
+        "batch_size": spec.batch_size,
         "device": str(engine.device),
-        "sampler": "argmax" if engine.sampling.greedy else engine.sampler,
+        "sampler": "argmax" if spec.sampling.greedy else engine.random_stream,
         "package_version": __version__,
     }
 
@@ -125,29 +128,25 @@ def prepare_runs(host, jobs: list[tuple[EngineSpec, EvalPlan, list[Problem]]]) -
                 encoded[key] = engine.encode(question_text(p, plan.shuffle_seed))
             ids[p.dataset, p.id] = encoded[key]
         engine.check_prompts(list(ids.values()))  # bad budgets fail before anything is written
-        manifests.append(manifest_for(engine, plan))
+        manifests.append(manifest_for(spec, engine, plan))
         prompts.append(ids)
     return manifests, prompts
 
 
-@dataclass(frozen=True)
-class SampleRequest:
-    """One sample from plan to record: its key (dataset, id, sample index; the store's record_key), its prompt and
-    its own sampler seed. Small and hashable, so a worker needs nothing else and a streaming task can name what
-    came back; the driver finds the problem by the key."""
-
-    key: Key
-    prompt_ids: tuple[int, ...]
-    seed: int
+def sample_request(problem: Problem, sample: int, prompt_ids, seed: int) -> Request:
+    """One sample from plan to record, as the engine's Request: its key is the store's record_key (dataset, id,
+    sample index), with its prompt and its own sampler seed. Frozen and hashable, so a worker needs nothing else
+    and a streaming task can name what came back; the driver finds the problem by the key."""
+    key: Key = (problem.dataset, problem.id, sample)
+    return Request(tuple(prompt_ids), sample_seed(seed, problem, sample), key=key)
 
 
-def generate_stream(host, spec: EngineSpec, items: tuple[SampleRequest, ...]):
-    """Streaming task: decode the samples with continuous batching, yielding (item, result) as each ends."""
+def generate_stream(host, spec: EngineSpec, items: tuple[Request, ...]):
+    """Streaming task: decode the samples with continuous batching, yielding (request, result) as each ends."""
     engine = host.engine(spec)
-    requests = (Request(item.prompt_ids, item.seed, key=item) for item in items)
     try:
-        for request, result in engine.stream(requests):
-            yield request.key, {"text": result.text, "token_ids": result.token_ids, "stats": result.stats.to_dict()}
+        for request, result in engine.stream(items):
+            yield request, {"text": result.text, "token_ids": result.token_ids, "stats": result.stats.to_dict()}
     finally:
         engine.last_cache = None  # a cached engine must not pin the KV memory of its last stream
 
@@ -213,7 +212,7 @@ def run_evals(
         for job, manifest in zip(jobs, manifests):
             stores.append(ResultStore(job.out_dir, {**manifest, **(job.extra_manifest or {})}))
         tasks, remaining, total, finished, correct = [], [0] * len(jobs), 0, 0, 0
-        work: dict[tuple, SampleRequest] = {}
+        work: dict[tuple, Request] = {}
         problem_of = [{(p.dataset, p.id): p for p in ps} for ps in problems]
         parallelism = getattr(executor, "parallelism", 1)
         for j, (job, store) in enumerate(zip(jobs, stores)):
@@ -224,7 +223,7 @@ def run_evals(
             correct += sum(bool(r["correct"]) for r in stored)
             seed = job.engine.sampling.seed
             todo = [
-                SampleRequest((p.dataset, p.id, s), tuple(prompt_ids[j][p.dataset, p.id]), sample_seed(seed, p, s))
+                sample_request(p, s, prompt_ids[j][p.dataset, p.id], seed)
                 for p in problems[j]
                 for s in range(job.plan.samples)
                 if (p.dataset, p.id, s) not in done

@@ -395,16 +395,21 @@ def _is_complete_record(obj: dict) -> bool:
 
 
 def _repair_torn_tail(path: Path, is_complete: Callable[[dict], bool]) -> None:
-    """Cut an unterminated last line, or terminate it when it is a complete record."""
+    """Cut an unterminated last line, or terminate it when it is a complete record. Reads only the last line, so
+    opening a store reads its file once (read_jsonl)."""
     if not path.exists():
         return
     with path.open("rb+") as handle:
-        data = handle.read()
-        if not data or data.endswith(b"\n"):
+        size = handle.seek(0, os.SEEK_END)
+        if not size:
             return
-        start = data.rfind(b"\n") + 1
+        handle.seek(size - 1)
+        if handle.read(1) == b"\n":
+            return
+        start = _last_line_start(handle, size)
+        handle.seek(start)
         try:
-            tail = json.loads(data[start:])
+            tail = json.loads(handle.read())
             complete = isinstance(tail, dict) and is_complete(tail)
         except ValueError:
             complete = False
@@ -415,6 +420,19 @@ def _repair_torn_tail(path: Path, is_complete: Callable[[dict], bool]) -> None:
             handle.truncate(start)
         handle.flush()
         os.fsync(handle.fileno())
+
+
+def _last_line_start(handle, size: int, block: int = 1 << 16) -> int:
+    """The offset just after the last newline of a file of `size` bytes (0 when it has none), read backwards."""
+    end = size
+    while end > 0:
+        begin = max(0, end - block)
+        handle.seek(begin)
+        cut = handle.read(end - begin).rfind(b"\n")
+        if cut >= 0:
+            return begin + cut + 1
+        end = begin
+    return 0
 
 
 def _acquire_dir_lock(out_dir: Path):

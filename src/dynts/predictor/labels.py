@@ -414,6 +414,17 @@ def _labels_dir(directory: Path) -> Path:
     )
 
 
+def label_set_model(directory: str | Path) -> str | None:
+    """The model a label set was made with, read from its index (a trace directory or its labels/ directory);
+    None when there is no readable index (loading the label set then says why)."""
+    try:
+        index = json.loads((_labels_dir(Path(directory)) / INDEX_FILE).read_text())
+    except (DynTSError, OSError, ValueError):
+        return None
+    model = index.get("model") if isinstance(index, dict) else None
+    return model if isinstance(model, str) else None
+
+
 def load_label_set(
     directory: str | Path, expected_model: str | None = None, expected_hidden_size: int | None = None
 ) -> LabelSet:

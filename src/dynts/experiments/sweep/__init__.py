@@ -35,8 +35,8 @@ probes), results.py (cells read back, step traces, summary.csv).
 
 from __future__ import annotations
 
-from dynts.config import parse_float_list, parse_int_list
-from dynts.experiments.sweep.grid import Cell, SweepSpec, cell_dir, format_ratio, parse_names
+from dynts.config import parse_float_list, parse_int_list, parse_names
+from dynts.experiments.sweep.grid import Cell, SweepSpec, cell_dir, format_ratio
 from dynts.experiments.sweep.results import (
     SUMMARY_COLUMNS,
     CellResult,

@@ -19,13 +19,6 @@ from dynts.policies.registry import check_common_options, resolve_spec
 CELLS_DIR = "cells"
 
 
-def parse_names(text: str, flag: str) -> list[str]:
-    names = [n.strip() for n in str(text).split(",") if n.strip()]
-    if not names:
-        raise DynTSError(f"{flag} names nothing")
-    return list(dict.fromkeys(names))
-
-
 def format_ratio(ratio: float) -> str:
     return f"{ratio:.10g}"
 
