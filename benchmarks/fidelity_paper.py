@@ -64,7 +64,12 @@ def main(argv=None) -> int:
         help="comma-separated, NAME:KEY=VALUE for options (default: full, every baseline in each scope, dynts, and "
         f"the prompt-protecting Window {paper.PROMPT_WINDOW}: " + ",".join(paper.default_policies()) + ")",
     )
-    p.add_argument("--head", default=None, help="importance head for dynts (default: the shipped one)")
+    p.add_argument(
+        "--head",
+        default=None,
+        help="importance head for dynts (default: the shipped one); dynts:head=PATH in --policies gives one policy its "
+        "own, to compare heads in one run",
+    )
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--data-dir", default=None, help="dataset directory (default: $DYNTS_DATA_DIR, else the hub)")
     p.add_argument("--device", default="cpu")

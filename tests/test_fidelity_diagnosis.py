@@ -117,3 +117,33 @@ def test_recency_blend_ranks_and_its_extremes(make_tiny):
     for bad in ("dynts:recency=1.5", "dynts:selection=random:recency=0.5"):
         with pytest.raises(DynTSError):
             resolve_spec(bad)
+
+
+def test_a_policy_with_its_own_head_runs_beside_the_runs_head(make_tiny, tmp_path):
+    """dynts:head=PATH ranks with that checkpoint while plain dynts keeps the run's head, so one benchmark run
+    compares two heads; the run's digest names both, and oracle scores take no head."""
+    from dynts.experiments.fidelity_paper import head_digest
+    from dynts.models.importance_head import head_digest as weights_digest
+
+    loaded = make_tiny(vocab_size=64)
+    shared, own = random_head(loaded.hidden_size, seed=1), random_head(loaded.hidden_size, seed=5)
+    own.save(tmp_path / "own")
+    specs = ["dynts", f"dynts:head={tmp_path / 'own'}"]
+    engines = build_engines(loaded, specs, [24], 6, 0.5, head=shared)
+    assert [label for label, _ in engines] == specs  # the option is in the label: records keep the heads apart
+    digests = [weights_digest(e.policy.head) for e in engines.values()]
+    assert digests == [weights_digest(shared), weights_digest(own)]
+    assert head_digest(engines) == "+".join(digests)
+    assert head_digest({k: v for k, v in engines.items() if k[0] == "dynts"}) == digests[0]  # one head: as before
+    prompt, tokens = list(range(1, 5)), [7 + i % 40 for i in range(70)]
+    kept = []
+    for e in engines.values():
+        replay(e, prompt, tokens, lambda *_: None, max_chunk=8)
+        kept.append(kept_positions(e))
+    alone = engine(loaded, "dynts", head=own)  # the same as the option's policy with that head as the run's
+    replay(alone, prompt, tokens, lambda *_: None, max_chunk=8)
+    assert kept[1] == kept_positions(alone) and kept[0] != kept[1]
+    with pytest.raises(DynTSError, match="scores=head"):
+        resolve_spec(f"dynts:scores=oracle:head={tmp_path / 'own'}")
+    with pytest.raises(DynTSError, match="head"):
+        build_engines(loaded, [f"dynts:head={tmp_path / 'missing'}"], [24], 6, 0.5)

@@ -5,7 +5,8 @@ import math
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from dynts.errors import DynTSError
 from dynts.models.importance_head import HeadConfig, ImportanceHead
@@ -163,6 +164,39 @@ def test_transforms():
     for bad in ("", "scale", "scale:", "scale:abc", "scale:-1", "pow:0", "pow:nan", "log:2", None):
         with pytest.raises(DynTSError):
             parse_transform(bad)
+
+
+def test_rank_transform_is_the_rank_quantile_within_each_trace():
+    rank = parse_transform("rank:10")
+    labels = torch.tensor([0.3, 0.1, 0.2, 5.0, 5.0, 1.0, 7.0])
+    assert rank(labels, [3, 4]).tolist() == [10.0, 0.0, 5.0, 5.0, 5.0, 0.0, 10.0]  # ties share their mean rank
+    assert rank(labels * 1e-4, [3, 4]).tolist() == rank(labels, [3, 4]).tolist()  # the scale is gone
+    assert rank(labels).tolist() != rank(labels, [3, 4]).tolist()  # without counts: one trace
+    assert rank(torch.tensor([2.0]), [1]).tolist() == [5.0]
+    with pytest.raises(DynTSError, match="sum to 6"):
+        rank(labels, [3, 3])
+
+
+def test_a_rank_head_learns_the_ranking_whatever_each_traces_scale(tmp_path):
+    """Labels of every trace scaled by its own factor (as 1/L scales them): a rank:10 head still ranks them."""
+    write_label_set(tmp_path)
+    for shard in sorted((tmp_path / "labels").glob("labels-*.safetensors")):
+        with safe_open(str(shard), "pt") as handle:
+            metadata = handle.metadata()
+        tensors = load_file(str(shard))
+        offsets = tensors["offsets"].tolist()
+        for i, (a, b) in enumerate(zip(offsets, offsets[1:])):
+            tensors["labels"][a:b] *= 10.0 ** (i % 3 - 1)
+        save_file(tensors, str(shard), metadata=metadata)
+    m = train_head(tmp_path, tmp_path / "head", tiny_config(transform="rank:10"), expected_model=MODEL, progress=False)
+    assert m["spearman"] > 0.8 and m["heldout_loss"] < 0.5 * m["heldout_loss_initial"]
+    head = ImportanceHead.load(tmp_path / "head")
+    assert head.config.label_transform == "rank:10"
+    label_set = load_label_set(tmp_path)
+    _, held = split_traces(label_set, 0.2, 0)
+    assert evaluate_head(head, label_set, held, 0.4, band=tuple(head.config.training["band_limits"]))[
+        "loss"
+    ] == pytest.approx(m["heldout_loss"], rel=1e-5)
 
 
 def test_weighted_loss_uses_weight_five_in_four_to_five():

@@ -78,7 +78,8 @@ def register(sub) -> None:
     tr.add_argument(
         "--transform",
         default="scale:10000",
-        help="label transform: scale:S (y = S x) or pow:P (y = 10 x^P / P) (default scale:10000)",
+        help="label transform: scale:S (y = S x), pow:P (y = 10 x^P / P) or rank:S (y = S x the label's rank "
+        "quantile within its trace) (default scale:10000)",
     )
     tr.add_argument(
         "--band",

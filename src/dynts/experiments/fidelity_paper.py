@@ -278,12 +278,12 @@ def verdict(records: list[dict]) -> list[str]:
 
 
 def head_digest(engines: dict) -> str | None:
-    """A short digest of the importance head the engines use (None without one): a rerun after the shipped head
-    changed must not mix two heads' results."""
+    """A short digest of the importance heads the engines use (None without one): a rerun after a head changed must
+    not mix two heads' results. One head: its digest; several (`dynts:head=PATH` beside the run's): theirs joined
+    with '+', in the engines' order."""
     heads = [e.policy.head for e in engines.values() if getattr(e.policy, "head", None) is not None]
-    if not heads:
-        return None
-    return weights_digest(heads[0])
+    digests = list(dict.fromkeys(weights_digest(head) for head in heads))
+    return "+".join(digests) if digests else None
 
 
 def check_manifest(out_dir: Path, manifest: dict) -> None:

@@ -15,6 +15,10 @@ protection).
 before it is replayed (predictor/labels.py), so the benchmark hands them over with `set_oracle` and DynTS ranks by
 the truth instead of the head. Whatever it still loses to a rival is the selection frame's (band, protection, r),
 not the head's.
+
+`head=PATH` gives one policy its own head checkpoint, so that a benchmark compares two heads in one run
+(`--policies dynts,dynts:head=heads/mixed`): the other dynts policies keep the run's head (`--head`, else the shipped
+one).
 """
 
 from dataclasses import dataclass
@@ -53,6 +57,11 @@ class DynTSConfig:
         "answer-attention labels, set per trace by the fidelity benchmark: a diagnosis)",
         default="head",
     )
+    head: str | None = option_help(
+        "checkpoint directory of the importance head this policy ranks with (default: the run's --head, else the "
+        "model's shipped head)",
+        default=None,
+    )
 
     def __post_init__(self):
         if self.selection not in SELECTIONS:
@@ -63,6 +72,8 @@ class DynTSConfig:
             raise DynTSError("recency blends the head's ranking: it needs selection=top")
         if self.scores not in SCORES:
             raise DynTSError(f"scores must be one of {', '.join(SCORES)}, got {self.scores!r}")
+        if self.head is not None and self.scores == "oracle":
+            raise DynTSError("head ranks the thinking tokens only with scores=head (oracle ranks by labels)")
 
 
 class DynTSPolicy(Policy):
@@ -75,6 +86,8 @@ class DynTSPolicy(Policy):
 
     def __init__(self, budget, config=None, head=None, head_path=None, seed=0):
         super().__init__(budget, config)
+        if self.config.head is not None:  # this policy's own head, in place of the run's
+            head, head_path = None, self.config.head
         self.head = head
         self.head_path = head_path  # checkpoint; None: the head shipped for the model, if any
         self.seed = seed  # the random ablation's

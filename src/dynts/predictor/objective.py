@@ -18,12 +18,19 @@ HEAVY_RANGE = (4.0, 5.0)  # the paper's band of transformed label values, sized 
 
 
 def parse_transform(spec: str) -> Callable:
-    """The label transform named by `spec`: "scale:S" -> y = S*x, "pow:P" -> y = 10*x^P/P.
+    """The label transform named by `spec`: "scale:S" -> y = S*x, "pow:P" -> y = 10*x^P/P, "rank:S" -> y = S times
+    each label's rank quantile within its trace (0 the lowest, 1 the highest; tied labels share their mean rank).
 
-    The returned function works on floats and on tensors.
+    The returned function is called as fn(labels, counts=None): counts are the rows of each consecutive trace in
+    `labels` (None: one trace). scale and pow work elementwise, on floats and on tensors; rank works per trace, on
+    tensors. Why rank: a label is a mean attention, about 1/L, so its scale moves with trace length and style, which
+    a head fitted on raw values must learn from its features; a rank quantile is the same at any length, and a
+    compression's top-k only ever compares tokens of one trace.
     """
     if not isinstance(spec, str) or ":" not in spec:
-        raise DynTSError(f"label transform must be 'scale:S' or 'pow:P' (e.g. scale:10000, pow:0.3), got {spec!r}")
+        raise DynTSError(
+            f"label transform must be 'scale:S', 'pow:P' or 'rank:S' (e.g. scale:10000, pow:0.3, rank:10), got {spec!r}"
+        )
     kind, _, value = spec.partition(":")
     kind = kind.strip().lower()
     try:
@@ -33,10 +40,31 @@ def parse_transform(spec: str) -> Callable:
     if not math.isfinite(number) or number <= 0:
         raise DynTSError(f"label transform {spec!r}: the parameter must be a positive finite number")
     if kind == "scale":
-        return lambda x: x * number
+        return lambda x, counts=None: x * number
     if kind == "pow":
-        return lambda x: 10.0 * x**number / number
-    raise DynTSError(f"unknown label transform {kind!r} in {spec!r}: use 'scale:S' or 'pow:P'")
+        return lambda x, counts=None: 10.0 * x**number / number
+    if kind == "rank":
+        return lambda x, counts=None: number * trace_rank_quantiles(x, counts)
+    raise DynTSError(f"unknown label transform {kind!r} in {spec!r}: use 'scale:S', 'pow:P' or 'rank:S'")
+
+
+def trace_rank_quantiles(labels: torch.Tensor, counts=None) -> torch.Tensor:
+    """Each label's mean rank within its trace over (rows - 1), in [0, 1] (a one-row trace: 0.5); counts as in
+    parse_transform."""
+    labels = torch.as_tensor(labels)
+    counts = [labels.numel()] if counts is None else [int(n) for n in counts]
+    if sum(counts) != labels.numel() or any(n < 0 for n in counts):
+        raise DynTSError(f"rank transform: trace row counts sum to {sum(counts)}, the labels have {labels.numel()}")
+    out = torch.empty(labels.shape, dtype=torch.float32)
+    for segment, target in zip(labels.flatten().split(counts), out.view(-1).split(counts)):
+        if segment.numel() == 1:
+            target.fill_(0.5)
+            continue
+        ordered = segment.sort().values
+        below = torch.searchsorted(ordered, segment, right=False)
+        up_to = torch.searchsorted(ordered, segment, right=True)
+        target.copy_((below + up_to - 1).float() / 2 / (segment.numel() - 1))
+    return out.to(labels.device)
 
 
 def parse_band(spec: str) -> tuple[str, float, float]:

@@ -99,7 +99,8 @@ def evaluate_head(
         per_trace.append(ranking_metrics(scores[start : start + n], labels[start : start + n], retention))
         start += n
     out = _average(per_trace)
-    out["loss"] = float(weighted_mse(scores, fn(labels), band, weight))
+    targets = fn(labels, [label_set.supervised_count(t) for t in traces])
+    out["loss"] = float(weighted_mse(scores, targets, band, weight))
     out["traces"], out["tokens"] = len(traces), int(rows.numel())
     return out
 

@@ -11,7 +11,8 @@ LLM again: every epoch reads the cached features, and the LLM stays frozen by co
 holds the supervised rows of all shards in memory at the same 2 bytes x hidden per token; training moves the
 training rows to the training device once and casts each minibatch to float32.
 
-Fit. Labels are transformed (`scale:S` -> S*x; `pow:P` -> 10*x^P/P), the loss is a weighted MSE (weight 5 where
+Fit. Labels are transformed (`scale:S` -> S*x; `pow:P` -> 10*x^P/P; `rank:S` -> S x the label's rank quantile
+within its trace, objective.parse_transform), the loss is a weighted MSE (weight 5 where
 the transformed label lies in the heavy band, else 1), AdamW with linear warm-up over the first `warmup` fraction
 of steps and cosine decay to 0, gradients clipped to norm `clip_norm` (1.0), `epochs` passes over shuffled token
 minibatches of `batch_tokens` tokens. The heavy band is by default the transformed training labels between their
@@ -204,7 +205,7 @@ def train_head(
 
     train_rows = label_set.rows(train)
     features = label_set.features[train_rows].to(device)
-    targets = transform(label_set.labels[train_rows]).to(device)
+    targets = transform(label_set.labels[train_rows], [label_set.supervised_count(t) for t in train]).to(device)
     band = band_limits(config.band, targets)
     initial = evaluate_head(head, label_set, held, config.retention, config.transform, band, config.weight)
     n_tokens = int(train_rows.numel())
