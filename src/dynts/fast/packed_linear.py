@@ -21,6 +21,7 @@ is one graph (FastEngine.compiled_forward); eagerly the weight is called directl
 
 from __future__ import annotations
 
+import functools
 import itertools
 import os
 import weakref
@@ -95,8 +96,10 @@ def memory_problem(model) -> str | None:
     return None
 
 
+@functools.cache
 def packing_problem(device: torch.device, dtype: torch.dtype) -> str | None:
-    """None when packed projections run here (tried on a small product against F.linear), else why not."""
+    """None when packed projections run here (tried once per device and dtype, on a small product against
+    F.linear), else why not."""
     if device.type != "cpu":
         return f"packed projections are for the CPU (device is {device.type})"
     if dtype not in PACKED_DTYPES:

@@ -42,6 +42,11 @@ class StaticBudgetedCache(BudgetedCache):
             plan = self._static_plan = StepPlan(row_index=rows, write_slots=write_slots, kv_len=self.capacity)
         self.plan = plan
 
+    def plan_live_decode(self) -> int:
+        """An eager step's plan: attend over decode_kv_len() slots (the host's lengths), not the whole capacity."""
+        self.plan.kv_len = min(self.capacity, self.decode_kv_len())
+        return self.plan.kv_len
+
     def advance(self) -> None:
         """Host bookkeeping for one decode step (the device lengths advance inside the step itself)."""
         self.lengths = [n + 1 for n in self.lengths]

@@ -139,9 +139,8 @@ class StaticStep:
     def forward(self) -> tuple[torch.Tensor, torch.Tensor]:
         s = self.state
         slots = self.capacity_slots
-        if self.live_window:  # host lengths: the longest row's tokens and the one it writes now
-            slots = slots[: min(self.cache.capacity, max(self.cache.lengths[: self.cache.rows_allocated]) + 1)]
-            self.cache.plan.kv_len = slots.shape[0]
+        if self.live_window:
+            slots = slots[: self.cache.plan_live_decode()]
         mask = (slots[None, :] <= s.lengths[:, None])[:, None, None, :]
         ctx = StaticStepContext(
             mask=mask,

@@ -167,10 +167,14 @@ class BudgetedCache(Cache):
             rows = self._decode_rows[n] = torch.arange(n, device=self.device)
         return rows
 
+    def decode_kv_len(self) -> int:
+        """The slots a decode step attends over: the longest row's tokens and the one it writes now."""
+        return max(self.lengths) + 1
+
     def plan_decode(self) -> torch.Tensor | None:
         """Plan one token per row; returns the [batch, 1, 1, kv_len] validity mask (None when no row is shorter)."""
         n = len(self.lengths)
-        kv_len = max(self.lengths) + 1
+        kv_len = self.decode_kv_len()
         slots = torch.tensor(self.lengths, device=self.device)
         self.plan = StepPlan(row_index=self.decode_rows(n), write_slots=slots, kv_len=kv_len)
         if min(self.lengths) + 1 == kv_len:
