@@ -10,8 +10,9 @@ import torch
 import torch.nn.functional as F
 
 from dynts.errors import DynTSError
+from dynts.experiments.op_count import OpCounter
 from dynts.fast.fast_engine import FastConfig, FastEngine
-from dynts.fast.packed_linear import PackedWeight, memory_problem, packing_problem, project
+from dynts.fast.packed_linear import PLAIN_ROWS, PackedWeight, memory_problem, packing_problem, project
 from test_compiled_step import GREEDY
 from test_fast_engine import PROMPTS, assert_same_run, budget_for, pair
 
@@ -31,6 +32,20 @@ def test_packed_weight_equals_f_linear_at_any_row_count(rows):
     assert packed.nbytes == weight.numel() * 4
     torch.testing.assert_close(project(x, packed, bias), F.linear(x, weight, bias), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(project(x, weight, None), F.linear(x, weight), atol=0, rtol=0)
+
+
+def test_packed_weight_takes_the_plain_product_at_few_rows():
+    """At PLAIN_ROWS rows or fewer (a batch's tail, one sequence left) the product runs on the plain weight, which
+    streams faster there; above, on the packed one. Both equal F.linear."""
+    weight, bias = torch.randn(96, 64), torch.randn(96)
+    packed = PackedWeight(weight, 8)
+    assert packed.plain.data_ptr() == weight.data_ptr()  # a reference to the model's weight, not a copy
+    for rows in (1, PLAIN_ROWS, PLAIN_ROWS + 1, 8):
+        x = torch.randn(rows, 1, 64)
+        with OpCounter() as counter:
+            packed(x, bias)
+        assert ("mkldnn._linear_pointwise" in counter.ops) == (rows > PLAIN_ROWS), (rows, counter.ops)
+        torch.testing.assert_close(packed(x, bias), F.linear(x, weight, bias), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("name", ["full", "snapkv", "dynts"])

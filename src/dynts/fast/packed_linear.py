@@ -35,17 +35,28 @@ _REGISTRY: weakref.WeakValueDictionary[int, PackedWeight] = weakref.WeakValueDic
 _KEYS = itertools.count()
 
 
+# At this many rows or fewer, the plain weight's product (the BLAS's GEMV) streams the weight faster than oneDNN's
+# packed one: on this project's 2-core CPU, SmolLM2-135M's 121 decode products at 1 / 2 rows took 21 / 22 ms plain
+# against 29 / 27 ms packed, and at 4 / 8 rows 38 / 49 ms plain against 30 / 31 ms packed
+# (benchmarks/packed_linear.py).
+PLAIN_ROWS = 2
+
+
 class PackedWeight:
-    """One linear layer's weight, packed for `rows` rows; calling it gives x @ weight.T + bias for any row count."""
+    """One linear layer's weight, packed for `rows` rows; calling it gives x @ weight.T + bias for any row count
+    (at PLAIN_ROWS rows or fewer through the plain weight, which it keeps a reference to: no copy)."""
 
     def __init__(self, weight: torch.Tensor, rows: int):
         self.out_features, self.in_features = weight.shape
         self.nbytes = weight.numel() * weight.element_size()
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), rows)
+        self.plain = weight.detach()
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(self.plain, rows)
         self.key = next(_KEYS)
         _REGISTRY[self.key] = self
 
     def multiply(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        if x.numel() <= PLAIN_ROWS * self.in_features:
+            return F.linear(x, self.plain, bias)
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, bias, "none", [], "")
 
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
