@@ -52,7 +52,8 @@ def main() -> None:
     weights = decode_weights(loaded)
     total = sum(w.numel() * w.element_size() for w in weights)
     print(f"{len(weights)} products, {total / 1e6:.0f} MB of weights, {torch.get_num_threads()} threads")
-    print(f"{'rows':>4}  {'plain ms':>9} {'GB/s':>5}  {'oneDNN ms':>9} {'GB/s':>5}  PackedWeight (plain at <= {PLAIN_ROWS})")
+    header = f"{'rows':>4}  {'plain ms':>9} {'GB/s':>5}  {'oneDNN ms':>9} {'GB/s':>5}"
+    print(f"{header}  PackedWeight (plain at <= {PLAIN_ROWS} rows)")
     for rows in (int(r) for r in args.rows.split(",")):
         inputs = [torch.randn(rows, w.shape[1]) for w in weights]
         packed = [PackedWeight(w, rows) for w in weights]
