@@ -164,6 +164,7 @@ def test_bench_command_prints_every_figure(tiny_shape):
         "ratio",
         "eviction + scoring",
         "compressions",
+        "packed weights",
     ):
         assert figure in out, figure
 
@@ -189,6 +190,10 @@ def test_bench_json(tiny_shape, capsys):
     assert report["roofline"]["bandwidth_gbps"] == 5 and not report["bandwidth_measured"]
     assert report["fraction"] == pytest.approx(ours["tps"] / report["roofline"]["tps_bound"])
     assert report["eager"] is None and report["batch"] == 2 and ours["kernel"] == "sdpa" and not ours["graphs"]
+    # the packed copies (CPU default): per layer QKV 128 x 64, output 64 x 64, gate/up 256 x 64, down 64 x 128;
+    # the LM head 128 x 64
+    weights = 2 * (128 * 64 + 64 * 64 + 256 * 64 + 64 * 128) + 128 * 64
+    assert ours["packed_bytes"] == weights * getattr(torch, report["dtype"]).itemsize
 
 
 @pytest.mark.parametrize(

@@ -292,6 +292,7 @@ def run_bench(config: BenchConfig) -> dict:
             compiled=profile.compiled,
             compile_s=warmup_compile_s + profile.compile_s,
             fused=profile.fused,
+            packed_bytes=engine.packed_bytes if profile.packed else 0,
             stage_seconds={
                 "forward": profile.forward_s,
                 "scoring": profile.scoring_s,
@@ -388,6 +389,11 @@ def format_report(r: dict) -> str:
         lines.append(
             f"forward stage: {'fused decoder' if ours['fused'] else 'the model forward'}, "
             + (f"compiled ({ours['compile_s']:.1f} s compiling, in the warm-up)" if ours["compiled"] else "eager")
+            + (
+                f", packed weights (a {_gib(ours['packed_bytes'])} second copy of the decode weights)"
+                if ours["packed_bytes"]
+                else ""
+            )
         )
     else:
         lines.append("engine: the eager budgeted Engine (--eager-engine)")
