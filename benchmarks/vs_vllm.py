@@ -104,7 +104,7 @@ def our_row(loaded, prompts, policy: str, budget: BudgetConfig, variant: str, ba
     return result, tokens
 
 
-def our_rows(args, loaded, prompts, head, environment: str):
+def our_rows(args, loaded, prompts, head):
     """Every (policy, variant) row of ours, printed as it finishes: [(label, variant, runs)] and the first full
     row's tokens."""
     rows, full_tokens = [], None
@@ -121,8 +121,8 @@ def our_rows(args, loaded, prompts, head, environment: str):
                 full_tokens = tokens
             same = "" if policy != "full" or tokens == full_tokens else " (tokens differ from the first full row!)"
             label = f"dynts {policy}" + ("" if policy == "full" else f" B={args.budget} W={args.window} r={args.ratio}")
-            rows.append((label + environment, variant, runs))
-            print_row(label + environment, variant, runs, same)
+            rows.append((label, variant, runs))
+            print_row(label, variant, runs, same)
     return rows, full_tokens
 
 
@@ -139,10 +139,8 @@ def print_row(label: str, variant: str, runs: list[dict], note: str = "") -> Non
 def our_rows_preloaded(args, tcmalloc: str, full_tokens) -> list:
     """Our rows (the --preload-variants) again in a child process with tcmalloc preloaded, the allocator vLLM's CPU
     docs advise and its preloaded row gets: the two engines side by side in the same environment."""
-    command = [sys.executable, __file__, "--only-ours", "--variants", args.preload_variants]
-    command += ["--policies", args.policies]
-    for flag in ("copies", "max_new_tokens", "batch", "threads", "budget", "window", "ratio", "repeat"):
-        command += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
+    # this run's own flags, then the child's (argparse keeps a repeated flag's last value)
+    command = [sys.executable, __file__, *sys.argv[1:], "--only-ours", "--variants", args.preload_variants]
     env = {**os.environ, "LD_PRELOAD": ":".join(filter(None, [tcmalloc, os.environ.get("LD_PRELOAD")]))}
     done = subprocess.run(command, capture_output=True, text=True, env=env)
     for line in done.stdout.splitlines():
@@ -250,7 +248,7 @@ def main() -> None:
         f"{len(prompts)} requests, prompts {min(map(len, prompts))}-{max(map(len, prompts))} tokens, greedy, "
         f"{args.max_new_tokens} new tokens at most, batch {args.batch}, {torch.get_num_threads()} threads, fp32"
     )
-    rows, full_tokens = our_rows(args, loaded, prompts, head, "")
+    rows, full_tokens = our_rows(args, loaded, prompts, head)
     if args.only_ours:  # the child run under a preloaded allocator: hand the rows to the parent
         print("OURS_RESULT " + json.dumps({"rows": rows, "full_tokens": full_tokens}))
         return

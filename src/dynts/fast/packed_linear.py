@@ -57,6 +57,10 @@ class PackedWeight:
     def multiply(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         if x.numel() <= PLAIN_ROWS * self.in_features:
             return F.linear(x, self.plain, bias)
+        return self.onednn(x, bias)
+
+    def onednn(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """oneDNN's product on the packed weight, at any row count."""
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, bias, "none", [], "")
 
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -88,7 +92,7 @@ class PackedHead(torch.nn.Module):
 
 
 def project(x: torch.Tensor, weight, bias: torch.Tensor | None) -> torch.Tensor:
-    """The fused decoder's projections: a PackedWeight runs oneDNN's packed product, a plain tensor F.linear."""
+    """The fused decoder's projections: a PackedWeight's product (PackedWeight.multiply), a plain tensor's F.linear."""
     if isinstance(weight, PackedWeight):
         return weight(x, bias)
     return F.linear(x, weight, bias)
@@ -120,7 +124,7 @@ def packing_problem(device: torch.device, dtype: torch.dtype) -> str | None:
     weight = torch.linspace(-1, 1, 24 * 16, dtype=dtype).reshape(24, 16)
     x = torch.linspace(-1, 1, 3 * 16, dtype=dtype).reshape(3, 16)
     try:
-        got = PackedWeight(weight, 3)(x)
+        got = PackedWeight(weight, 3).onednn(x)
     except RuntimeError as exc:
         return f"oneDNN's packed linear failed here ({str(exc).splitlines()[0]})"
     if not torch.allclose(got.float(), F.linear(x, weight).float(), atol=1e-2 if dtype == torch.bfloat16 else 1e-5):
